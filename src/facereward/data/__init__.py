@@ -1,0 +1,1 @@
+"""Layer 1: degradation, image I/O, datasets and the procedural face world."""

@@ -1,0 +1,110 @@
+"""Image files in and out, with one-line errors that name the file and the problem.
+
+Images inside facereward are float32 arrays, HWC, RGB, values in [0, 1] (numpy), or
+float tensors BCHW in [0, 1] (torch). Only these helpers touch files.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class ImageError(ValueError):
+    """A bad image file; the message is one line: '<path>: <problem>'."""
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by name; a clear error if the folder is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def read_image(
+    path: str | Path,
+    size: int | tuple[int, int] | None = None,
+    convert: bool = False,
+) -> np.ndarray:
+    """Read an RGB image as float32 HWC in [0, 1].
+
+    `size` (an int for square, or (height, width)) is checked, not resized to: a mismatch is an
+    error. Grayscale and alpha images are errors unless `convert` is set, which replicates gray
+    channels and composites alpha onto white.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("RGB",):
+                rgb = im.copy()
+            elif mode in ("L", "LA", "I", "I;16", "F", "1"):
+                if not convert:
+                    raise ImageError(f"{path}: grayscale image (mode {mode}); expected RGB (use --convert to accept it)")
+                rgb = im.convert("RGB")
+            elif mode in ("RGBA", "PA") or (mode == "P" and "transparency" in im.info):
+                if not convert:
+                    raise ImageError(f"{path}: image has an alpha channel (mode {mode}); expected RGB (use --convert to accept it)")
+                rgba = im.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                rgb = Image.alpha_composite(background, rgba).convert("RGB")
+            elif mode in ("P", "CMYK", "YCbCr"):
+                rgb = im.convert("RGB")
+            else:
+                raise ImageError(f"{path}: unsupported image mode {mode}")
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"{path}: corrupt or truncated image ({err.__class__.__name__}: {err})") from None
+    arr = np.asarray(rgb, dtype=np.uint8)
+    if size is not None:
+        want = (size, size) if isinstance(size, int) else tuple(size)
+        if arr.shape[:2] != want:
+            raise ImageError(f"{path}: wrong size {arr.shape[1]}x{arr.shape[0]} (width x height); expected {want[1]}x{want[0]}")
+    return arr.astype(np.float32) / 255.0
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """float [0, 1] HWC -> uint8 HWC, rounded like BasicSR's tensor2img."""
+    return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+
+
+def write_image(path: str | Path, image: np.ndarray) -> None:
+    """Write float [0, 1] (or uint8) HWC RGB atomically; the format follows the suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = image if image.dtype == np.uint8 else to_uint8(image)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        Image.fromarray(arr).save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def image_to_tensor(image: np.ndarray):
+    """HWC [0, 1] numpy -> 1CHW float tensor."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).unsqueeze(0).float()
+
+
+def tensor_to_image(tensor) -> np.ndarray:
+    """CHW or 1CHW tensor in [0, 1] -> HWC float32 numpy (clamped)."""
+    t = tensor.detach().float().cpu().clamp(0, 1)
+    if t.ndim == 4:
+        t = t[0]
+    return t.permute(1, 2, 0).numpy()

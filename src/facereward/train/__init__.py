@@ -1,0 +1,1 @@
+"""Layer 5: trainers and their shared plumbing (accelerate, checkpoints, logging)."""
