@@ -64,7 +64,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
-        return _build(tp, value, where)
+        return config_from_dict(tp, value, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -84,7 +84,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
+def config_from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
@@ -134,7 +134,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {k} is not a section")
         node[keys[-1]] = value
-    return _build(cls, data, where)
+    return config_from_dict(cls, data, where)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -1,0 +1,237 @@
+"""DDIM with per-step Gaussian log-probabilities (METHODS.md 2.1), rollouts and ReFL truncation (1.2).
+
+The schedule is a diffusers `DDIMScheduler` (so it saves and loads as a diffusers folder); the
+step maths is ours, batched, with timesteps and eta given per sample, and no host syncs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, Union
+
+import torch
+from diffusers import DDIMScheduler
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""A denoiser with its condition bound: eps = fn(x_t, t), t a (B,) long tensor."""
+
+Eta = Union[float, Literal["random"]]
+"""A fixed eta, or "random": redrawn from U(0, 1) at every step (the DiffusionReward quirk, METHODS 1.2)."""
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def make_scheduler(
+    beta_schedule: str = "scaled_linear",
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    num_train_timesteps: int = 1000,
+) -> DDIMScheduler:
+    """A 1000-step epsilon-prediction DDIM schedule; final alpha-bar 1 so the last step has sigma 0."""
+    return DDIMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        beta_schedule=beta_schedule,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+
+
+@dataclass
+class DDIMSchedule:
+    """`num_steps` uniform DDIM timesteps over the training schedule, e.g. 981, 961, ..., 1 for 50."""
+
+    alphas_cumprod: torch.Tensor  # (num_train_timesteps,) float64
+    final_alpha_cumprod: float
+    timesteps: torch.Tensor  # (T,) long, descending
+    step_size: int
+
+    @classmethod
+    def from_scheduler(cls, scheduler: DDIMScheduler, num_steps: int, device: torch.device | str = "cpu") -> "DDIMSchedule":
+        n_train = scheduler.config.num_train_timesteps
+        if not 1 <= num_steps <= n_train:
+            raise ValueError(f"DDIM steps must be in [1, {n_train}], got {num_steps}")
+        scheduler.set_timesteps(num_steps)
+        return cls(
+            alphas_cumprod=scheduler.alphas_cumprod.to(device=device, dtype=torch.float64),
+            final_alpha_cumprod=float(scheduler.final_alpha_cumprod),
+            timesteps=scheduler.timesteps.to(device=device, dtype=torch.long),
+            step_size=n_train // num_steps,
+        )
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    def alpha_bars(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(abar_t, abar_prev) for timesteps `t`; prev < 0 maps to the final alpha-bar."""
+        prev = t - self.step_size
+        abar_t = self.alphas_cumprod[t]
+        final = torch.full_like(abar_t, self.final_alpha_cumprod)
+        abar_prev = torch.where(prev >= 0, self.alphas_cumprod[prev.clamp(min=0)], final)
+        return abar_t, abar_prev
+
+    def sigmas(self, t: torch.Tensor, eta: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """DDIM sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev) (METHODS 2.1), float64."""
+        abar_t, abar_prev = self.alpha_bars(t)
+        return eta * torch.sqrt((1 - abar_prev) / (1 - abar_t)) * torch.sqrt((1 - abar_t / abar_prev).clamp(min=0))
+
+    def to(self, device: torch.device | str) -> "DDIMSchedule":
+        return DDIMSchedule(self.alphas_cumprod.to(device), self.final_alpha_cumprod, self.timesteps.to(device), self.step_size)
+
+
+@dataclass
+class StepOutput:
+    prev_sample: torch.Tensor  # x_{t-1}
+    mean: torch.Tensor  # mu_theta(x_t)
+    std: torch.Tensor  # sigma_t, broadcastable to the sample
+    log_prob: torch.Tensor  # (B,) mean over elements of log N(prev; mean, std^2); 0 where std = 0
+    pred_x0: torch.Tensor
+
+
+def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+    """x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (METHODS 1.2 step 3)."""
+    abar = abar_t.to(x_t.dtype)
+    return (x_t - torch.sqrt(1 - abar) * eps) / torch.sqrt(abar)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean over elements of log N(x; mean, std^2), in fp32 at least; 0 where std = 0."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x, mean = x.to(dtype), mean.to(dtype)
+    std = std.to(dtype).expand_as(x)
+    positive = std > 0
+    safe_std = torch.where(positive, std, torch.ones_like(std))
+    elem = -((x - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - _HALF_LOG_2PI
+    elem = torch.where(positive, elem, torch.zeros_like(elem))
+    return elem.mean(dim=tuple(range(1, x.ndim)))
+
+
+def ddim_step_with_logprob(
+    eps: torch.Tensor,
+    t: torch.Tensor | int,
+    x_t: torch.Tensor,
+    schedule: DDIMSchedule,
+    eta: float | torch.Tensor = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> StepOutput:
+    """One DDIM step as a Gaussian policy (METHODS 2.1).
+
+    `t` and `eta` are scalars or per-sample (B,). With `prev_sample` given, its log-prob is
+    computed instead of drawing a new sample (to recompute the log-prob of a recorded step).
+    """
+    batch, ndim = x_t.shape[0], x_t.ndim
+    t = torch.as_tensor(t, device=x_t.device, dtype=torch.long)
+    if t.ndim == 0:
+        t = t.expand(batch)
+    abar_t, abar_prev = schedule.alpha_bars(t)
+    abar_t = abar_t.reshape(batch, *([1] * (ndim - 1)))
+    abar_prev = abar_prev.reshape(batch, *([1] * (ndim - 1)))
+    std = schedule.sigmas(t, torch.as_tensor(eta, dtype=torch.float64, device=x_t.device)).reshape(batch, *([1] * (ndim - 1)))
+    pred_x0 = predict_x0(x_t, eps, abar_t)
+    # mu = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps   (METHODS 2.1)
+    dir_coef = torch.sqrt((1 - abar_prev - std**2).clamp(min=0))
+    mean = torch.sqrt(abar_prev).to(x_t.dtype) * pred_x0 + dir_coef.to(x_t.dtype) * eps
+    std_x = std.to(x_t.dtype)
+    if prev_sample is None:
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        prev_sample = mean + std_x * noise
+    log_prob = gaussian_log_prob(prev_sample.detach(), mean, std)
+    return StepOutput(prev_sample=prev_sample, mean=mean, std=std_x, log_prob=log_prob, pred_x0=pred_x0)
+
+
+def _eta_for_step(eta: Eta, batch: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor | float:
+    if eta == "random":
+        return torch.rand((), generator=generator, device=device).expand(batch)
+    if isinstance(eta, str):
+        raise ValueError(f"eta must be a number or 'random', got {eta!r}")
+    return float(eta)
+
+
+@dataclass
+class Trajectory:
+    """A recorded rollout: samples[k] is the input of step k, samples[k + 1] its output."""
+
+    samples: torch.Tensor  # (T + 1, B, ...)
+    log_probs: torch.Tensor  # (B, T) float32
+    timesteps: torch.Tensor  # (T,) long
+    sigmas: torch.Tensor  # (B, T) float32, the std of each step
+    etas: torch.Tensor  # (B, T) float32
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.samples[-1]
+
+
+@torch.no_grad()
+def rollout(
+    eps_fn: EpsFn,
+    x_T: torch.Tensor,
+    schedule: DDIMSchedule,
+    eta: Eta = 1.0,
+    generator: torch.Generator | None = None,
+    record: bool = True,
+) -> Trajectory | torch.Tensor:
+    """Sample from x_T through every step without grad; the trajectory, or only x_0 if not `record`."""
+    x = x_T
+    batch = x.shape[0]
+    samples, log_probs, sigmas, etas = [x], [], [], []
+    for t in schedule.timesteps:
+        t_b = t.expand(batch)
+        step_eta = _eta_for_step(eta, batch, x.device, generator)
+        out = ddim_step_with_logprob(eps_fn(x, t_b), t_b, x, schedule, step_eta, generator=generator)
+        x = out.prev_sample
+        if record:
+            samples.append(x)
+            log_probs.append(out.log_prob.float())
+            sigmas.append(out.std.reshape(batch).float())
+            etas.append(torch.as_tensor(step_eta, dtype=torch.float32, device=x.device).expand(batch))
+    if not record:
+        return x
+    return Trajectory(
+        samples=torch.stack(samples),
+        log_probs=torch.stack(log_probs, dim=1),
+        timesteps=schedule.timesteps.clone(),
+        sigmas=torch.stack(sigmas, dim=1),
+        etas=torch.stack(etas, dim=1),
+    )
+
+
+@dataclass
+class TruncatedOutput:
+    pred_x0: torch.Tensor  # step k's x0 prediction, with grad
+    x_t: torch.Tensor  # the (no-grad) input of step k
+    t: torch.Tensor  # (B,) the timestep of step k
+    eps: torch.Tensor  # step k's noise prediction, with grad
+
+
+def truncated_rollout(
+    eps_fn: EpsFn,
+    x_T: torch.Tensor,
+    schedule: DDIMSchedule,
+    grad_step: int,
+    eta: Eta = 1.0,
+    generator: torch.Generator | None = None,
+) -> TruncatedOutput:
+    """Run steps 0..k-1 without grad, then step k's model call with grad; k = `grad_step` (METHODS 1.2)."""
+    if not 0 <= grad_step < schedule.num_steps:
+        raise ValueError(f"grad_step must be in [0, {schedule.num_steps - 1}], got {grad_step}")
+    batch = x_T.shape[0]
+    x = x_T
+    with torch.no_grad():
+        for t in schedule.timesteps[:grad_step]:
+            t_b = t.expand(batch)
+            step_eta = _eta_for_step(eta, batch, x.device, generator)
+            x = ddim_step_with_logprob(eps_fn(x, t_b), t_b, x, schedule, step_eta, generator=generator).prev_sample
+    x = x.detach()
+    t_b = schedule.timesteps[grad_step].expand(batch)
+    eps = eps_fn(x, t_b)
+    abar_t, _ = schedule.alpha_bars(t_b)
+    pred_x0 = predict_x0(x, eps, abar_t.reshape(batch, *([1] * (x.ndim - 1))))
+    return TruncatedOutput(pred_x0=pred_x0, x_t=x, t=t_b, eps=eps)

@@ -1,0 +1,319 @@
+"""The DiffBIR-shaped restorer (METHODS.md 0): stage-1 cleaner + conditional diffusion.
+
+Modes:
+- `pixel`: a UNet2DModel on [x_t, 2 C(lq) - 1] (concatenated channels) predicts eps in pixel space.
+- `latent`: AutoencoderKL + frozen UNet2DConditionModel + trainable ControlNetModel whose condition
+  is the VAE latent of C(lq) at latent resolution; the text condition is a stored embedding.
+
+A saved restorer is one folder: `facereward.json`, `cleaner/`, `scheduler/`, and `unet/` (+ `vae/`,
+`controlnet/`, `prompt_embeds.safetensors` in latent mode), each a diffusers folder or safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel, UNet2DModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from facereward.models.cleaner import build_cleaner
+from facereward.models.ddim import DDIMSchedule, Eta, make_scheduler, rollout
+
+FORMAT_VERSION = 1
+
+
+class ModelFolderError(ValueError):
+    """A restorer folder that is missing, incomplete or of the wrong kind; one line naming it."""
+
+
+@dataclass
+class PixelUNetConfig:
+    """UNet2DModel shape for pixel mode (small defaults for 64 px toy faces)."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 128])
+    layers_per_block: int = 1
+    attention_levels: list[bool] = field(default_factory=lambda: [False, False, True])
+    norm_num_groups: int = 16
+
+
+@dataclass
+class LatentConfig:
+    """Tiny-by-default latent-mode parts; real users build from a Stable Diffusion folder instead."""
+
+    vae_block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    latent_channels: int = 4
+    unet_block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    cross_attention_dim: int = 32
+    attention_head_dim: int = 8
+    prompt_length: int = 4
+    norm_num_groups: int = 16
+    condition_embedding_channels: int = 32
+
+
+@dataclass
+class RestorerConfig:
+    mode: Literal["pixel", "latent"] = "pixel"
+    size: int = 64
+    cleaner: str = "residual_cnn"
+    cleaner_kwargs: dict[str, Any] = field(default_factory=lambda: {"channels": 64, "num_blocks": 6, "downscale": 2})
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    pixel: PixelUNetConfig = field(default_factory=PixelUNetConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+
+
+def _pixel_unet(cfg: RestorerConfig) -> UNet2DModel:
+    p = cfg.pixel
+    if len(p.attention_levels) != len(p.block_out_channels):
+        raise ValueError("pixel.attention_levels needs one entry per pixel.block_out_channels entry")
+    down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in p.attention_levels]
+    up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(p.attention_levels)]
+    return UNet2DModel(
+        sample_size=cfg.size,
+        in_channels=6,
+        out_channels=3,
+        block_out_channels=tuple(p.block_out_channels),
+        layers_per_block=p.layers_per_block,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=p.norm_num_groups,
+    )
+
+
+def _tiny_latent_parts(cfg: RestorerConfig) -> tuple[AutoencoderKL, UNet2DConditionModel, ControlNetModel, torch.Tensor]:
+    lc = cfg.latent
+    n = len(lc.vae_block_out_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(lc.vae_block_out_channels),
+        latent_channels=lc.latent_channels,
+        norm_num_groups=lc.norm_num_groups,
+        layers_per_block=1,
+        sample_size=cfg.size,
+    )
+    m = len(lc.unet_block_out_channels)
+    unet = UNet2DConditionModel(
+        sample_size=cfg.size // 2 ** (n - 1),
+        in_channels=lc.latent_channels,
+        out_channels=lc.latent_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * (m - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (m - 1),
+        block_out_channels=tuple(lc.unet_block_out_channels),
+        layers_per_block=1,
+        cross_attention_dim=lc.cross_attention_dim,
+        attention_head_dim=lc.attention_head_dim,
+        norm_num_groups=lc.norm_num_groups,
+    )
+    controlnet = controlnet_from_unet(unet, lc.latent_channels, lc.condition_embedding_channels)
+    generator = torch.Generator().manual_seed(0)
+    prompt_embeds = torch.randn(1, lc.prompt_length, lc.cross_attention_dim, generator=generator)
+    return vae, unet, controlnet, prompt_embeds
+
+
+def controlnet_from_unet(unet: UNet2DConditionModel, latent_channels: int, embedding_channels: int) -> ControlNetModel:
+    """A ControlNet initialised from `unet` whose condition is a latent (no pixel-hint downsampling)."""
+    return ControlNetModel.from_unet(
+        unet,
+        conditioning_channels=latent_channels,
+        conditioning_embedding_out_channels=(embedding_channels,),
+    )
+
+
+class Restorer(nn.Module):
+    """Stage-1 cleaner + stage-2 conditional diffusion; `restore(lq)` runs both."""
+
+    def __init__(
+        self,
+        config: RestorerConfig,
+        cleaner: nn.Module,
+        scheduler: DDIMScheduler,
+        unet: UNet2DModel | UNet2DConditionModel,
+        vae: AutoencoderKL | None = None,
+        controlnet: ControlNetModel | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.cleaner = cleaner
+        self.scheduler = scheduler
+        self.unet = unet
+        self.vae = vae
+        self.controlnet = controlnet
+        if config.mode == "latent":
+            if vae is None or controlnet is None or prompt_embeds is None:
+                raise ValueError("latent mode needs a vae, a controlnet and prompt_embeds")
+            self.register_buffer("prompt_embeds", prompt_embeds.detach().clone(), persistent=False)
+            self.vae.requires_grad_(False)
+            self.unet.requires_grad_(False)
+        else:
+            self.prompt_embeds = None
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def build(cls, config: RestorerConfig) -> "Restorer":
+        """A randomly initialised restorer of the configured shape, in eval mode (like a loaded one)."""
+        if config.size % 8:
+            raise ValueError(f"size must be a multiple of 8, got {config.size}")
+        cleaner = build_cleaner(config.cleaner, config.cleaner_kwargs)
+        scheduler = make_scheduler(config.beta_schedule, config.beta_start, config.beta_end)
+        if config.mode == "pixel":
+            return cls(config, cleaner, scheduler, _pixel_unet(config)).eval()
+        if config.mode == "latent":
+            vae, unet, controlnet, prompt_embeds = _tiny_latent_parts(config)
+            return cls(config, cleaner, scheduler, unet, vae, controlnet, prompt_embeds).eval()
+        raise ValueError(f"mode must be 'pixel' or 'latent', got {config.mode!r}")
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def stage2_trainable(self) -> nn.Module:
+        """The stage-2 network that training updates: the ControlNet (latent) or the UNet (pixel)."""
+        return self.controlnet if self.mode == "latent" else self.unet
+
+    # ---- spaces --------------------------------------------------------------------------
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images -> the diffusion space (pixels in [-1, 1], or scaled VAE latent means)."""
+        x = image * 2 - 1
+        if self.mode == "pixel":
+            return x
+        latent = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean
+        return latent * self.vae.config.scaling_factor
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Diffusion space -> [0, 1] images (not clamped, so gradients pass everywhere)."""
+        if self.mode == "latent":
+            z = self.vae.decode((z / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+        return (z.float() + 1) / 2
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        if self.mode == "pixel":
+            return (batch, 3, height, width)
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (batch, self.vae.config.latent_channels, height // f, width // f)
+
+    # ---- the two stages -----------------------------------------------------------------
+    def clean(self, lq: torch.Tensor) -> torch.Tensor:
+        """Stage 1: C(lq) in [0, 1]."""
+        return self.cleaner(lq)
+
+    def condition(self, clean: torch.Tensor) -> torch.Tensor:
+        """Stage-2 condition from the cleaned image: pixels in [-1, 1] or the VAE latent of C(lq)."""
+        return self.encode(clean)
+
+    def predict_eps(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, return_residuals: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Noise prediction; with `return_residuals`, also the trainable net's outputs (ControlNet residuals, or [eps])."""
+        if self.mode == "pixel":
+            eps = self.unet(torch.cat([x_t, cond.to(x_t.dtype)], dim=1), t).sample
+            return (eps, [eps]) if return_residuals else eps
+        text = self.prompt_embeds.to(x_t.dtype).expand(x_t.shape[0], -1, -1)
+        down, mid = self.controlnet(x_t, t, encoder_hidden_states=text, controlnet_cond=cond.to(x_t.dtype), return_dict=False)
+        eps = self.unet(x_t, t, encoder_hidden_states=text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        return (eps, [*down, mid]) if return_residuals else eps
+
+    def eps_fn(self, cond: torch.Tensor):
+        """The denoiser with `cond` bound, as the sampler takes it."""
+        return lambda x_t, t: self.predict_eps(x_t, t, cond)
+
+    @torch.no_grad()
+    def restore(
+        self,
+        lq: torch.Tensor,
+        steps: int = 50,
+        eta: Eta = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Both stages on a [0, 1] batch: {"clean": C(lq), "restored": the diffusion output}, both in [0, 1]."""
+        clean = self.clean(lq)
+        cond = self.condition(clean)
+        schedule = DDIMSchedule.from_scheduler(self.scheduler, steps, device=lq.device)
+        b, _, h, w = lq.shape
+        x_T = torch.randn(self.latent_shape(b, h, w), generator=generator, device=lq.device, dtype=cond.dtype)
+        z0 = rollout(self.eps_fn(cond), x_T, schedule, eta=eta, generator=generator, record=False)
+        return {"clean": clean.clamp(0, 1), "restored": self.decode(z0).clamp(0, 1)}
+
+    # ---- save / load ---------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write the restorer as one folder; written beside and moved in place, so a crash leaves no half folder."""
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".tmp-save")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        (tmp / "cleaner").mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.cleaner.state_dict().items()}, tmp / "cleaner" / "model.safetensors")
+        self.scheduler.save_pretrained(tmp / "scheduler")
+        self.unet.save_pretrained(tmp / "unet")
+        if self.mode == "latent":
+            self.vae.save_pretrained(tmp / "vae")
+            self.controlnet.save_pretrained(tmp / "controlnet")
+            save_file({"prompt_embeds": self.prompt_embeds.detach().contiguous().cpu()}, tmp / "prompt_embeds.safetensors")
+        meta = {"format_version": FORMAT_VERSION, "config": asdict(self.config)}
+        (tmp / "facereward.json").write_text(json.dumps(meta, indent=2))
+        if folder.exists():
+            old = folder.with_name(folder.name + ".tmp-old")
+            if old.exists():
+                shutil.rmtree(old)
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(folder)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | None = None) -> "Restorer":
+        """Load a folder written by `save_pretrained`, from a local path only; returned in eval mode."""
+        from facereward.config import ConfigError, config_from_dict
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ModelFolderError(f"{folder}: no such model folder (restorers load from a local path only)")
+        meta_path = folder / "facereward.json"
+        if not meta_path.is_file():
+            raise ModelFolderError(f"{folder}: not a facereward restorer folder (no facereward.json)")
+        try:
+            meta = json.loads(meta_path.read_text())
+            config = config_from_dict(RestorerConfig, meta["config"], str(meta_path))
+        except (json.JSONDecodeError, KeyError, ConfigError) as err:
+            raise ModelFolderError(f"{meta_path}: unreadable restorer config ({err})") from None
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise ModelFolderError(f"{meta_path}: format version {meta['format_version']} is newer than this facereward supports")
+        needed = ["cleaner/model.safetensors", "scheduler", "unet"]
+        if config.mode == "latent":
+            needed += ["vae", "controlnet", "prompt_embeds.safetensors"]
+        missing = [n for n in needed if not (folder / n).exists()]
+        if missing:
+            raise ModelFolderError(f"{folder}: incomplete restorer folder, missing {', '.join(missing)}")
+        kw: dict[str, Any] = {"local_files_only": True}
+        if torch_dtype is not None:
+            kw["torch_dtype"] = torch_dtype
+        try:
+            cleaner = build_cleaner(config.cleaner, config.cleaner_kwargs)
+            cleaner.load_state_dict(load_file(folder / "cleaner" / "model.safetensors"))
+            scheduler = DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
+            if config.mode == "pixel":
+                return cls(config, cleaner, scheduler, UNet2DModel.from_pretrained(folder / "unet", **kw)).eval()
+            vae = AutoencoderKL.from_pretrained(folder / "vae", **kw)
+            unet = UNet2DConditionModel.from_pretrained(folder / "unet", **kw)
+            controlnet = ControlNetModel.from_pretrained(folder / "controlnet", **kw)
+            prompt_embeds = load_file(folder / "prompt_embeds.safetensors")["prompt_embeds"]
+        except (OSError, RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+            raise ModelFolderError(f"{folder}: could not load restorer weights ({first})") from None
+        return cls(config, cleaner, scheduler, unet, vae, controlnet, prompt_embeds).eval()
