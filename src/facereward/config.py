@@ -111,7 +111,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> T:
     """Build `cls` from an optional YAML file, then apply `key=value` overrides (dotted for nesting)."""
     data: dict[str, Any] = {}
-    where = ""
+    where = "config"
     if path is not None:
         path = Path(path)
         where = str(path)

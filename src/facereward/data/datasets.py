@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from .degradation import DegradationFn, DegradationPreset, degrade
 from .imageio import IMAGE_EXTENSIONS, ImageError, list_images, read_image
 
-__all__ = ["HQFolderDataset", "PairedFolderDataset", "collate_batch", "read_caption"]
+__all__ = ["DegradedHQDataset", "HQFolderDataset", "InMemoryHQDataset", "PairedFolderDataset", "collate_batch", "read_caption"]
 
 _FLIP_STREAM = 1  # third seed word: the flip decision gets its own stream, apart from the degradation's
 
@@ -51,14 +51,52 @@ def _preview(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
-class HQFolderDataset(Dataset):
-    """HQ images from a folder, each paired with an LQ degraded on the fly.
+class DegradedHQDataset(Dataset):
+    """HQ images each paired with an LQ degraded on the fly; subclasses say where the HQ comes from.
 
     Item i of epoch e uses `degrade(hq, preset, seed, index=e * len(self) + i)`: fresh degradations
     every epoch, yet reproducible. Call `set_epoch` before each epoch (with DataLoader workers,
     not persistent ones, so that workers see it). `random_flip` flips HQ (and so LQ) horizontally
     with p=0.5, drawn from the same (seed, index).
     """
+
+    def __init__(
+        self,
+        preset: str | DegradationPreset | DegradationFn = "diffbir",
+        seed: int = 0,
+        random_flip: bool = False,
+    ) -> None:
+        self.preset = preset
+        self.seed = seed
+        self.random_flip = random_flip
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the degradations of `epoch` (indices epoch * len + i)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load_hq(self, i: int) -> tuple[np.ndarray, str, str]:
+        """(HQ image HWC [0, 1], caption, name) of item i."""
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} images")
+        hq, caption, name = self.load_hq(i)
+        index = self.epoch * len(self) + i
+        if self.random_flip and np.random.default_rng([self.seed, index, _FLIP_STREAM]).random() < 0.5:
+            hq = np.ascontiguousarray(hq[:, ::-1])
+        lq, _ = degrade(hq, self.preset, seed=self.seed, index=index)
+        return {"hq": _to_tensor(hq), "lq": _to_tensor(lq), "caption": caption, "name": name}
+
+
+class HQFolderDataset(DegradedHQDataset):
+    """HQ faces from a folder (png, jpg, webp), degraded on the fly; captions from NAME.txt sidecars."""
 
     def __init__(
         self,
@@ -70,36 +108,49 @@ class HQFolderDataset(Dataset):
         convert: bool = False,
         random_flip: bool = False,
     ) -> None:
+        super().__init__(preset, seed, random_flip)
         self.folder = Path(folder)
         self.files = _image_files(self.folder)
         self.size = size
-        self.preset = preset
-        self.seed = seed
         self.captions = captions
         self.convert = convert
-        self.random_flip = random_flip
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the degradations of `epoch` (indices epoch * len + i)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        if not 0 <= i < len(self.files):
-            raise IndexError(f"index {i} out of range for {len(self.files)} images")
+    def load_hq(self, i: int) -> tuple[np.ndarray, str, str]:
         path = self.files[i]
         hq = read_image(path, size=self.size, convert=self.convert)
-        index = self.epoch * len(self.files) + i
-        if self.random_flip and np.random.default_rng([self.seed, index, _FLIP_STREAM]).random() < 0.5:
-            hq = np.ascontiguousarray(hq[:, ::-1])
-        lq, _ = degrade(hq, self.preset, seed=self.seed, index=index)
         caption = (read_caption(path) or "") if self.captions else ""
-        return {"hq": _to_tensor(hq), "lq": _to_tensor(lq), "caption": caption, "name": path.stem}
+        return hq, caption, path.stem
+
+
+class InMemoryHQDataset(DegradedHQDataset):
+    """HQ images already in memory (e.g. procedural toy faces), degraded on the fly."""
+
+    def __init__(
+        self,
+        images: list[np.ndarray],
+        captions: list[str] | None = None,
+        names: list[str] | None = None,
+        preset: str | DegradationPreset | DegradationFn = "diffbir",
+        seed: int = 0,
+        random_flip: bool = False,
+    ) -> None:
+        super().__init__(preset, seed, random_flip)
+        if not images:
+            raise ValueError("InMemoryHQDataset: no images")
+        self.images = images
+        self.captions = captions if captions is not None else [""] * len(images)
+        self.names = names if names is not None else [f"{i:06d}" for i in range(len(images))]
+        if not len(self.captions) == len(self.names) == len(images):
+            raise ValueError("InMemoryHQDataset: images, captions and names differ in length")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load_hq(self, i: int) -> tuple[np.ndarray, str, str]:
+        return self.images[i], self.captions[i], self.names[i]
 
 
 class PairedFolderDataset(Dataset):

@@ -108,3 +108,25 @@ def tensor_to_image(tensor) -> np.ndarray:
     if t.ndim == 4:
         t = t[0]
     return t.permute(1, 2, 0).numpy()
+
+
+def image_grid(rows: list[list[np.ndarray]], column_titles: list[str] | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:
+    """Tile equal-sized HWC [0, 1] images into one image (white gaps), with optional column titles on top."""
+    import cv2
+
+    if not rows or not rows[0]:
+        raise ValueError("image_grid: no images")
+    h, w = rows[0][0].shape[:2]
+    h, w = h * scale, w * scale
+    n_cols = max(len(r) for r in rows)
+    title_h = 14 if column_titles else 0
+    grid = np.ones((title_h + pad + len(rows) * (h + pad), pad + n_cols * (w + pad), 3), dtype=np.float32)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            if scale != 1:
+                img = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
+            y, x = title_h + pad + r * (h + pad), pad + c * (w + pad)
+            grid[y : y + h, x : x + w] = img[..., :3]
+    for c, title in enumerate(column_titles or []):
+        cv2.putText(grid, title, (pad + c * (w + pad) + 2, 11), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+    return grid

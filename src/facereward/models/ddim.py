@@ -235,3 +235,9 @@ def truncated_rollout(
     abar_t, _ = schedule.alpha_bars(t_b)
     pred_x0 = predict_x0(x, eps, abar_t.reshape(batch, *([1] * (x.ndim - 1))))
     return TruncatedOutput(pred_x0=pred_x0, x_t=x, t=t_b, eps=eps)
+
+
+def q_sample(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Closed-form forward noising q(x_t | x_0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, t per sample."""
+    abar = alphas_cumprod.to(x0.device)[t].to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel, UNet2DModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -36,7 +37,7 @@ class ModelFolderError(ValueError):
 class PixelUNetConfig:
     """UNet2DModel shape for pixel mode (small defaults for 64 px toy faces)."""
 
-    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 128])
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 96])
     layers_per_block: int = 1
     attention_levels: list[bool] = field(default_factory=lambda: [False, False, True])
     norm_num_groups: int = 16
@@ -61,7 +62,7 @@ class RestorerConfig:
     mode: Literal["pixel", "latent"] = "pixel"
     size: int = 64
     cleaner: str = "residual_cnn"
-    cleaner_kwargs: dict[str, Any] = field(default_factory=lambda: {"channels": 64, "num_blocks": 6, "downscale": 2})
+    cleaner_kwargs: dict[str, Any] = field(default_factory=lambda: {"channels": 32, "num_blocks": 4, "downscale": 2})
     beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
     beta_end: float = 0.012
@@ -238,14 +239,19 @@ class Restorer(nn.Module):
         steps: int = 50,
         eta: Eta = 0.0,
         generator: torch.Generator | None = None,
+        x_T: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Both stages on a [0, 1] batch: {"clean": C(lq), "restored": the diffusion output}, both in [0, 1]."""
+        """Both stages on a [0, 1] batch: {"clean": C(lq), "restored": the diffusion output}, both in [0, 1].
+
+        `x_T` (the initial noise) is drawn from `generator` unless given; step noise always is.
+        """
         clean = self.clean(lq)
         cond = self.condition(clean)
         schedule = DDIMSchedule.from_scheduler(self.scheduler, steps, device=lq.device)
-        b, _, h, w = lq.shape
-        x_T = torch.randn(self.latent_shape(b, h, w), generator=generator, device=lq.device, dtype=cond.dtype)
-        z0 = rollout(self.eps_fn(cond), x_T, schedule, eta=eta, generator=generator, record=False)
+        if x_T is None:
+            b, _, h, w = lq.shape
+            x_T = torch.randn(self.latent_shape(b, h, w), generator=generator, device=lq.device, dtype=cond.dtype)
+        z0 = rollout(self.eps_fn(cond), x_T.to(cond.dtype), schedule, eta=eta, generator=generator, record=False)
         return {"clean": clean.clamp(0, 1), "restored": self.decode(z0).clamp(0, 1)}
 
     # ---- save / load ---------------------------------------------------------------------
@@ -313,7 +319,7 @@ class Restorer(nn.Module):
             unet = UNet2DConditionModel.from_pretrained(folder / "unet", **kw)
             controlnet = ControlNetModel.from_pretrained(folder / "controlnet", **kw)
             prompt_embeds = load_file(folder / "prompt_embeds.safetensors")["prompt_embeds"]
-        except (OSError, RuntimeError, ValueError, KeyError) as err:
+        except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
             raise ModelFolderError(f"{folder}: could not load restorer weights ({first})") from None
         return cls(config, cleaner, scheduler, unet, vae, controlnet, prompt_embeds).eval()

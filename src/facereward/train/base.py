@@ -1,0 +1,184 @@
+"""`facereward train-base`: the base restorer, stage 1 (L1) then stage 2 (epsilon prediction), METHODS.md 0.
+
+Stage 1 trains the cleaner C on (LQ, HQ) with L1. Stage 2 freezes C and trains the stage-2 network
+(the pixel UNet, or the ControlNet in latent mode) with `||eps - eps_theta(x_t, t, cond(C(lq)))||^2`.
+The result is a restorer folder at OUTPUT/model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from facereward.data.datasets import HQFolderDataset, InMemoryHQDataset, collate_batch
+from facereward.models.ddim import q_sample
+from facereward.models.restorer import Restorer, RestorerConfig
+from facereward.train.plumbing import (
+    ProgressLog,
+    RunConfig,
+    find_checkpoint,
+    infinite_batches,
+    load_checkpoint,
+    make_accelerator,
+    save_checkpoint,
+    write_run_config,
+)
+
+
+@dataclass
+class DataConfig:
+    """Training faces: a folder of HQ images, or `toy_faces` procedural faces (train split); LQ made on the fly."""
+
+    hq_dir: str | None = None
+    toy_faces: int = 0
+    toy_seed: int = 0
+    toy_identities: int | None = None
+    size: int = 64
+    preset: str = "diffbir"
+    seed: int = 0
+    random_flip: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class TrainBaseConfig:
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/base", save_every=500))
+    data: DataConfig = field(default_factory=DataConfig)
+    model: RestorerConfig = field(default_factory=RestorerConfig)
+    init_from: str | None = None  # start from an existing restorer folder instead of random weights
+    stage1_steps: int = 1000
+    stage2_steps: int = 5000
+    batch_size: int = 16
+    stage1_lr: float = 2e-4
+    stage2_lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+
+
+def build_dataset(data: DataConfig) -> Dataset:
+    """The HQ dataset `data` names; exactly one of hq_dir / toy_faces must be set."""
+    if (data.hq_dir is None) == (data.toy_faces <= 0):
+        raise ValueError("data: set exactly one of data.hq_dir (a folder of HQ faces) or data.toy_faces (a count)")
+    if data.hq_dir is not None:
+        return HQFolderDataset(data.hq_dir, size=data.size, preset=data.preset, seed=data.seed, random_flip=data.random_flip)
+    from facereward.data.toyfaces import ToyFaceWorld
+
+    n_ids = data.toy_identities or max(10, data.toy_faces // 10)
+    faces = ToyFaceWorld(seed=data.toy_seed, n_identities=n_ids).sample(data.toy_faces, size=data.size, split="train", seed=data.seed)
+    return InMemoryHQDataset(
+        [f.image for f in faces], [f.caption for f in faces], [f"toy{i:06d}" for i in range(len(faces))],
+        preset=data.preset, seed=data.seed, random_flip=data.random_flip,
+    )
+
+
+def stage1_loss(restorer: Restorer, batch: dict[str, Any]) -> torch.Tensor:
+    """L1 between C(lq) and the HQ image."""
+    return F.l1_loss(restorer.clean(batch["lq"]), batch["hq"])
+
+
+def stage2_loss(restorer: Restorer, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+    """Epsilon-prediction MSE at a uniform random training timestep, conditioned on the frozen C(lq)."""
+    with torch.no_grad():
+        cond = restorer.condition(restorer.clean(batch["lq"]))
+        x0 = restorer.encode(batch["hq"])
+    n_train = restorer.scheduler.config.num_train_timesteps
+    t = torch.randint(0, n_train, (x0.shape[0],), device=x0.device, generator=generator)
+    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    x_t = q_sample(x0, noise, t, restorer.scheduler.alphas_cumprod)
+    return F.mse_loss(restorer.predict_eps(x_t, t, cond).float(), noise.float())
+
+
+def _lr_lambda(warmup: int, done: int = 0):
+    """Linear warmup over `warmup` optimizer steps, `done` of which already ran before a resume."""
+    return lambda step: min(1.0, (step + done + 1) / warmup) if warmup > 0 else 1.0
+
+
+def train_base(config: TrainBaseConfig) -> Path:
+    """Run both stages (resuming if asked) and write OUTPUT/model; returns that folder."""
+    run = config.run
+    accelerator = make_accelerator(run, "train-base")
+    write_run_config(config, run, accelerator)
+    restorer = Restorer.from_pretrained(config.init_from) if config.init_from else Restorer.build(config.model)
+    if config.data.size != restorer.config.size:
+        raise ValueError(f"data.size {config.data.size} differs from the model size {restorer.config.size}")
+    restorer.to(accelerator.device)
+    dataset = build_dataset(config.data)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, num_workers=config.data.num_workers,
+                        collate_fn=collate_batch, drop_last=len(dataset) >= config.batch_size)
+    cleaner, stage2 = restorer.cleaner, restorer.stage2_trainable()
+    opt1 = torch.optim.AdamW(cleaner.parameters(), lr=config.stage1_lr, weight_decay=config.weight_decay)
+    opt2 = torch.optim.AdamW(stage2.parameters(), lr=config.stage2_lr, weight_decay=config.weight_decay)
+    modules = {"cleaner": cleaner, "stage2": stage2}
+    optimizers = {"stage1": opt1, "stage2": opt2}
+    step, epoch = 0, 0
+    if run.resume:
+        state = load_checkpoint(find_checkpoint(run.output_dir, run.resume), modules, optimizers)
+        step, epoch = state["step"], state["epoch"] + 1
+    total = config.stage1_steps + config.stage2_steps
+    loader = accelerator.prepare(loader)
+    batches = infinite_batches(loader, start_epoch=epoch)
+    log = ProgressLog(accelerator, total, step, "train-base", run.log_every, run.progress)
+
+    for stage, n_steps, module, opt, lr in (
+        (1, config.stage1_steps, cleaner, opt1, config.stage1_lr),
+        (2, config.stage2_steps, stage2, opt2, config.stage2_lr),
+    ):
+        start = config.stage1_steps if stage == 2 else 0
+        if step >= start + n_steps:
+            continue
+        restorer.requires_grad_(False)
+        module.requires_grad_(True)
+        module.train()
+        wrapped, opt = accelerator.prepare(module, opt)
+        _set_trainable(restorer, stage, wrapped)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.warmup_steps, done=step - start))
+        while step < start + n_steps:
+            epoch, batch = next(batches)
+            with accelerator.accumulate(wrapped):
+                with accelerator.autocast():
+                    loss = stage1_loss(restorer, batch) if stage == 1 else stage2_loss(restorer, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.grad_clip > 0:
+                    accelerator.clip_grad_norm_(wrapped.parameters(), config.grad_clip)
+                opt.step()  # a no-op on accumulation micro-steps
+                opt.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            sched.step()
+            step += 1
+            log.step(step, {f"stage{stage}/loss": loss, f"stage{stage}/lr": sched.get_last_lr()[0]})
+            if step % run.save_every == 0 or step == total:
+                _checkpoint(accelerator, run, step, epoch, modules, optimizers)
+        _set_trainable(restorer, stage, accelerator.unwrap_model(wrapped))
+        module.eval()
+    log.close()
+    out = Path(run.output_dir) / "model"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        restorer.save_pretrained(out)
+    accelerator.end_training()
+    return out
+
+
+def _set_trainable(restorer: Restorer, stage: int, module: torch.nn.Module) -> None:
+    """Put the (possibly DDP-wrapped) trained module back so the restorer's forward goes through it."""
+    if stage == 1:
+        restorer.cleaner = module
+    elif restorer.mode == "latent":
+        restorer.controlnet = module
+    else:
+        restorer.unet = module
+
+
+def _checkpoint(accelerator, run: RunConfig, step: int, epoch: int, modules, optimizers) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = {k: accelerator.unwrap_model(m) for k, m in modules.items()}
+        save_checkpoint(run.output_dir, step, unwrapped, optimizers, {"epoch": epoch}, keep=run.keep_checkpoints)
+    accelerator.wait_for_everyone()

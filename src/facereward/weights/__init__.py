@@ -1,0 +1,15 @@
+"""Small models shipped inside the package (trained by the scripts in scripts/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).resolve().parent
+
+
+def default_restorer_path() -> Path:
+    """The shipped 64 px pixel-mode toy restorer (trained by scripts/train_toy_restorer.sh)."""
+    path = WEIGHTS_DIR / "toy-restorer"
+    if not (path / "facereward.json").is_file():
+        raise FileNotFoundError(f"{path}: the shipped toy restorer is missing; retrain it with scripts/train_toy_restorer.sh")
+    return path

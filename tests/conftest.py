@@ -1,0 +1,50 @@
+"""Shared pytest setup: never reach the network; tiny model configs for fast CPU tests."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def pixel_config():
+    """A pixel-mode RestorerConfig small enough for CPU unit tests."""
+    from facereward.models.restorer import PixelUNetConfig, RestorerConfig
+
+    return RestorerConfig(
+        mode="pixel",
+        size=32,
+        pixel=PixelUNetConfig(block_out_channels=[16, 32], attention_levels=[False, True], norm_num_groups=8),
+        cleaner_kwargs={"channels": 8, "num_blocks": 1, "downscale": 2},
+    )
+
+
+@pytest.fixture
+def latent_config():
+    """A latent-mode RestorerConfig (the tiny latent defaults, a small cleaner) at 32 px."""
+    from facereward.models.restorer import RestorerConfig
+
+    return RestorerConfig(mode="latent", size=32, cleaner_kwargs={"channels": 8, "num_blocks": 1, "downscale": 2})
+
+
+@pytest.fixture
+def pixel_restorer(pixel_config):
+    import torch
+
+    from facereward.models.restorer import Restorer
+
+    torch.manual_seed(0)
+    return Restorer.build(pixel_config)
+
+
+@pytest.fixture
+def latent_restorer(latent_config):
+    import torch
+
+    from facereward.models.restorer import Restorer
+
+    torch.manual_seed(0)
+    return Restorer.build(latent_config)

@@ -1,0 +1,175 @@
+"""The procedural face world: determinism, shapes, landmarks, splits, detail and the dataset writer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import cv2
+import numpy as np
+import pytest
+
+from facereward.data.imageio import read_image
+from facereward.data.toyfaces import ToyFaceWorld, write_toyfaces
+
+
+@pytest.fixture(scope="module")
+def world() -> ToyFaceWorld:
+    return ToyFaceWorld(seed=0, n_identities=50, test_fraction=0.2)
+
+
+def _hair_patch_mean(image: np.ndarray) -> np.ndarray:
+    s = image.shape[0]
+    return image[int(0.15 * s) : int(0.19 * s), int(0.44 * s) : int(0.56 * s)].reshape(-1, 3).mean(0)
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    return rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def test_same_arguments_give_identical_faces(world):
+    a = world.face(3, 5, 64)
+    b = world.face(3, 5, 64)
+    c = ToyFaceWorld(seed=0, n_identities=50).face(3, 5, 64)
+    for other in (b, c):
+        np.testing.assert_array_equal(a.image, other.image)
+        np.testing.assert_array_equal(a.landmarks, other.landmarks)
+        assert a.caption == other.caption
+    d = ToyFaceWorld(seed=1, n_identities=50).face(3, 5, 64)
+    assert np.abs(a.image - d.image).mean() > 0.02
+
+
+def test_images_of_one_identity_differ_but_keep_its_hair_colour(world):
+    dark = next(i for i in world.identities("train") if world.traits(i).hair_name == "black" and world.traits(i).hair_style != "buzz")
+    fair = next(i for i in world.identities("train") if world.traits(i).hair_name == "blonde" and world.traits(i).hair_style != "buzz")
+    dark_imgs = [world.face(dark, k, 64).image for k in range(4)]
+    fair_imgs = [world.face(fair, k, 64).image for k in range(4)]
+    assert np.abs(dark_imgs[0] - dark_imgs[1]).mean() > 0.01
+    dark_means = np.stack([_hair_patch_mean(im) for im in dark_imgs])
+    fair_means = np.stack([_hair_patch_mean(im) for im in fair_imgs])
+    within = max(np.abs(dark_means - dark_means[0]).max(), np.abs(fair_means - fair_means[0]).max())
+    between = np.abs(dark_means[:, None] - fair_means[None]).mean(-1).min()
+    assert between > 2 * within
+    assert _luminance(dark_means).max() < _luminance(fair_means).min()
+
+
+@pytest.mark.parametrize("size", [32, 128])
+def test_range_dtype_and_shape(world, size):
+    face = world.face(7, 2, size)
+    assert face.image.dtype == np.float32 and face.image.shape == (size, size, 3)
+    assert face.image.min() >= 0.0 and face.image.max() <= 1.0
+    assert face.image.std() > 0.05
+    assert face.landmarks.dtype == np.float32 and face.landmarks.shape == (68, 2)
+    assert face.identity == 7 and face.split == world.split_of(7)
+    assert isinstance(face.caption, str) and face.caption.startswith("a ") and face.caption.endswith(".")
+    assert "\n" not in face.caption
+
+
+def test_landmarks_inside_image_and_scale_with_size(world):
+    for identity, index in [(0, 0), (5, 3), (11, 9), (20, 1)]:
+        small = world.face(identity, index, 64).landmarks
+        large = world.face(identity, index, 128).landmarks
+        for lm, size in ((small, 64), (large, 128)):
+            assert np.isfinite(lm).all()
+            assert (lm >= 0).all() and (lm <= size - 1).all()
+        assert np.abs(large - 2 * small).max() < 1.5
+
+
+def test_landmarks_follow_the_68_point_order(world):
+    for identity in range(6):
+        lm = world.face(identity, 1, 128).landmarks
+        x, y = lm[:, 0], lm[:, 1]
+        assert np.argmax(y[0:17]) in (7, 8, 9)  # chin at the bottom of the jaw line
+        assert x[0] < x[8] < x[16]
+        assert x[17:22].mean() < x[22:27].mean() and x[36:42].mean() < x[42:48].mean()
+        assert y[17:27].mean() < y[36:48].mean() < y[30] < y[48:68].mean() < y[8]
+        assert x[36] < x[39] < x[42] < x[45]  # corners: outer-left, inner-left, inner-right, outer-right
+        assert y[51] < y[62] <= y[66] < y[57]  # lips from top to bottom
+        assert x[48] < x[51] < x[54]
+
+
+def test_landmarks_match_the_drawing(world):
+    spec = replace(world.spec(4, 0), eye_open=1.0, gaze=(0.0, 0.0), yaw=0.0, mouth_open=0.0)
+    face = world.render(spec, 256)
+    for eye in (face.landmarks[36:42], face.landmarks[42:48]):
+        cx, cy = np.round(eye.mean(0)).astype(int)
+        assert _luminance(face.image[cy, cx]) < 0.2  # the pupil sits between the eye landmarks
+    cheek = np.round(face.landmarks[[1, 31]].mean(0)).astype(int)
+    assert _luminance(face.image[cheek[1], cheek[0]]) > _luminance(face.image[cy, cx]) + 0.1
+
+
+def test_smile_raises_the_mouth_corners(world):
+    spec = world.spec(2, 0)
+    calm = world.render(replace(spec, smile=0.0), 128).landmarks
+    smile = world.render(replace(spec, smile=1.0), 128).landmarks
+    lift = lambda lm: lm[[51, 57], 1].mean() - lm[[48, 54], 1].mean()  # noqa: E731
+    assert lift(smile) > lift(calm) + 1.0
+
+
+def test_split_is_by_identity(world):
+    train, test = set(world.identities("train")), set(world.identities("test"))
+    assert train.isdisjoint(test)
+    assert train | test == set(range(50))
+    assert len(test) == 10
+    assert all(world.split_of(i) == "test" for i in test)
+    faces = world.sample(12, size=32, split="test", seed=3)
+    assert {f.identity for f in faces} <= test
+    assert all(f.split == "test" for f in faces)
+    assert len({f.identity for f in faces}) == 10  # spread over the split's identities
+    again = world.sample(12, size=32, split="test", seed=3)
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(faces, again))
+    other = world.sample(12, size=32, split="test", seed=4)
+    assert any(not np.array_equal(a.image, b.image) for a, b in zip(faces, other))
+    with pytest.raises(ValueError):
+        world.identities("val")
+
+
+def test_fine_detail_is_destroyed_by_blur(world):
+    def lap(img: np.ndarray) -> float:
+        return float(np.abs(cv2.Laplacian(img.mean(-1), cv2.CV_32F)).mean())
+
+    for identity in (1, 3, 9):
+        image = world.face(identity, 0, 128).image
+        blurred = cv2.GaussianBlur(image, (0, 0), 2)
+        assert lap(image) > 3 * lap(blurred)
+
+
+def test_identities_differ_more_than_images_of_one_identity(world):
+    s = 64
+    box = (slice(int(0.25 * s), int(0.8 * s)), slice(int(0.28 * s), int(0.72 * s)))
+    ids = world.identities("train")[:6]
+    same = [np.abs(world.face(i, 0, s).image[box] - world.face(i, 1, s).image[box]).mean() for i in ids]
+    diff = [np.abs(world.face(a, 0, s).image[box] - world.face(b, 0, s).image[box]).mean() for a, b in zip(ids, ids[1:])]
+    assert np.mean(diff) > 1.3 * np.mean(same)
+
+
+def test_write_toyfaces_layout(tmp_path):
+    manifest = write_toyfaces(tmp_path, n=20, size=32, seed=0, progress=False)
+    assert manifest == json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["n"] == 20 and manifest["size"] == 32 and manifest["n_identities"] == 10
+    assert manifest["train"] + manifest["test"] == 20 and 2 <= manifest["test"] <= 6
+    seen = {}
+    for split in ("train", "test"):
+        pngs = sorted((tmp_path / split / "images").glob("*.png"))
+        assert len(pngs) == manifest[split]
+        landmarks = json.loads((tmp_path / split / "landmarks.json").read_text())
+        identities = json.loads((tmp_path / split / "identities.json").read_text())
+        assert sorted(landmarks) == sorted(identities) == [p.stem for p in pngs]
+        for p in pngs:
+            assert read_image(p, size=32).shape == (32, 32, 3)
+            caption = p.with_suffix(".txt").read_text()
+            assert caption.count("\n") == 1 and len(caption) > 20
+            assert np.array(landmarks[p.stem]).shape == (68, 2)
+        seen[split] = set(identities.values())
+    assert seen["train"] and seen["test"] and seen["train"].isdisjoint(seen["test"])
+
+
+def test_bad_arguments_raise(tmp_path, world):
+    with pytest.raises(ValueError, match="size"):
+        world.face(0, 0, 8)
+    with pytest.raises(ValueError, match="size"):
+        write_toyfaces(tmp_path, n=4, size=15, progress=False)
+    with pytest.raises(ValueError, match="n must"):
+        write_toyfaces(tmp_path, n=0, progress=False)
+    with pytest.raises(ValueError, match="identity"):
+        world.face(50, 0)
