@@ -304,6 +304,25 @@ def test_truncated_rollout_at_step_zero_starts_from_x_T(schedule50):
     assert w.grad is not None and torch.isfinite(w.grad)
 
 
+def test_truncated_rollout_prefix_runs_without_grad(schedule50):
+    """Steps 0..k-1 call the model with grad off; step k with grad on; x_t is cut from x_T's graph."""
+    modes = []
+    w = torch.tensor(0.5, requires_grad=True)
+
+    def spy(x, t):
+        modes.append(torch.is_grad_enabled())
+        return w * x
+
+    x_T = torch.randn(2, 2, 4, 4).requires_grad_()
+    out = truncated_rollout(spy, x_T, schedule50, grad_step=4, generator=torch.Generator().manual_seed(0))
+    assert modes == [False] * 4 + [True]
+    assert out.x_t.grad_fn is None and out.x_t.requires_grad is False
+    out0 = truncated_rollout(spy, x_T, schedule50, grad_step=0)
+    assert out0.x_t.requires_grad is False and torch.equal(out0.x_t, x_T.detach())
+    out0.pred_x0.sum().backward()
+    assert x_T.grad is None and w.grad is not None
+
+
 @pytest.mark.parametrize("k", [-1, 50, 51])
 def test_truncated_rollout_invalid_grad_step(schedule50, k):
     with pytest.raises(ValueError, match="grad_step"):

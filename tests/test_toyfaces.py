@@ -18,9 +18,12 @@ def world() -> ToyFaceWorld:
     return ToyFaceWorld(seed=0, n_identities=50, test_fraction=0.2)
 
 
-def _hair_patch_mean(image: np.ndarray) -> np.ndarray:
-    s = image.shape[0]
-    return image[int(0.15 * s) : int(0.19 * s), int(0.44 * s) : int(0.56 * s)].reshape(-1, 3).mean(0)
+def _hair_colour(face) -> np.ndarray:
+    """Chromaticity and luminance of a patch on the top of the head, found from the eye and chin landmarks."""
+    eyes, chin = face.landmarks[36:48].mean(0), face.landmarks[8]
+    x, y = np.round(eyes + (eyes - chin) * 0.82).astype(int)
+    rgb = np.median(face.image[y - 2 : y + 3, x - 5 : x + 6].reshape(-1, 3), 0)
+    return np.append(rgb / (rgb.sum() + 1e-6), _luminance(rgb))
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
@@ -40,17 +43,18 @@ def test_same_arguments_give_identical_faces(world):
 
 
 def test_images_of_one_identity_differ_but_keep_its_hair_colour(world):
-    dark = next(i for i in world.identities("train") if world.traits(i).hair_name == "black" and world.traits(i).hair_style != "buzz")
-    fair = next(i for i in world.identities("train") if world.traits(i).hair_name == "blonde" and world.traits(i).hair_style != "buzz")
-    dark_imgs = [world.face(dark, k, 64).image for k in range(4)]
-    fair_imgs = [world.face(fair, k, 64).image for k in range(4)]
-    assert np.abs(dark_imgs[0] - dark_imgs[1]).mean() > 0.01
-    dark_means = np.stack([_hair_patch_mean(im) for im in dark_imgs])
-    fair_means = np.stack([_hair_patch_mean(im) for im in fair_imgs])
-    within = max(np.abs(dark_means - dark_means[0]).max(), np.abs(fair_means - fair_means[0]).max())
-    between = np.abs(dark_means[:, None] - fair_means[None]).mean(-1).min()
-    assert between > 2 * within
-    assert _luminance(dark_means).max() < _luminance(fair_means).min()
+    def first(name: str) -> int:
+        return next(i for i in world.identities("train") if world.traits(i).hair_name == name and world.traits(i).hair_style != "buzz")
+
+    ids = [first("black"), first("blonde"), first("red")]
+    faces = {i: [world.face(i, k, 128) for k in range(4)] for i in ids}
+    assert np.abs(faces[ids[0]][0].image - faces[ids[0]][1].image).mean() > 0.01
+    colours = {i: np.stack([_hair_colour(f) for f in fs]) for i, fs in faces.items()}
+    for i in ids:  # every image is nearest to the other images of its own identity
+        for k in range(4):
+            own = np.delete(colours[i], k, 0).mean(0)
+            d_own = np.abs(colours[i][k] - own).sum()
+            assert all(d_own < np.abs(colours[i][k] - colours[j].mean(0)).sum() for j in ids if j != i)
 
 
 @pytest.mark.parametrize("size", [32, 128])

@@ -76,6 +76,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, Path)):
@@ -84,16 +89,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _child(where: str, key: str) -> str:
+    """'file.yaml:' + 'run' -> 'file.yaml: run'; 'file.yaml: run' + 'seed' -> 'file.yaml: run.seed'."""
+    return f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
+
+
 def config_from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} for {cls.__name__} (known: {', '.join(types_)})")
-    kwargs = {k: _coerce(v, types_[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+        raise ConfigError(f"{where.rstrip(':')}: unknown key {unknown[0]!r} for {cls.__name__} (known: {', '.join(types_)})")
+    kwargs = {k: _coerce(v, types_[k], _child(where, k)) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where or cls.__name__}: {err}") from None
+        raise ConfigError(f"{where.rstrip(':')}: {err}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -111,10 +121,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> T:
     """Build `cls` from an optional YAML file, then apply `key=value` overrides (dotted for nesting)."""
     data: dict[str, Any] = {}
-    where = "config"
+    where = "config:"
     if path is not None:
         path = Path(path)
-        where = str(path)
+        where = f"{path}:"
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
         try:

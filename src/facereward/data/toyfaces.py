@@ -638,12 +638,14 @@ def _draw_eye(cv: _Canvas, t: IdentityTraits, s: ToyFaceSpec, pts: np.ndarray, i
     shade = 0.8 + 0.22 * streak * _smoothstep(0.3, 0.6, rel) - 0.55 * _smoothstep(0.72, 1.0, rel) + 0.35 * _smoothstep(0.62, 0.38, rel)
     aa = 0.8
     iris_a = _smoothstep(iris_r + aa, iris_r - aa, d) * m_open
-    cv.paint(iris_a, roi, np.asarray(t.eye_rgb, np.float32) * np.clip(shade, 0.1, 1.6)[..., None] * shadow)
+    iris = np.asarray(t.eye_rgb, np.float32) * np.clip(shade, 0.1, 1.6)[..., None] * shadow
     pr = iris_r * (0.36 + 0.12 * (1 - s.light_strength))
-    cv.paint(_smoothstep(pr + aa, pr - aa, d) * m_open, roi, np.array([0.02, 0.02, 0.03], np.float32))
+    iris *= 1.0 - _smoothstep(pr + aa, pr - aa, d)[..., None] * 0.97
     hx, hy = iris_c[0] + light[0] * iris_r * 0.4, iris_c[1] + min(light[1], -0.3) * iris_r * 0.4
     hr = max(iris_r * 0.17, 0.7)
-    cv.paint(_smoothstep(hr + aa, hr - aa, np.hypot(xx - hx, yy - hy)) * m_open, roi, np.array([1.0, 1.0, 1.0], np.float32), 0.9)
+    highlight = _smoothstep(hr + aa, hr - aa, np.hypot(xx - hx, yy - hy))[..., None] * 0.9
+    iris += (1.0 - iris) * highlight
+    cv.paint(np.maximum(iris_a, highlight[..., 0] * m_open), roi, iris)
     lash_rgb = _rgb(t.hair_rgb, 0.35) * 0.6 + 0.02
     cv.lines([upper], lash_rgb, 0.022 * unit, 0.95)
     cv.lines([lower], _rgb(skin, 0.6), 0.008 * unit, 0.45)
@@ -787,18 +789,16 @@ def render_face(spec: ToyFaceSpec, size: int = 64) -> tuple[np.ndarray, np.ndarr
     tex = _texture(rng, size, n, t.skin_roughness)
     if roi is not None:
         x0, y0, x1, y1 = roi
+        xx, yy = cv.grid(roi)
+        cheeks = pose(np.array([[-(t.eye_sep + 0.05), t.eye_y + 0.33], [t.eye_sep + 0.05, t.eye_y + 0.33]]))
+        r2 = 2 * (0.2 * unit) ** 2
+        blush = sum(np.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2) / r2) for c in cheeks) * (0.12 + 0.1 * s.smile)
+        blush_rgb = np.array([0.85, 0.35, 0.35], np.float32) * skin * 1.2
         field = skin * (1.0 + tex[y0:y1, x0:x1])[..., None]
+        field += (blush_rgb - field) * blush[..., None]
         cv.paint(cv.mask([face_poly], roi), roi, field, head=True)
 
-    # cheeks, freckles
-    for side in (-1, 1):
-        c = pose(np.array([side * (t.eye_sep + 0.05), t.eye_y + 0.33]))
-        r = 0.2 * unit
-        roi = cv.roi(np.array([c - r * 2, c + r * 2]))
-        if roi is not None:
-            xx, yy = cv.grid(roi)
-            blush = np.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2) / (2 * r * r))
-            cv.paint(blush, roi, np.array([0.85, 0.35, 0.35], np.float32) * skin * 1.2, 0.12 + 0.1 * s.smile)
+    # freckles
     if len(t.freckles):
         fpx = pose(t.freckles[:, :2])
         visible = (t.freckles[:, 1] > t.eye_y + 0.08) | (np.abs(t.freckles[:, 0]) < 0.12)
@@ -858,7 +858,7 @@ def render_face(spec: ToyFaceSpec, size: int = 64) -> tuple[np.ndarray, np.ndarr
         xx, yy = cv.grid(roi)
         g = np.exp(-((xx - low_c[0]) ** 2 / (2 * (0.07 * unit) ** 2) + (yy - low_c[1]) ** 2 / (2 * (0.015 * unit) ** 2)))
         cv.paint(g, roi, np.array([1.0, 0.95, 0.95], np.float32), 0.25)
-    for k in (48, 54):
+    for k in (48, 54) if s.smile > 0.3 else ():
         cv.lines([np.array([lm[k] + [(-1 if k == 48 else 1) * 0.03 * unit, -0.015 * unit], lm[k] + [(-1 if k == 48 else 1) * 0.06 * unit, 0.02 * unit]])], _rgb(skin, 0.6), 0.012 * unit, 0.4 * s.smile)
 
     # eyes and brows
@@ -999,6 +999,21 @@ def _check_split(split: str) -> None:
         raise ValueError(f"toyfaces: split must be 'train' or 'test', got {split!r}")
 
 
+def _write_chunk(job: tuple) -> list[tuple[str, int, list[list[float]]]]:
+    """Render and write one chunk of faces (runs in a worker process when workers > 1)."""
+    from facereward.data.imageio import write_image
+
+    seed, n_identities, test_fraction, size, folder, items = job
+    world = ToyFaceWorld(seed, n_identities, test_fraction)
+    done = []
+    for name, ident, index in items:
+        face = world.face(ident, index, size)
+        write_image(Path(folder) / f"{name}.png", face.image)
+        (Path(folder) / f"{name}.txt").write_text(face.caption + "\n")
+        done.append((name, ident, [[round(float(x), 3), round(float(y), 3)] for x, y in face.landmarks]))
+    return done
+
+
 def write_toyfaces(
     out_dir: str | Path,
     n: int,
@@ -1007,12 +1022,15 @@ def write_toyfaces(
     n_identities: int | None = None,
     test_fraction: float = 0.2,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict:
     """Write `n` faces as OUT/{train,test}/images/NNNNNN.png (+ .txt captions), landmarks.json,
-    identities.json and OUT/manifest.json; the test split holds whole identities. Returns the manifest."""
-    from tqdm.auto import tqdm
+    identities.json and OUT/manifest.json; the test split holds whole identities. Returns the manifest.
 
-    from facereward.data.imageio import write_image
+    `workers` > 1 renders in that many processes (the output is identical); on platforms that
+    spawn processes, call it from under `if __name__ == "__main__":`.
+    """
+    from tqdm.auto import tqdm
 
     if n < 1:
         raise ValueError(f"toyfaces: n must be at least 1, got {n}")
@@ -1025,24 +1043,31 @@ def write_toyfaces(
     counts = {"train": n - n_test, "test": n_test}
     out = Path(out_dir)
     width = max(6, len(str(n - 1)))
-    bar = tqdm(total=n, desc="toyfaces", unit="img", disable=not progress)
+    jobs, chunk = [], 64
     for split in SPLITS:
         folder = out / split / "images"
         folder.mkdir(parents=True, exist_ok=True)
-        landmarks: dict[str, list] = {}
-        identities: dict[str, int] = {}
         keys = world.sample_keys(counts[split], split, seed) if counts[split] else []
-        for k, (ident, index) in enumerate(keys):
-            face = world.face(ident, index, size)
-            name = f"{k:0{width}d}"
-            write_image(folder / f"{name}.png", face.image)
-            (folder / f"{name}.txt").write_text(face.caption + "\n")
-            landmarks[name] = [[round(float(x), 3), round(float(y), 3)] for x, y in face.landmarks]
-            identities[name] = ident
-            bar.update(1)
-        (out / split / "landmarks.json").write_text(json.dumps(landmarks))
-        (out / split / "identities.json").write_text(json.dumps(identities, indent=0))
-    bar.close()
+        items = [(f"{k:0{width}d}", ident, index) for k, (ident, index) in enumerate(keys)]
+        jobs += [(split, (seed, n_identities, test_fraction, size, str(folder), items[i : i + chunk])) for i in range(0, len(items), chunk)]
+    results: dict[str, list] = {split: [] for split in SPLITS}
+    with tqdm(total=n, desc="toyfaces", unit="img", disable=not progress) as bar:
+        if workers > 1 and len(jobs) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+                for (split, _), done in zip(jobs, pool.map(_write_chunk, [job for _, job in jobs])):
+                    results[split] += done
+                    bar.update(len(done))
+        else:
+            for split, job in jobs:
+                done = _write_chunk(job)
+                results[split] += done
+                bar.update(len(done))
+    for split in SPLITS:
+        rows = sorted(results[split])
+        (out / split / "landmarks.json").write_text(json.dumps({name: lm for name, _, lm in rows}))
+        (out / split / "identities.json").write_text(json.dumps({name: ident for name, ident, _ in rows}, indent=0))
     manifest = {"seed": seed, "size": size, "n": n, "n_identities": n_identities, "test_fraction": test_fraction, **counts}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -295,7 +295,7 @@ class Restorer(nn.Module):
             raise ModelFolderError(f"{folder}: not a facereward restorer folder (no facereward.json)")
         try:
             meta = json.loads(meta_path.read_text())
-            config = config_from_dict(RestorerConfig, meta["config"], str(meta_path))
+            config = config_from_dict(RestorerConfig, meta["config"], f"{meta_path}: config")
         except (json.JSONDecodeError, KeyError, ConfigError) as err:
             raise ModelFolderError(f"{meta_path}: unreadable restorer config ({err})") from None
         if meta.get("format_version", 0) > FORMAT_VERSION:

@@ -1,0 +1,123 @@
+"""train-base: the loss goes down, checkpoints are atomic and resume, configs reject bad keys."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from facereward.config import ConfigError, load_config
+from facereward.data.imageio import write_image
+from facereward.models.restorer import PixelUNetConfig, Restorer, RestorerConfig
+from facereward.train.base import DataConfig, TrainBaseConfig, build_dataset, stage1_loss, stage2_loss, train_base
+from facereward.train.plumbing import CheckpointError, RunConfig, find_checkpoint, load_checkpoint, save_checkpoint
+
+
+def _tiny_model() -> RestorerConfig:
+    return RestorerConfig(
+        mode="pixel", size=32,
+        pixel=PixelUNetConfig(block_out_channels=[16, 32], attention_levels=[False, False], norm_num_groups=8),
+        cleaner_kwargs={"channels": 8, "num_blocks": 1, "downscale": 2},
+    )
+
+
+def _config(tmp_path, **kw) -> TrainBaseConfig:
+    base = dict(
+        run=RunConfig(output_dir=str(tmp_path / "run"), save_every=4, log_every=1, progress=False),
+        data=DataConfig(toy_faces=24, size=32, toy_identities=10),
+        model=_tiny_model(), stage1_steps=4, stage2_steps=4, batch_size=4, warmup_steps=0,
+    )
+    base.update(kw)
+    return TrainBaseConfig(**base)
+
+
+def test_stage1_and_stage2_losses_go_down_on_a_fixed_batch():
+    torch.manual_seed(0)
+    restorer = Restorer.build(_tiny_model())
+    ds = build_dataset(DataConfig(toy_faces=8, size=32, toy_identities=4))
+    batch = {k: torch.stack([ds[i][k] for i in range(8)]) for k in ("hq", "lq")}
+    opt = torch.optim.Adam(restorer.cleaner.parameters(), lr=2e-3)
+    first = stage1_loss(restorer, batch).item()
+    for _ in range(40):
+        opt.zero_grad()
+        stage1_loss(restorer, batch).backward()
+        opt.step()
+    assert stage1_loss(restorer, batch).item() < 0.9 * first
+
+    opt = torch.optim.Adam(restorer.unet.parameters(), lr=2e-3)
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731 - the same t and noise each time
+    first = stage2_loss(restorer, batch, gen()).item()
+    for _ in range(30):
+        opt.zero_grad()
+        stage2_loss(restorer, batch, gen()).backward()
+        opt.step()
+    assert stage2_loss(restorer, batch, gen()).item() < 0.5 * first
+
+
+def test_train_base_writes_a_loadable_model_and_resumes(tmp_path):
+    cfg = _config(tmp_path)
+    out = train_base(cfg)
+    restorer = Restorer.from_pretrained(out)
+    assert restorer.config.size == 32
+    ckpt = find_checkpoint(cfg.run.output_dir, "latest")
+    assert ckpt.name == "step-00000008"
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 8
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    # no temporary folders left behind
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp*"))
+
+    # resuming with more stage-2 steps continues from step 8 and ends at 12
+    longer = _config(tmp_path, stage2_steps=8)
+    longer.run.resume = "latest"
+    train_base(longer)
+    assert find_checkpoint(cfg.run.output_dir, "latest").name == "step-00000012"
+    # keep_checkpoints=2 prunes older ones
+    assert len(list((tmp_path / "run" / "checkpoints").glob("step-*"))) == 2
+
+
+def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    path = save_checkpoint(tmp_path, 5, {"m": model}, {"o": opt}, {"epoch": 2})
+    model2 = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
+    state = load_checkpoint(path, {"m": model2}, {"o": opt2})
+    assert state == {"step": 5, "epoch": 2}
+    assert torch.equal(model.weight, model2.weight)
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"])
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(path, {"m": torch.nn.Linear(4, 2)}, {})
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        find_checkpoint(tmp_path / "elsewhere", "latest")
+
+
+def test_config_yaml_overrides_and_bad_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"batch_size": 3, "run": {"seed": 7}, "model": {"pixel": {"layers_per_block": 2}}}))
+    cfg = load_config(TrainBaseConfig, path, ["run.seed=9", "stage2_lr=1e-5"])
+    assert (cfg.batch_size, cfg.run.seed, cfg.stage2_lr, cfg.model.pixel.layers_per_block) == (3, 9, 1e-5, 2)
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'bogus'"):
+        path.write_text("bogus: 1\n")
+        load_config(TrainBaseConfig, path)
+    with pytest.raises(ConfigError, match="config: run.seed: expected an integer"):
+        load_config(TrainBaseConfig, None, ["run.seed=abc"])
+    with pytest.raises(ConfigError, match="model.mode"):
+        load_config(TrainBaseConfig, None, ["model.mode=voxel"])
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(TrainBaseConfig, tmp_path / "missing.yaml")
+
+
+def test_build_dataset_needs_exactly_one_source(tmp_path):
+    with pytest.raises(ValueError, match="exactly one"):
+        build_dataset(DataConfig())
+    folder = tmp_path / "hq"
+    write_image(folder / "a.png", np.full((32, 32, 3), 0.5, np.float32))
+    with pytest.raises(ValueError, match="exactly one"):
+        build_dataset(DataConfig(hq_dir=str(folder), toy_faces=4))
+    ds = build_dataset(DataConfig(hq_dir=str(folder), size=32))
+    assert ds[0]["lq"].shape == (3, 32, 32)
