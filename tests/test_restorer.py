@@ -107,6 +107,37 @@ def test_save_load_round_trip_is_exact(mode, pixel_restorer, latent_restorer, tm
     _assert_state_dicts_equal(r, Restorer.from_pretrained(folder))
 
 
+@pytest.mark.parametrize("mode", ["pixel", "latent"])
+def test_from_pretrained_with_torch_dtype_restores(mode, pixel_restorer, latent_restorer, tmp_path):
+    r = pixel_restorer if mode == "pixel" else latent_restorer
+    r.save_pretrained(tmp_path / "r")
+    loaded = Restorer.from_pretrained(tmp_path / "r", torch_dtype=torch.bfloat16)
+    assert loaded.unet.dtype == torch.bfloat16
+    lq = _lq(batch=1)
+    out = _restore(loaded, lq, steps=2)
+    ref = _restore(r, lq, steps=2)
+    for key in ("clean", "restored"):
+        assert out[key].dtype == torch.float32 and out[key].shape == lq.shape
+        assert torch.isfinite(out[key]).all() and out[key].min() >= 0 and out[key].max() <= 1
+    assert (out["restored"] - ref["restored"]).abs().mean() < 0.1  # same model, lower precision
+
+
+def test_restore_from_given_x_T(pixel_restorer):
+    r = pixel_restorer
+    lq = _lq(batch=2)
+    x_T = torch.randn(r.latent_shape(2, 32, 32), generator=torch.Generator().manual_seed(1))
+    # eta = 0: the output depends on x_T only, not on the generator
+    a = r.restore(lq, steps=3, eta=0.0, generator=torch.Generator().manual_seed(2), x_T=x_T)["restored"]
+    b = r.restore(lq, steps=3, eta=0.0, generator=torch.Generator().manual_seed(3), x_T=x_T)["restored"]
+    assert torch.equal(a, b)
+    # drawing x_T from the generator is the same as passing that draw
+    c = r.restore(lq, steps=3, eta=1.0, generator=torch.Generator().manual_seed(1))["restored"]
+    g = torch.Generator().manual_seed(1)
+    drawn = torch.randn(r.latent_shape(2, 32, 32), generator=g)
+    d = r.restore(lq, steps=3, eta=1.0, generator=g, x_T=drawn)["restored"]
+    assert torch.equal(c, d)
+
+
 def _assert_one_line_error(err: pytest.ExceptionInfo, folder, *words: str) -> None:
     msg = str(err.value)
     assert "\n" not in msg

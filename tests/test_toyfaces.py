@@ -168,6 +168,15 @@ def test_write_toyfaces_layout(tmp_path):
     assert seen["train"] and seen["test"] and seen["train"].isdisjoint(seen["test"])
 
 
+def test_write_toyfaces_workers_give_the_same_files(tmp_path):
+    write_toyfaces(tmp_path / "one", n=6, size=16, seed=2, n_identities=3, progress=False)
+    write_toyfaces(tmp_path / "two", n=6, size=16, seed=2, n_identities=3, progress=False, workers=2)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert len(files) == 6 * 2 + 5
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+
+
 def test_bad_arguments_raise(tmp_path, world):
     with pytest.raises(ValueError, match="size"):
         world.face(0, 0, 8)

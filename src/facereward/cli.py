@@ -129,6 +129,25 @@ def train_base_cmd(
     typer.echo(f"saved restorer to {out}")
 
 
+@app.command("build-restorer")
+def build_restorer(
+    out_dir: Path = typer.Argument(..., help="Where to write the new restorer folder."),
+    from_sd: Optional[Path] = typer.Option(None, help="A local diffusers Stable Diffusion folder (e.g. SD 2.1 base): builds the latent DiffBIR-style restorer."),
+    size: int = typer.Option(512, help="Face size in pixels (with --from-sd)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML of RestorerConfig fields (without --from-sd: a random-init restorer)."),
+    set_: list[str] = typer.Option([], "--set", help="Override RestorerConfig fields, e.g. --set mode=latent."),
+) -> None:
+    """Create an untrained restorer folder to train with `train-base --set init_from=OUT`."""
+    from facereward.config import load_config
+    from facereward.models.restorer import Restorer, RestorerConfig
+
+    cfg = load_config(RestorerConfig, config, set_)
+    restorer = Restorer.from_stable_diffusion(from_sd, size=size, config=cfg) if from_sd else Restorer.build(cfg)
+    restorer.save_pretrained(out_dir)
+    n_train = sum(p.numel() for p in restorer.stage2_trainable().parameters())
+    typer.echo(f"wrote a {restorer.mode}-mode restorer ({restorer.config.size} px, {n_train / 1e6:.1f}M trainable stage-2 parameters) to {out_dir}")
+
+
 @app.command()
 def restore(
     inputs: Path = typer.Argument(..., help="An aligned face image or a folder of them."),

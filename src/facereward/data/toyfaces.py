@@ -161,15 +161,18 @@ def identity_traits(world_seed: int, identity: int) -> IdentityTraits:
     hair_name = str(r.choice(list(HAIR_COLORS), p=[0.22, 0.2, 0.18, 0.1, 0.1, 0.14, 0.06]))
     hair = _jitter_rgb(r, HAIR_COLORS[hair_name], 0.08)
     style = str(r.choice(HAIR_STYLES, p=[0.3, 0.25, 0.17, 0.16, 0.12]))
-    volume = {"short": u(0.1, 0.2), "long": u(0.1, 0.2), "bob": u(0.12, 0.22), "curly": u(0.28, 0.42), "buzz": u(0.02, 0.04)}[style]
+    volumes = {"short": u(0.1, 0.2), "long": u(0.1, 0.2), "bob": u(0.12, 0.22), "curly": u(0.28, 0.42), "buzz": u(0.02, 0.04)}
+    volume = volumes[style]
     eye_name = str(r.choice(list(EYE_COLORS)))
     eye = _jitter_rgb(r, EYE_COLORS[eye_name], 0.08)
-    lip = tuple(float(v) for v in np.clip(np.asarray(skin) * np.array([0.95, 0.62, 0.62]) + np.array([0.08, 0.0, 0.02]) * u(0.5, 1.5), 0, 1))
+    lip_rgb = np.asarray(skin) * np.array([0.95, 0.62, 0.62]) + np.array([0.08, 0.0, 0.02]) * u(0.5, 1.5)
+    lip = tuple(float(v) for v in np.clip(lip_rgb, 0, 1))
     eye_y = u(-0.28, -0.17)
     n_freckles = int(r.choice([0, 0, 0, 0, 0, 0, int(u(40, 80)), int(u(80, 150))]))
     fx = r.normal(0, 0.3, n_freckles)
     fy = eye_y + 0.3 + r.normal(0, 0.09, n_freckles) - 0.1 * np.exp(-fx * fx / 0.02)
-    freckles = np.stack([fx, fy, u(0.007, 0.016, n_freckles), u(0.2, 0.45, n_freckles)], 1) if n_freckles else np.zeros((0, 4))
+    freckles = np.stack([fx, fy, u(0.007, 0.016, n_freckles), u(0.2, 0.45, n_freckles)], 1).reshape(-1, 4)
+    freckles.flags.writeable = False
     glasses = str(r.choice(GLASSES_SHAPES)) if u() < 0.35 else None
     frame_name = str(r.choice(list(FRAME_COLORS)))
     return IdentityTraits(
@@ -222,11 +225,11 @@ def image_spec(world_seed: int, identity: int, image_index: int) -> ToyFaceSpec:
     u = r.uniform
     hue = u(0, 1)
     bg = tuple(_hsv(hue + u(-0.12, 0.12), u(0.1, 0.5), u(0.35, 0.95)) for _ in range(2))
-    blobs = tuple(
-        (u(0, 1), u(0, 1), u(0.1, 0.4), *_hsv(u(0, 1), u(0.1, 0.6), u(0.3, 1.0)), u(0.2, 0.6)) for _ in range(int(r.integers(2, 6)))
-    )
+    n_blobs = int(r.integers(2, 6))
+    blobs = tuple((u(0, 1), u(0, 1), u(0.1, 0.4), *_hsv(u(0, 1), u(0.1, 0.6), u(0.3, 1.0)), u(0.2, 0.6)) for _ in range(n_blobs))
     expression = r.choice(["neutral", "smile", "laugh", "surprise", "sleepy"], p=[0.35, 0.3, 0.12, 0.13, 0.1])
-    smile = {"neutral": u(0, 0.25), "smile": u(0.5, 1.0), "laugh": u(0.7, 1.0), "surprise": u(0, 0.2), "sleepy": u(0, 0.3)}[expression]
+    smiles = {"neutral": u(0, 0.25), "smile": u(0.5, 1.0), "laugh": u(0.7, 1.0), "surprise": u(0, 0.2), "sleepy": u(0, 0.3)}
+    smile = smiles[expression]
     mouth_open = {"laugh": u(0.5, 1.0), "surprise": u(0.5, 1.0)}.get(expression, u(0, 0.12))
     eye_open = {"surprise": u(1.1, 1.3), "sleepy": u(0.15, 0.45)}.get(expression, u(0.8, 1.05))
     brow_raise = {"surprise": u(0.06, 0.12)}.get(expression, u(-0.02, 0.03))
@@ -370,9 +373,10 @@ class _Pose:
     def depth(self, p: np.ndarray) -> np.ndarray:
         return 0.85 * np.sqrt(np.clip(1.0 - (p[..., 0] / (self.width * 1.1)) ** 2, 0.0, 1.0))
 
-    def __call__(self, p: np.ndarray, dz: float | np.ndarray = 0.0, z: np.ndarray | None = None) -> np.ndarray:
+    def __call__(self, p: np.ndarray, z: np.ndarray | None = None) -> np.ndarray:
+        """Project canonical points (..., 2) at depth `z` (default: on the face surface)."""
         p = np.asarray(p, dtype=np.float64)
-        zz = (self.depth(p) if z is None else z) + dz
+        zz = self.depth(p) if z is None else z
         xr = p[..., 0] * math.cos(self.yaw) + zz * math.sin(self.yaw)
         yr = p[..., 1]
         cr, sr = math.cos(self.roll), math.sin(self.roll)
@@ -412,16 +416,27 @@ class _Canvas:
         self.img = image
         self.n = image.shape[0]
         self.head = np.zeros(image.shape[:2], np.float32)
+        self.head_box: tuple[int, int, int, int] | None = None
 
     def roi(self, points: np.ndarray | list[np.ndarray], pad: float = 2.0) -> tuple[int, int, int, int] | None:
-        pts = np.concatenate([np.asarray(p).reshape(-1, 2) for p in points]) if isinstance(points, list) else np.asarray(points).reshape(-1, 2)
+        if isinstance(points, list):
+            pts = np.concatenate([np.asarray(p).reshape(-1, 2) for p in points])
+        else:
+            pts = np.asarray(points).reshape(-1, 2)
         x0 = max(int(math.floor(pts[:, 0].min() - pad)), 0)
         y0 = max(int(math.floor(pts[:, 1].min() - pad)), 0)
         x1 = min(int(math.ceil(pts[:, 0].max() + pad)) + 1, self.n)
         y1 = min(int(math.ceil(pts[:, 1].max() + pad)) + 1, self.n)
         return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
-    def mask(self, polys: list[np.ndarray] | np.ndarray, roi: tuple[int, int, int, int], fill: bool = True, closed: bool = False, thickness: int = 1) -> np.ndarray:
+    def mask(
+        self,
+        polys: list[np.ndarray] | np.ndarray,
+        roi: tuple[int, int, int, int],
+        fill: bool = True,
+        thickness: int = 1,
+    ) -> np.ndarray:
+        """Anti-aliased coverage in [0, 1] of filled polygons or polylines, cropped to `roi`."""
         x0, y0, x1, y1 = roi
         m = np.zeros((y1 - y0, x1 - x0), np.uint8)
         if isinstance(polys, np.ndarray):
@@ -432,7 +447,7 @@ class _Canvas:
             for a in arrs:
                 cv2.fillPoly(m, [a], 255, cv2.LINE_AA, 4)
         else:
-            cv2.polylines(m, arrs, closed, 255, max(int(thickness), 1), cv2.LINE_AA, 4)
+            cv2.polylines(m, arrs, False, 255, max(int(thickness), 1), cv2.LINE_AA, 4)
         return m.astype(np.float32) * (1.0 / 255.0)
 
     def grid(self, roi: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -446,21 +461,24 @@ class _Canvas:
         sub += (np.asarray(color, np.float32) - sub) * a[..., None]
         if head:
             np.maximum(self.head[y0:y1, x0:x1], a, out=self.head[y0:y1, x0:x1])
+            b = self.head_box or roi
+            self.head_box = (min(b[0], x0), min(b[1], y0), max(b[2], x1), max(b[3], y1))
 
-    def fill(self, poly: np.ndarray, color, opacity: float = 1.0, head: bool = False, pad: float = 2.0) -> None:
-        roi = self.roi(poly, pad)
+    def fill(self, polys: np.ndarray | list[np.ndarray], color, opacity: float = 1.0, head: bool = False) -> None:
+        polys = polys if isinstance(polys, list) else [polys]
+        roi = self.roi(polys)
         if roi is not None:
-            self.paint(self.mask([poly], roi), roi, color, opacity, head)
+            self.paint(self.mask(polys, roi), roi, color, opacity, head)
 
-    def lines(self, polys: list[np.ndarray] | np.ndarray, color, width: float, opacity: float = 1.0, closed: bool = False, head: bool = False) -> None:
+    def lines(self, polys: list[np.ndarray] | np.ndarray, color, width: float, opacity: float = 1.0) -> None:
         """Anti-aliased polylines of `width` internal pixels; thinner than 1 px fades instead."""
         if len(polys) == 0:
             return
         roi = self.roi(polys, pad=width + 2)
         if roi is None:
             return
-        m = self.mask(polys, roi, fill=False, closed=closed, thickness=int(round(width)))
-        self.paint(m, roi, color, opacity * min(1.0, width), head)
+        m = self.mask(polys, roi, fill=False, thickness=int(round(width)))
+        self.paint(m, roi, color, opacity * min(1.0, width))
 
 
 def _rgb(c, k: float = 1.0) -> np.ndarray:
@@ -485,7 +503,8 @@ def _texture(rng: np.random.Generator, out_size: int, n: int, rough: float) -> n
     fine = cv2.GaussianBlur(fine, (0, 0), 0.6) * (rough * 1.2)
     pores = (rng.random((out_size, out_size)) < 0.03).astype(np.float32) * (-rough * 1.5)
     low = max(4, out_size // 6)
-    mottle = cv2.resize(rng.normal(0, rough * 0.5, (low, low)).astype(np.float32), (out_size, out_size), interpolation=cv2.INTER_CUBIC)
+    mottle = rng.normal(0, rough * 0.5, (low, low)).astype(np.float32)
+    mottle = cv2.resize(mottle, (out_size, out_size), interpolation=cv2.INTER_CUBIC)
     tex = fine + pores + mottle
     return cv2.resize(tex, (n, n), interpolation=cv2.INTER_NEAREST)
 
@@ -526,13 +545,16 @@ def _hairline(t: IdentityTraits) -> np.ndarray:
     return np.stack([x, y], 1)
 
 
-@lru_cache(maxsize=2048)
-def _hair_strands(world_seed: int, identity: int, ychin_key: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _chin_y(t: IdentityTraits) -> float:
+    return t.eye_y + t.nose_length + t.mouth_gap + t.chin_length
+
+
+@lru_cache(maxsize=256)
+def _hair_strands(world_seed: int, identity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Strand polylines in canonical coordinates (m, k, 2), their tones, and the hair region polygon."""
     t = identity_traits(world_seed, identity)
-    ychin = ychin_key / 1000.0
     r = _rng(t.hair_seed, 1)
-    guides = {side: _hair_guides(t, ychin, side) for side in (-1, 1)}
+    guides = {side: _hair_guides(t, _chin_y(t), side) for side in (-1, 1)}
     style = t.hair_style
     curly = style == "curly"
     n_side = {"short": 170, "long": 260, "bob": 220, "curly": 260, "buzz": 320}[style]
@@ -540,12 +562,13 @@ def _hair_strands(world_seed: int, identity: int, ychin_key: int) -> tuple[np.nd
     strands = []
     for side in (-1, 1):
         o, i_ = guides[side]
-        u = r.uniform(0.05, 1.0, n_side) ** 0.7
-        s0 = r.uniform(0.0, 0.12, n_side) * (0.3 if style == "buzz" else 1.0)
-        s1 = np.clip(s0 + r.uniform(0.45, 1.1, n_side), 0, 1)
+        u = r.uniform(0.05, 1.0, n_side) ** 0.7  # lane between the inner and outer guide
         if style == "buzz":
             s0 = r.uniform(0, 0.9, n_side)
             s1 = np.clip(s0 + r.uniform(0.04, 0.12, n_side), 0, 1)
+        else:
+            s0 = r.uniform(0.0, 0.12, n_side)
+            s1 = np.clip(s0 + r.uniform(0.45, 1.1, n_side), 0, 1)
         ss = s0[:, None] + (s1 - s0)[:, None] * np.linspace(0, 1, k)[None, :]
         idx = ss * (len(o) - 1)
         lo = np.floor(idx).astype(int).clip(0, len(o) - 2)
@@ -587,11 +610,16 @@ def _hair_strands(world_seed: int, identity: int, ychin_key: int) -> tuple[np.nd
         c = region.mean(0)
         ang = np.arctan2(region[:, 1] - c[1], region[:, 0] - c[0])
         region = region + (region - c) * (0.035 * np.sin(ang * 23 + t.hair_seed % 7))[:, None]
+    all_strands = all_strands.astype(np.float32)
+    for a in (all_strands, tone, region):
+        a.flags.writeable = False
     return all_strands, tone, region
 
 
-def _draw_hair(cv: _Canvas, t: IdentityTraits, pose: _Pose, world_seed: int, ychin: float, size: int) -> None:
-    strands, tone, region = _hair_strands(world_seed, t.identity, int(round(ychin * 1000)))
+def _draw_hair(sc: _Scene) -> None:
+    """A darker base over the hair region, then strands in a few tones of the hair colour."""
+    cv, t, pose = sc.cv, sc.t, sc.pose
+    strands, tone, region = _hair_strands(sc.s.world_seed, t.identity)
     reg_px = pose(region, z=pose.depth(region) * 0.6)
     roi = cv.roi(reg_px, pad=4)
     if roi is None:
@@ -614,85 +642,99 @@ def _draw_hair(cv: _Canvas, t: IdentityTraits, pose: _Pose, world_seed: int, ych
         cv.paint(m * region_mask if buzz else m, roi, color, min(1.0, width) * 0.9)
 
 
-def _draw_eye(cv: _Canvas, t: IdentityTraits, s: ToyFaceSpec, pts: np.ndarray, iris_c: np.ndarray, iris_r: float, unit: float, light: tuple[float, float], left: bool) -> None:
-    """One eye from its six projected landmarks (outer/inner corner order as drawn left to right)."""
-    upper = _spline(pts[[0, 1, 2, 3]], 10)
-    lower = _spline(pts[[3, 4, 5, 0]], 10)
-    opening = np.vstack([upper, lower[1:-1]])
-    roi = cv.roi(opening, pad=iris_r * 0.2 + 3)
-    if roi is None:
-        return
-    skin = np.asarray(t.skin_rgb, np.float32)
-    crease = upper + (upper - upper.mean(0)) * 0.12 - [0, 0.07 * unit * max(0.5, s.eye_open)]
-    cv.lines([crease[2:-2]], _rgb(skin, 0.72), 0.012 * unit, 0.6)
-    m_open = cv.mask([opening], roi)
-    xx, yy = cv.grid(roi)
-    top = upper[:, 1].min()
-    shadow = (0.68 + 0.32 * _smoothstep(top, top + 0.5 * (pts[:, 1].max() - top) + 1e-3, yy))[..., None]
-    cv.paint(m_open, roi, np.array([0.95, 0.93, 0.9], np.float32) * shadow)
-    d = np.hypot(xx - iris_c[0], yy - iris_c[1])
-    a = np.arctan2(yy - iris_c[1], xx - iris_c[0])
-    p = t.iris_phases
-    streak = 0.5 * np.cos(17 * a + p[0]) + 0.3 * np.cos(31 * a + p[1]) + 0.2 * np.cos(47 * a + p[2] + d * 0.3)
-    rel = d / iris_r
-    shade = 0.8 + 0.22 * streak * _smoothstep(0.3, 0.6, rel) - 0.55 * _smoothstep(0.72, 1.0, rel) + 0.35 * _smoothstep(0.62, 0.38, rel)
-    aa = 0.8
-    iris_a = _smoothstep(iris_r + aa, iris_r - aa, d) * m_open
-    iris = np.asarray(t.eye_rgb, np.float32) * np.clip(shade, 0.1, 1.6)[..., None] * shadow
-    pr = iris_r * (0.36 + 0.12 * (1 - s.light_strength))
-    iris *= 1.0 - _smoothstep(pr + aa, pr - aa, d)[..., None] * 0.97
-    hx, hy = iris_c[0] + light[0] * iris_r * 0.4, iris_c[1] + min(light[1], -0.3) * iris_r * 0.4
-    hr = max(iris_r * 0.17, 0.7)
-    highlight = _smoothstep(hr + aa, hr - aa, np.hypot(xx - hx, yy - hy))[..., None] * 0.9
-    iris += (1.0 - iris) * highlight
-    cv.paint(np.maximum(iris_a, highlight[..., 0] * m_open), roi, iris)
+def _draw_eyes(sc: _Scene) -> None:
+    """Both eyes from their projected landmarks: sclera, iris with pupil and highlight, lids, lashes."""
+    cv, t, s, lm, unit, light, skin = sc.cv, sc.t, sc.s, sc.lm, sc.unit, sc.light, sc.skin
+    iris_r = t.eye_width * 0.5 * unit
+    gaze = np.array(s.gaze) * iris_r
+    creases, uppers, lowers, lashes = [], [], [], []
+    for pts, left in ((lm[36:42], True), (lm[42:48], False)):
+        upper = _spline(pts[[0, 1, 2, 3]], 10)
+        lower = _spline(pts[[3, 4, 5, 0]], 10)
+        uppers.append(upper)
+        lowers.append(lower)
+        creases.append((upper + (upper - upper.mean(0)) * 0.12 - [0, 0.07 * unit * max(0.5, s.eye_open)])[2:-2])
+        lashes.append(_lashes(upper if left else upper[::-1], t.lash_length * t.eye_width * unit))
+        opening = np.vstack([upper, lower[1:-1]])
+        roi = cv.roi(opening, pad=3)
+        if roi is None:
+            continue
+        iris_c = (pts[0] + pts[3]) / 2 + gaze - [0, 0.008 * unit]
+        m_open = cv.mask([opening], roi)
+        xx, yy = cv.grid(roi)
+        top = upper[:, 1].min()
+        shadow = (0.68 + 0.32 * _smoothstep(top, top + 0.5 * (pts[:, 1].max() - top) + 1e-3, yy))[..., None]
+        d = np.hypot(xx - iris_c[0], yy - iris_c[1])
+        a = np.arctan2(yy - iris_c[1], xx - iris_c[0])
+        p = t.iris_phases
+        streak = 0.5 * np.cos(17 * a + p[0]) + 0.3 * np.cos(31 * a + p[1]) + 0.2 * np.cos(47 * a + p[2] + d * 0.3)
+        rel = d / iris_r
+        shade = 0.8 + 0.22 * streak * _smoothstep(0.3, 0.6, rel)  # radial fibres
+        shade += 0.35 * _smoothstep(0.62, 0.38, rel) - 0.55 * _smoothstep(0.72, 1.0, rel)  # collarette, limbal ring
+        aa = 0.8
+        iris = np.asarray(t.eye_rgb, np.float32) * np.clip(shade, 0.1, 1.6)[..., None]
+        pr = iris_r * (0.36 + 0.12 * (1 - s.light_strength))
+        iris *= 1.0 - _smoothstep(pr + aa, pr - aa, d)[..., None] * 0.97
+        field = np.empty_like(iris)
+        field[...] = (0.95, 0.93, 0.9)  # sclera
+        field += (iris - field) * _smoothstep(iris_r + aa, iris_r - aa, d)[..., None]
+        field *= shadow
+        hx, hy = iris_c[0] + light[0] * iris_r * 0.4, iris_c[1] + min(light[1], -0.3) * iris_r * 0.4
+        hr = max(iris_r * 0.17, 0.7)
+        field += (1.0 - field) * _smoothstep(hr + aa, hr - aa, np.hypot(xx - hx, yy - hy))[..., None] * 0.9
+        cv.paint(m_open, roi, field)
     lash_rgb = _rgb(t.hair_rgb, 0.35) * 0.6 + 0.02
-    cv.lines([upper], lash_rgb, 0.022 * unit, 0.95)
-    cv.lines([lower], _rgb(skin, 0.6), 0.008 * unit, 0.45)
-    # eyelashes: short curved strokes along the upper lid, longer toward the outer corner
-    outer_first = upper if left else upper[::-1]
-    tang = np.gradient(outer_first, axis=0)
+    cv.lines(creases, _rgb(skin, 0.72), 0.012 * unit, 0.6)
+    cv.lines(uppers, lash_rgb, 0.022 * unit, 0.95)
+    cv.lines(lowers, _rgb(skin, 0.6), 0.008 * unit, 0.45)
+    cv.lines(np.concatenate(lashes), lash_rgb, 0.008 * unit, 0.85)
+
+
+def _lashes(lid: np.ndarray, length: float, n: int = 14) -> np.ndarray:
+    """Curved strokes along an upper lid given from its outer corner, longer toward the outer corner."""
+    tang = np.gradient(lid, axis=0)
     nrm = np.stack([tang[:, 1], -tang[:, 0]], 1)
     nrm /= np.linalg.norm(nrm, axis=1, keepdims=True) + 1e-9
     if nrm[len(nrm) // 2, 1] > 0:
         nrm = -nrm
-    n_lash = 14
-    idx = np.linspace(1, len(outer_first) * 0.85, n_lash).astype(int)
-    outward = (outer_first[0] - outer_first[-1]) / (np.linalg.norm(outer_first[0] - outer_first[-1]) + 1e-9)
-    lashes = []
-    for j, i in enumerate(idx):
-        f = 1.0 - j / n_lash
-        ln = t.lash_length * t.eye_width * unit * (0.6 + 0.6 * f)
-        base = outer_first[i]
-        d1 = nrm[i] * 0.7 + outward * 0.5 * f
-        lashes.append(np.array([base, base + d1 * ln * 0.55, base + (d1 + outward * 0.4 + nrm[i] * 0.2) * ln]))
-    cv.lines(np.stack(lashes), lash_rgb, 0.008 * unit, 0.85)
-    del d, a, shade
+    idx = np.linspace(1, len(lid) * 0.85, n).astype(int)
+    outward = (lid[0] - lid[-1]) / (np.linalg.norm(lid[0] - lid[-1]) + 1e-9)
+    f = (1.0 - np.arange(n) / n)[:, None]
+    ln = length * (0.6 + 0.6 * f)
+    base, nr = lid[idx], nrm[idx]
+    d1 = nr * 0.7 + outward * 0.5 * f
+    return np.stack([base, base + d1 * ln * 0.55, base + (d1 + outward * 0.4 + nr * 0.2) * ln], 1)
 
 
-def _draw_brow(cv: _Canvas, t: IdentityTraits, pts: np.ndarray, unit: float, rng: np.random.Generator, outer_first: bool) -> None:
-    c = _spline(pts if outer_first else pts[::-1], 6)  # from outer to inner
-    f = np.linspace(0, 1, len(c))[:, None]
-    th = t.brow_thickness * unit * (0.45 + 0.55 * f)
-    poly = np.vstack([c - [0, 1] * th * 0.55, (c + [0, 1] * th * 0.45)[::-1]])
+def _draw_brows(sc: _Scene) -> None:
+    """Both brows: a soft tapered base plus short hair strokes angled away from the nose."""
+    cv, t, lm, unit = sc.cv, sc.t, sc.lm, sc.unit
+    rng = _rng(t.hair_seed, 3)
     color = _rgb(t.hair_rgb, 0.55 if t.hair_name in ("blonde", "grey", "red") else 0.8) * 0.9 + 0.02
-    cv.fill(poly, color, 0.5)
-    n = 70
-    j = rng.uniform(0, 1, n)
-    i = (j * (len(c) - 1)).astype(int)
-    tang = c[np.minimum(i + 1, len(c) - 1)] - c[np.maximum(i - 1, 0)]
-    tang /= np.linalg.norm(tang, axis=1, keepdims=True) + 1e-9
-    toward_outer = -tang
-    up = np.array([0.0, -1.0])
-    dirn = toward_outer * (0.3 + 0.7 * (1 - j[:, None]) ** 0.5) + up * (0.9 * j[:, None] ** 2 + 0.2)
-    dirn /= np.linalg.norm(dirn, axis=1, keepdims=True)
-    base = c[i] + up * th[i] * rng.uniform(-0.45, 0.5, (n, 1))
-    ln = th[i] * rng.uniform(0.9, 1.6, (n, 1))
-    hairs = np.stack([base, base + dirn * ln], 1)
-    cv.lines(hairs, _rgb(color, 0.8), 0.007 * unit, 0.8)
+    polys, hairs = [], []
+    for pts in (lm[17:22], lm[22:27][::-1]):
+        c = _spline(pts, 6)  # from the outer end to the inner end
+        f = np.linspace(0, 1, len(c))[:, None]
+        th = t.brow_thickness * unit * (0.45 + 0.55 * f)
+        polys.append(np.vstack([c - [0, 1] * th * 0.55, (c + [0, 1] * th * 0.45)[::-1]]))
+        n = 70
+        j = rng.uniform(0, 1, n)
+        i = (j * (len(c) - 1)).astype(int)
+        tang = c[np.minimum(i + 1, len(c) - 1)] - c[np.maximum(i - 1, 0)]
+        tang /= np.linalg.norm(tang, axis=1, keepdims=True) + 1e-9
+        up = np.array([0.0, -1.0])
+        dirn = -tang * (0.3 + 0.7 * (1 - j[:, None]) ** 0.5) + up * (0.9 * j[:, None] ** 2 + 0.2)
+        dirn /= np.linalg.norm(dirn, axis=1, keepdims=True)
+        base = c[i] + up * th[i] * rng.uniform(-0.45, 0.5, (n, 1))
+        hairs.append(np.stack([base, base + dirn * th[i] * rng.uniform(0.9, 1.6, (n, 1))], 1))
+    roi = cv.roi(polys)
+    if roi is not None:
+        cv.paint(cv.mask(polys, roi), roi, color, 0.5)
+    cv.lines(np.concatenate(hairs), _rgb(color, 0.8), 0.007 * unit, 0.8)
 
 
 def _lens(shape: str, c: np.ndarray, ew: float) -> np.ndarray:
+    """Outline of a glasses lens of `shape` around `c`, sized from the eye half-width `ew`."""
     a = np.linspace(0, 2 * math.pi, 48, endpoint=False)
     if shape == "round":
         rx = ry = ew * 1.35
@@ -717,208 +759,270 @@ def _caption(t: IdentityTraits, s: ToyFaceSpec) -> str:
         mood = "smiling"
     else:
         mood = "calm"
-    hair = f"{t.hair_style} {t.hair_name} hair" if t.hair_style != "buzz" else f"a {t.hair_name} buzz cut"
+    named = {"bob": f"a {t.hair_name} bob", "buzz": f"a {t.hair_name} buzz cut"}
+    hair = named.get(t.hair_style, f"{t.hair_style} {t.hair_name} hair")
     if t.bangs:
         hair += " with bangs"
     extras = [hair, f"{t.eye_name} eyes"]
-    if len(t.freckles) > 50:
+    if len(t.freckles):
         extras.insert(0, "freckles")
     if t.glasses:
         extras.append(f"{t.glasses} glasses")
     subject = f"a {mood} face with {t.skin_name} skin, " + ", ".join(extras[:-1]) + f" and {extras[-1]}"
     if abs(s.yaw) > 0.18:
         subject += ", turned to the " + ("left" if s.yaw < 0 else "right")
-    return f"{subject}, lit from the {_light_words(s.light_azimuth, s.light_elevation)}."
+    return f"{subject}, lit {_light_words(s.light_azimuth, s.light_elevation)}."
 
 
 def _light_words(azimuth: float, elevation: float) -> str:
     """Where the light comes from; azimuth is an image-plane angle with y pointing down."""
     if elevation > 1.25:
-        return "front"
+        return "from the front"
     deg = math.degrees(azimuth) % 360
-    for limit, words in ((20, "right"), (160, "below"), (200, "left"), (250, "upper left"), (290, "top"), (340, "upper right")):
-        if deg < limit:
-            return words
-    return "right"
+    sectors = ((20, "the right"), (160, "below"), (200, "the left"), (250, "the upper left"), (290, "above"), (340, "the upper right"))
+    return "from " + next((words for limit, words in sectors if deg < limit), "the right")
+
+
+@dataclass
+class _Scene:
+    """What every drawing step needs: canvas, traits, spec, pose and the projected landmarks."""
+
+    cv: _Canvas
+    t: IdentityTraits
+    s: ToyFaceSpec
+    pose: _Pose
+    lm: np.ndarray  # (68, 2) internal pixels
+    size: int
+    face_mask: tuple[np.ndarray, tuple[int, int, int, int]] | None = None  # skin coverage and its roi
+
+    @property
+    def unit(self) -> float:
+        return self.pose.unit
+
+    @property
+    def skin(self) -> np.ndarray:
+        return np.asarray(self.t.skin_rgb, np.float32)
+
+    @property
+    def ychin(self) -> float:
+        return _chin_y(self.t)
+
+    @property
+    def light(self) -> tuple[float, float]:
+        return math.cos(self.s.light_azimuth), math.sin(self.s.light_azimuth)
 
 
 def render_face(spec: ToyFaceSpec, size: int = 64) -> tuple[np.ndarray, np.ndarray, str]:
     """Render `spec` at `size` pixels: (float32 HWC RGB image in [0, 1], (68, 2) landmarks, caption)."""
     if size < 16:
         raise ValueError(f"toyfaces: size must be at least 16 pixels, got {size}")
-    t = identity_traits(spec.world_seed, spec.identity)
-    s = spec
+    t, s = identity_traits(spec.world_seed, spec.identity), spec
     ss = max(2, math.ceil(128 / size))
     n = size * ss
-    unit = _UNIT * size * s.scale * ss
-    pose = _Pose(cx=(_CENTER[0] + s.shift[0]) * n, cy=(_CENTER[1] + s.shift[1]) * n, unit=unit, yaw=s.yaw, roll=s.roll, width=t.face_width, ss=ss)
-    rng = _rng(s.noise_seed, size, 303)
-    cv = _Canvas(_background(s, n))
+    pose = _Pose(
+        cx=(_CENTER[0] + s.shift[0]) * n,
+        cy=(_CENTER[1] + s.shift[1]) * n,
+        unit=_UNIT * size * s.scale * ss,
+        yaw=s.yaw,
+        roll=s.roll,
+        width=t.face_width,
+        ss=ss,
+    )
     lm_c = _canonical_landmarks(t, s)
-    lm = pose(lm_c, z=_landmark_depths(t, lm_c, pose))
-    skin = np.asarray(t.skin_rgb, np.float32)
-    w = t.face_width
-    ychin = t.eye_y + t.nose_length + t.mouth_gap + t.chin_length
+    scene = _Scene(_Canvas(_background(s, n)), t, s, pose, pose(lm_c, z=_landmark_depths(t, lm_c, pose)), size)
+    _draw_body(scene)
+    _draw_hair(scene)
+    _draw_neck(scene)
+    _draw_skin(scene)
+    _draw_freckles(scene)
+    _draw_nose(scene)
+    _draw_mouth(scene)
+    _draw_eyes(scene)
+    _draw_brows(scene)
+    _apply_light(scene)
+    _draw_glasses(scene)
+    img = cv2.resize(scene.cv.img, (size, size), interpolation=cv2.INTER_AREA)
+    lm_out = ((scene.lm + 0.5) / ss - 0.5).astype(np.float32)
+    return np.clip(img, 0.0, 1.0).astype(np.float32), lm_out, _caption(t, s)
 
-    # body: clothing, then hair (behind the neck), ears, neck, face
-    yb = ychin + 0.24
-    body = np.array([[-3.0, 4.0], [-3.0, yb + 0.7], [-w * 2.0, yb + 0.12], [-w * 1.0, yb - 0.05], [0, yb + 0.05], [w * 1.0, yb - 0.05], [w * 2.0, yb + 0.12], [3.0, yb + 0.7], [3.0, 4.0]])
-    cv.fill(pose(_spline(body, 6), z=np.zeros(len(_spline(body, 6)))), _rgb(s.clothing_rgb))
-    ear_a = np.linspace(0, 2 * math.pi, 28, endpoint=False)
+
+def _flat(pose: _Pose, points: np.ndarray, z: float = 0.0) -> np.ndarray:
+    """Project points at a fixed depth (ears, body: things that do not wrap around the face)."""
+    return pose(points, z=np.full(len(points), z))
+
+
+def _draw_body(sc: _Scene) -> None:
+    """Clothing over the shoulders, then the ears (the hair may cover them)."""
+    t, w, yb = sc.t, sc.t.face_width, sc.ychin + 0.24
+    body = np.array([
+        [-3.0, 4.0], [-3.0, yb + 0.7], [-w * 2.0, yb + 0.12], [-w * 1.0, yb - 0.05], [0, yb + 0.05],
+        [w * 1.0, yb - 0.05], [w * 2.0, yb + 0.12], [3.0, yb + 0.7], [3.0, 4.0],
+    ])  # fmt: skip
+    sc.cv.fill(_flat(sc.pose, _spline(body, 6)), _rgb(sc.s.clothing_rgb))
+    a = np.linspace(0, 2 * math.pi, 28, endpoint=False)
+    ears, helices = [], []
     for side in (-1, 1):
-        ec = np.array([side * w * 0.98, t.eye_y + 0.15])
-        ear = ec + np.stack([0.11 * t.ear_size * np.cos(ear_a) * side, 0.22 * t.ear_size * np.sin(ear_a)], 1)
-        ear_px = pose(ear, z=np.zeros(len(ear)))
-        cv.fill(ear_px, _rgb(skin, 0.9), head=True)
-        cv.lines([ear_px[3:20] * 0.75 + pose(ec, z=np.zeros(1)).reshape(1, 2) * 0.25], _rgb(skin, 0.65), 0.015 * unit, 0.6)
-    _draw_hair(cv, t, pose, s.world_seed, ychin, size)
-    neck_y = np.array([t.eye_y + 0.4, yb + 0.3])
-    neck = np.array([[-w * 0.6, neck_y[0]], [w * 0.6, neck_y[0]], [w * 0.66, neck_y[1]], [0, neck_y[1] + 0.12], [-w * 0.66, neck_y[1]]])
-    neck_px = pose(neck, z=np.full(len(neck), 0.2))
-    roi = cv.roi(neck_px)
-    if roi is not None:
-        _, yy = cv.grid(roi)
-        chin_px = lm[8, 1]
-        dark = 0.7 + 0.2 * _smoothstep(chin_px, chin_px + 0.35 * unit, yy)
-        cv.paint(cv.mask([neck_px], roi), roi, skin * dark[..., None], head=True)
+        centre = np.array([side * w * 0.98, t.eye_y + 0.15])
+        ear = centre + np.stack([0.11 * t.ear_size * np.cos(a) * side, 0.22 * t.ear_size * np.sin(a)], 1)
+        ears.append(_flat(sc.pose, ear))
+        helices.append(ears[-1][3:20] * 0.75 + _flat(sc.pose, centre[None]) * 0.25)
+    sc.cv.fill(ears, _rgb(sc.skin, 0.9), head=True)
+    sc.cv.lines(helices, _rgb(sc.skin, 0.65), 0.015 * sc.unit, 0.6)
 
-    hairline = pose(_hairline(t))
-    jaw = _spline(lm[0:17], 6)
-    face_poly = np.vstack([jaw, hairline])
+
+def _draw_neck(sc: _Scene) -> None:
+    """The neck, darker under the chin; drawn over the back of the hair."""
+    w, top, bottom = sc.t.face_width, sc.t.eye_y + 0.4, sc.ychin + 0.54
+    neck = np.array([[-w * 0.6, top], [w * 0.6, top], [w * 0.66, bottom], [0, bottom + 0.12], [-w * 0.66, bottom]])
+    px = _flat(sc.pose, neck, 0.2)
+    roi = sc.cv.roi(px)
+    if roi is not None:
+        _, yy = sc.cv.grid(roi)
+        chin = sc.lm[8, 1]
+        dark = 0.7 + 0.2 * _smoothstep(chin, chin + 0.35 * sc.unit, yy)
+        sc.cv.paint(sc.cv.mask([px], roi), roi, sc.skin * dark[..., None], head=True)
+
+
+def _draw_skin(sc: _Scene) -> None:
+    """The face from the jaw line up to the hairline: skin tone, grain and pores, cheek blush."""
+    cv, t = sc.cv, sc.t
+    face_poly = np.vstack([_spline(sc.lm[0:17], 6), sc.pose(_hairline(t))])
     roi = cv.roi(face_poly)
-    tex = _texture(rng, size, n, t.skin_roughness)
-    if roi is not None:
-        x0, y0, x1, y1 = roi
-        xx, yy = cv.grid(roi)
-        cheeks = pose(np.array([[-(t.eye_sep + 0.05), t.eye_y + 0.33], [t.eye_sep + 0.05, t.eye_y + 0.33]]))
-        r2 = 2 * (0.2 * unit) ** 2
-        blush = sum(np.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2) / r2) for c in cheeks) * (0.12 + 0.1 * s.smile)
-        blush_rgb = np.array([0.85, 0.35, 0.35], np.float32) * skin * 1.2
-        field = skin * (1.0 + tex[y0:y1, x0:x1])[..., None]
-        field += (blush_rgb - field) * blush[..., None]
-        cv.paint(cv.mask([face_poly], roi), roi, field, head=True)
+    if roi is None:
+        return
+    x0, y0, x1, y1 = roi
+    tex = _texture(_rng(sc.s.noise_seed, sc.size, 303), sc.size, cv.n, t.skin_roughness)
+    xx, yy = cv.grid(roi)
+    cheeks = sc.pose(np.array([[-(t.eye_sep + 0.05), t.eye_y + 0.33], [t.eye_sep + 0.05, t.eye_y + 0.33]]))
+    r2 = 2 * (0.2 * sc.unit) ** 2
+    blush = sum(np.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2) / r2) for c in cheeks) * (0.12 + 0.1 * sc.s.smile)
+    field = sc.skin * (1.0 + tex[y0:y1, x0:x1])[..., None]
+    field += (np.array([0.85, 0.35, 0.35], np.float32) * sc.skin * 1.2 - field) * blush[..., None]
+    sc.face_mask = (cv.mask([face_poly], roi), roi)
+    cv.paint(sc.face_mask[0], roi, field, head=True)
 
-    # freckles
-    if len(t.freckles):
-        fpx = pose(t.freckles[:, :2])
-        visible = (t.freckles[:, 1] > t.eye_y + 0.08) | (np.abs(t.freckles[:, 0]) < 0.12)
-        roi = cv.roi(fpx, pad=4)
-        if roi is not None and visible.any():
-            x0, y0, x1, y1 = roi
-            m = np.zeros((y1 - y0, x1 - x0), np.float32)
-            for (fx, fy), (_, _, fr, fo), vis in zip(fpx, t.freckles, visible):
-                if vis:
-                    rr = max(fr * unit, 0.6)
-                    cv2.circle(m, (int(round((fx - x0) * 16)), int(round((fy - y0) * 16))), int(round(rr * 16)), float(fo) * min(1.0, rr), -1, cv2.LINE_AA, 4)
-            cv.paint(np.clip(m, 0, 1), roi, skin * np.array([0.62, 0.45, 0.35], np.float32), 1.0)
 
-    light = (math.cos(s.light_azimuth), math.sin(s.light_azimuth))
-    # nose
-    side = 1 if light[0] < 0 else -1  # the shadowed side of the bridge
-    nw = t.nose_width * unit
-    bridge = np.array([lm[27] + [side * 0.05 * unit, 0.05 * unit], lm[29] + [side * 0.07 * unit, 0], lm[31 if side < 0 else 35] + [0, -0.08 * unit]])
-    cv.lines([_spline(bridge, 6)], _rgb(skin, 0.7), 0.05 * unit, 0.18)
+def _draw_freckles(sc: _Scene) -> None:
+    t = sc.t
+    if not len(t.freckles) or sc.face_mask is None:
+        return
+    visible = (t.freckles[:, 1] > t.eye_y + 0.08) | (np.abs(t.freckles[:, 0]) < 0.12)
+    px = sc.pose(t.freckles[:, :2])[visible]
+    face, roi = sc.face_mask
+    x0, y0, x1, y1 = roi
+    m = np.zeros((y1 - y0, x1 - x0), np.uint8)  # OpenCV anti-aliases only 8-bit images
+    for (fx, fy), (_, _, fr, fo) in zip(px, t.freckles[visible]):
+        r = max(fr * sc.unit, 0.6)
+        centre = (int(round((fx - x0) * 16)), int(round((fy - y0) * 16)))
+        cv2.circle(m, centre, int(round(r * 16)), int(255 * fo * min(1.0, r)), -1, cv2.LINE_AA, 4)
+    sc.cv.paint(m * (face / 255.0), roi, sc.skin * np.array([0.62, 0.45, 0.35], np.float32))
+
+
+def _draw_nose(sc: _Scene) -> None:
+    """Bridge shadow on the side away from the light, nostril wings, nostrils and a tip highlight."""
+    cv, lm, u, light = sc.cv, sc.lm, sc.unit, sc.light
+    side = 1 if light[0] < 0 else -1
+    nw = sc.t.nose_width * u
+    bridge = np.array([
+        lm[27] + [side * 0.05 * u, 0.05 * u], lm[29] + [side * 0.07 * u, 0], lm[31 if side < 0 else 35] + [0, -0.08 * u],
+    ])  # fmt: skip
+    cv.lines([_spline(bridge, 6)], _rgb(sc.skin, 0.7), 0.05 * u, 0.18)
+    alae, nostrils = [], []
+    a = np.linspace(0, 2 * math.pi, 16, endpoint=False)
     for k, sd in ((31, -1), (35, 1)):
-        ala = np.array([lm[k] + [-sd * nw * 0.3, -0.1 * unit], lm[k] + [sd * 0.02 * unit, -0.03 * unit], lm[k] + [-sd * nw * 0.2, 0.02 * unit], lm[32 if sd < 0 else 34]])
-        cv.lines([_spline(ala, 6)], _rgb(skin, 0.55), 0.016 * unit, 0.55)
-        nostril = (lm[k] + lm[32 if sd < 0 else 34]) / 2 + [0, 0.0 * unit]
-        na = np.linspace(0, 2 * math.pi, 16, endpoint=False)
-        cv.fill(nostril + np.stack([np.cos(na) * nw * 0.28, np.sin(na) * 0.025 * unit], 1), _rgb(skin, 0.3), 0.75)
-    tip = lm[30]
-    roi = cv.roi(np.array([tip - 0.12 * unit, tip + 0.12 * unit]))
+        inner = lm[32 if sd < 0 else 34]
+        ala = lm[k] + np.array([[-sd * nw * 0.3, -0.1 * u], [sd * 0.02 * u, -0.03 * u], [-sd * nw * 0.2, 0.02 * u]])
+        ala = np.vstack([ala, inner])
+        alae.append(_spline(ala, 6))
+        nostrils.append((lm[k] + inner) / 2 + np.stack([np.cos(a) * nw * 0.28, np.sin(a) * 0.025 * u], 1))
+    cv.lines(alae, _rgb(sc.skin, 0.55), 0.016 * u, 0.55)
+    cv.fill(nostrils, _rgb(sc.skin, 0.3), 0.75)
+    tip = lm[30] - [light[0] * 0.02 * u, 0.02 * u]
+    _glow(cv, tip, 0.045 * u, 0.045 * u, np.array([1.0, 0.97, 0.94], np.float32), 0.22)
+
+
+def _glow(cv: _Canvas, centre: np.ndarray, sx: float, sy: float, color: np.ndarray, opacity: float) -> None:
+    """A soft Gaussian spot of `color`."""
+    roi = cv.roi(np.array([centre - 3 * max(sx, sy), centre + 3 * max(sx, sy)]))
     if roi is not None:
         xx, yy = cv.grid(roi)
-        hl = np.exp(-((xx - tip[0] + light[0] * 0.02 * unit) ** 2 + (yy - tip[1] + 0.02 * unit) ** 2) / (2 * (0.045 * unit) ** 2))
-        cv.paint(hl, roi, np.array([1.0, 0.97, 0.94], np.float32), 0.22)
+        g = np.exp(-((xx - centre[0]) ** 2 / (2 * sx * sx) + (yy - centre[1]) ** 2 / (2 * sy * sy)))
+        cv.paint(g, roi, color, opacity)
 
-    # mouth
-    mu = _spline(lm[48:55], 6)
-    ml = _spline(lm[[54, 55, 56, 57, 58, 59, 48]], 6)
-    iu = _spline(lm[[48, 61, 62, 63, 54]], 6)
-    il = _spline(lm[[54, 65, 66, 67, 48]], 6)
-    lip = np.asarray(t.lip_rgb, np.float32)
+
+def _draw_mouth(sc: _Scene) -> None:
+    """Lips from the outer and inner contours, the lip line, teeth when open, smile creases."""
+    cv, lm, u, s = sc.cv, sc.lm, sc.unit, sc.s
+    outer_up = _spline(lm[48:55], 6)
+    outer_low = _spline(lm[[54, 55, 56, 57, 58, 59, 48]], 6)
+    inner_up = _spline(lm[[48, 61, 62, 63, 54]], 6)
+    inner_low = _spline(lm[[54, 65, 66, 67, 48]], 6)
+    lip = np.asarray(sc.t.lip_rgb, np.float32)
     if s.mouth_open > 0.15:
-        opening = np.vstack([iu, il[1:-1]])
+        opening = np.vstack([inner_up, inner_low[1:-1]])
         roi = cv.roi(opening)
         if roi is not None:
             m = cv.mask([opening], roi)
             cv.paint(m, roi, np.array([0.18, 0.06, 0.06], np.float32))
             _, yy = cv.grid(roi)
-            teeth_h = 0.04 * unit
-            teeth = _smoothstep(iu[:, 1].max() + teeth_h + 0.5, iu[:, 1].max() + teeth_h - 0.5, yy) * m
-            cv.paint(teeth, roi, np.array([0.93, 0.9, 0.84], np.float32), 0.95)
-    cv.fill(np.vstack([mu, il[1:-1]]), _rgb(lip, 0.92))
-    cv.fill(np.vstack([ml, iu[1:-1]]) if s.mouth_open <= 0.15 else np.vstack([ml, il[::-1][1:-1]]), lip)
-    if s.mouth_open > 0.15:
-        cv.fill(np.vstack([mu, iu[::-1][1:-1]]), _rgb(lip, 0.92))
-    cv.lines([iu], _rgb(lip, 0.45), 0.016 * unit, 0.9)
-    low_c = lm[57] * 0.6 + lm[66] * 0.4
-    roi = cv.roi(np.array([low_c - 0.1 * unit, low_c + 0.1 * unit]))
-    if roi is not None:
-        xx, yy = cv.grid(roi)
-        g = np.exp(-((xx - low_c[0]) ** 2 / (2 * (0.07 * unit) ** 2) + (yy - low_c[1]) ** 2 / (2 * (0.015 * unit) ** 2)))
-        cv.paint(g, roi, np.array([1.0, 0.95, 0.95], np.float32), 0.25)
-    for k in (48, 54) if s.smile > 0.3 else ():
-        cv.lines([np.array([lm[k] + [(-1 if k == 48 else 1) * 0.03 * unit, -0.015 * unit], lm[k] + [(-1 if k == 48 else 1) * 0.06 * unit, 0.02 * unit]])], _rgb(skin, 0.6), 0.012 * unit, 0.4 * s.smile)
+            edge = inner_up[:, 1].max() + 0.04 * u
+            cv.paint(_smoothstep(edge + 0.5, edge - 0.5, yy) * m, roi, np.array([0.93, 0.9, 0.84], np.float32), 0.95)
+        cv.fill(np.vstack([outer_up, inner_up[::-1][1:-1]]), _rgb(lip, 0.92))
+        cv.fill(np.vstack([outer_low, inner_low[::-1][1:-1]]), lip)
+    else:
+        cv.fill(np.vstack([outer_up, inner_low[1:-1]]), _rgb(lip, 0.92))
+        cv.fill(np.vstack([outer_low, inner_up[1:-1]]), lip)
+    cv.lines([inner_up], _rgb(lip, 0.45), 0.016 * u, 0.9)
+    _glow(cv, lm[57] * 0.6 + lm[66] * 0.4, 0.07 * u, 0.015 * u, np.array([1.0, 0.95, 0.95], np.float32), 0.25)
+    if s.smile > 0.3:
+        creases = [lm[k] + np.array([[sd * 0.03 * u, -0.015 * u], [sd * 0.06 * u, 0.02 * u]]) for k, sd in ((48, -1), (54, 1))]
+        cv.lines(creases, _rgb(sc.skin, 0.6), 0.012 * u, 0.4 * s.smile)
 
-    # eyes and brows
-    iris_r = t.eye_width * 0.5 * unit
-    gaze = np.array(s.gaze) * t.eye_width * 0.5 * unit
-    for pts, left in ((lm[36:42], True), (lm[42:48], False)):
-        centre = (pts[0] + pts[3]) / 2 + [0, -0.15 * (pts[[1, 2], 1].mean() - pts[[4, 5], 1].mean()) * 0]
-        _draw_eye(cv, t, s, pts, centre + gaze + [0, -0.008 * unit], iris_r, unit, light, left)
-    brow_rng = _rng(t.hair_seed, 3)
-    _draw_brow(cv, t, lm[17:22], unit, brow_rng, True)
-    _draw_brow(cv, t, lm[22:27], unit, brow_rng, False)
 
-    # light: a Lambertian term on an ellipsoid around the head
-    x0, y0, x1, y1 = 0, 0, n, n
-    roi_pts = np.argwhere(cv.head > 0)
-    if len(roi_pts):
-        y0, x0 = roi_pts.min(0)
-        y1, x1 = roi_pts.max(0) + 1
-        xx, yy = cv.grid((x0, y0, x1, y1))
-        u, v = pose.inverse(xx, yy)
-        mid = (t.hairline + ychin) / 2
-        nx, ny = u / (w * 1.02), (v - mid) / ((ychin - t.hairline) * 0.6)
-        nz = np.sqrt(np.clip(1 - nx * nx - ny * ny, 0, 1))
-        ce, se = math.cos(s.light_elevation), math.sin(s.light_elevation)
-        lam = np.clip(nx * ce * light[0] + ny * ce * light[1] + nz * se, 0, 1)
-        k = s.light_strength
-        shade = ((1 - 0.9 * k) + 1.4 * k * lam) * (0.78 + 0.22 * np.sqrt(nz))
-        head = cv.head[y0:y1, x0:x1]
-        cv.img[y0:y1, x0:x1] *= (1 + head * (shade - 1))[..., None]
+def _apply_light(sc: _Scene) -> None:
+    """Lambertian shading of everything painted as head, on an ellipsoid fitted to the face."""
+    cv, t, s = sc.cv, sc.t, sc.s
+    if cv.head_box is None:
+        return
+    x0, y0, x1, y1 = cv.head_box
+    u, v = sc.pose.inverse(*cv.grid(cv.head_box))
+    mid = (t.hairline + sc.ychin) / 2
+    nx, ny = u / (t.face_width * 1.02), (v - mid) / ((sc.ychin - t.hairline) * 0.6)
+    nz = np.sqrt(np.clip(1 - nx * nx - ny * ny, 0, 1))
+    lx, ly = sc.light
+    ce, se = math.cos(s.light_elevation), math.sin(s.light_elevation)
+    lam = np.clip((nx * lx + ny * ly) * ce + nz * se, 0, 1)
+    k = s.light_strength
+    shade = ((1 - 0.9 * k) + 1.4 * k * lam) * (0.78 + 0.22 * np.sqrt(nz))
+    cv.img[y0:y1, x0:x1] *= (1 + cv.head[y0:y1, x0:x1] * (shade - 1))[..., None]
 
-    if t.glasses:
-        frame = np.asarray(FRAME_COLORS[t.frame_name], np.float32)
-        lenses = []
-        for sd in (-1, 1):
-            c = np.array([sd * t.eye_sep, t.eye_y + 0.03])
-            lens = _lens(t.glasses, c, t.eye_width)
-            lp = pose(lens, z=pose.depth(lens) + 0.12)
-            lenses.append(lp)
-            roi = cv.roi(lp)
-            if roi is not None:
-                m = cv.mask([lp], roi)
-                xx, yy = cv.grid(roi)
-                band = _smoothstep(0.5, 0.0, np.abs(((xx - lp[:, 0].mean()) + (yy - lp[:, 1].mean())) / (0.25 * unit) - 0.6))
-                cv.paint(m * band, roi, np.array([1.0, 1.0, 1.0], np.float32), 0.18)
-        fw = t.frame_thickness * unit
-        cv.lines(lenses, frame, fw, 0.95, closed=True)
-        inner_l = lenses[0][np.argmax(lenses[0][:, 0])]
-        inner_r = lenses[1][np.argmin(lenses[1][:, 0])]
-        bridge = np.array([inner_l, (inner_l + inner_r) / 2 - [0, 0.04 * unit], inner_r])
-        cv.lines([_spline(bridge, 6)], frame, fw, 0.95)
-        temples = []
-        for sd, lp in ((-1, lenses[0]), (1, lenses[1])):
-            edge = lp[np.argmax(sd * lp[:, 0])]
-            ear = pose(np.array([sd * w * 1.0, t.eye_y + 0.02]), z=np.zeros(1))[0]
-            temples.append(np.array([edge, ear]))
-        cv.lines(temples, frame, fw * 0.8, 0.9)
 
-    img = cv2.resize(cv.img, (size, size), interpolation=cv2.INTER_AREA)
-    lm_out = ((lm + 0.5) / ss - 0.5).astype(np.float32)
-    return np.clip(img, 0.0, 1.0).astype(np.float32), lm_out, _caption(t, s)
+def _draw_glasses(sc: _Scene) -> None:
+    """Lens reflections, frames, bridge and temple arms, floating a little in front of the face."""
+    cv, t, u = sc.cv, sc.t, sc.unit
+    if not t.glasses:
+        return
+    frame = np.asarray(FRAME_COLORS[t.frame_name], np.float32)
+    lenses = []
+    for sd in (-1, 1):
+        lens = _lens(t.glasses, np.array([sd * t.eye_sep, t.eye_y + 0.03]), t.eye_width)
+        lp = sc.pose(lens, z=sc.pose.depth(lens) + 0.12)
+        lenses.append(lp)
+        roi = cv.roi(lp)
+        if roi is not None:
+            xx, yy = cv.grid(roi)
+            band = _smoothstep(0.5, 0.0, np.abs(((xx - lp[:, 0].mean()) + (yy - lp[:, 1].mean())) / (0.25 * u) - 0.6))
+            cv.paint(cv.mask([lp], roi) * band, roi, np.array([1.0, 1.0, 1.0], np.float32), 0.18)
+    fw = t.frame_thickness * u
+    inner_l = lenses[0][np.argmax(lenses[0][:, 0])]
+    inner_r = lenses[1][np.argmin(lenses[1][:, 0])]
+    bridge = _spline(np.array([inner_l, (inner_l + inner_r) / 2 - [0, 0.04 * u], inner_r]), 6)
+    cv.lines([np.vstack([lp, lp[:1]]) for lp in lenses] + [bridge], frame, fw, 0.95)
+    temples = []
+    for sd, lp in ((-1, lenses[0]), (1, lenses[1])):
+        ear = _flat(sc.pose, np.array([[sd * t.face_width, t.eye_y + 0.02]]))[0]
+        temples.append(np.array([lp[np.argmax(sd * lp[:, 0])], ear]))
+    cv.lines(temples, frame, fw * 0.8, 0.9)
 
 
 # --------------------------------------------------------------------------------------------
@@ -979,7 +1083,10 @@ class ToyFaceWorld:
         """(identity, image_index) pairs for `sample`: identities cycled evenly in a shuffled order."""
         ids = self.identities(split)
         if not ids:
-            raise ValueError(f"toyfaces: split {split!r} has no identities (n_identities={self.n_identities}, test_fraction={self.test_fraction})")
+            raise ValueError(
+                f"toyfaces: split {split!r} has no identities "
+                f"(n_identities={self.n_identities}, test_fraction={self.test_fraction})"
+            )
         rng = _rng(self.seed, SPLITS.index(split), seed, 505)
         order = [int(i) for i in rng.permutation(ids)]
         index = rng.integers(0, 2**31 - 1, size=n)
@@ -1049,7 +1156,8 @@ def write_toyfaces(
         folder.mkdir(parents=True, exist_ok=True)
         keys = world.sample_keys(counts[split], split, seed) if counts[split] else []
         items = [(f"{k:0{width}d}", ident, index) for k, (ident, index) in enumerate(keys)]
-        jobs += [(split, (seed, n_identities, test_fraction, size, str(folder), items[i : i + chunk])) for i in range(0, len(items), chunk)]
+        for i in range(0, len(items), chunk):
+            jobs.append((split, (seed, n_identities, test_fraction, size, str(folder), items[i : i + chunk])))
     results: dict[str, list] = {split: [] for split in SPLITS}
     with tqdm(total=n, desc="toyfaces", unit="img", disable=not progress) as bar:
         if workers > 1 and len(jobs) > 1:

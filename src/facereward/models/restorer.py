@@ -130,6 +130,17 @@ def controlnet_from_unet(unet: UNet2DConditionModel, latent_channels: int, embed
     )
 
 
+def empty_prompt_embedding(sd_folder: Path, prompt: str = "") -> torch.Tensor:
+    """The text embedding of `prompt` from a local SD folder's tokenizer/ and text_encoder/ (computed once, stored)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(sd_folder / "tokenizer", local_files_only=True)
+    encoder = CLIPTextModel.from_pretrained(sd_folder / "text_encoder", local_files_only=True).eval()
+    ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return encoder(ids)[0].float()
+
+
 class Restorer(nn.Module):
     """Stage-1 cleaner + stage-2 conditional diffusion; `restore(lq)` runs both."""
 
@@ -173,6 +184,36 @@ class Restorer(nn.Module):
             vae, unet, controlnet, prompt_embeds = _tiny_latent_parts(config)
             return cls(config, cleaner, scheduler, unet, vae, controlnet, prompt_embeds).eval()
         raise ValueError(f"mode must be 'pixel' or 'latent', got {config.mode!r}")
+
+    @classmethod
+    def from_stable_diffusion(cls, sd_folder: str | Path, size: int = 512, config: RestorerConfig | None = None,
+                              prompt: str = "", condition_embedding_channels: int = 64) -> "Restorer":
+        """A latent-mode restorer from a local diffusers Stable Diffusion folder (e.g. SD 2.1 base), as DiffBIR builds it.
+
+        The VAE and UNet are taken as they are (frozen); the ControlNet is initialised from the UNet's
+        encoder with a latent-resolution condition input; the prompt embedding is computed once. The
+        cleaner is new (train it with `train-base`), and the noise schedule is read from scheduler/.
+        """
+        folder = Path(sd_folder)
+        needed = ["vae", "unet", "text_encoder", "tokenizer", "scheduler"]
+        if not folder.is_dir():
+            raise ModelFolderError(f"{folder}: no such Stable Diffusion folder (it loads from a local path only)")
+        missing = [n for n in needed if not (folder / n).is_dir()]
+        if missing:
+            raise ModelFolderError(f"{folder}: not a diffusers Stable Diffusion folder, missing {', '.join(missing)}")
+        vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
+        sd_sched = DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
+        if sd_sched.config.prediction_type != "epsilon":
+            raise ModelFolderError(f"{folder}: scheduler predicts {sd_sched.config.prediction_type!r}; facereward needs an epsilon-prediction model (e.g. SD 2.1 base)")
+        config = config or RestorerConfig()
+        config.mode, config.size = "latent", size
+        config.beta_schedule, config.beta_start, config.beta_end = sd_sched.config.beta_schedule, sd_sched.config.beta_start, sd_sched.config.beta_end
+        config.latent.condition_embedding_channels = condition_embedding_channels
+        controlnet = controlnet_from_unet(unet, vae.config.latent_channels, condition_embedding_channels)
+        scheduler = make_scheduler(config.beta_schedule, config.beta_start, config.beta_end, sd_sched.config.num_train_timesteps)
+        cleaner = build_cleaner(config.cleaner, config.cleaner_kwargs)
+        return cls(config, cleaner, scheduler, unet, vae, controlnet, empty_prompt_embedding(folder, prompt)).eval()
 
     @property
     def mode(self) -> str:
@@ -251,7 +292,7 @@ class Restorer(nn.Module):
         if x_T is None:
             b, _, h, w = lq.shape
             x_T = torch.randn(self.latent_shape(b, h, w), generator=generator, device=lq.device, dtype=cond.dtype)
-        z0 = rollout(self.eps_fn(cond), x_T.to(cond.dtype), schedule, eta=eta, generator=generator, record=False)
+        z0 = rollout(self.eps_fn(cond), x_T.to(self.unet.dtype), schedule, eta=eta, generator=generator, record=False)
         return {"clean": clean.clamp(0, 1), "restored": self.decode(z0).clamp(0, 1)}
 
     # ---- save / load ---------------------------------------------------------------------
