@@ -779,7 +779,9 @@ def _light_words(azimuth: float, elevation: float) -> str:
     if elevation > 1.25:
         return "from the front"
     deg = math.degrees(azimuth) % 360
-    sectors = ((20, "the right"), (160, "below"), (200, "the left"), (250, "the upper left"), (290, "above"), (340, "the upper right"))
+    sectors = (
+        (20, "the right"), (160, "below"), (200, "the left"), (250, "the upper left"), (290, "above"), (340, "the upper right"),
+    )  # fmt: skip
     return "from " + next((words for limit, words in sectors if deg < limit), "the right")
 
 
