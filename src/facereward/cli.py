@@ -93,12 +93,14 @@ def toyfaces(
     seed: int = typer.Option(0, help="World seed."),
     identities: Optional[int] = typer.Option(None, help="Number of identities (default n // 10, at least 10)."),
     test_fraction: float = typer.Option(0.2, help="Fraction of identities held out for test."),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Worker processes rendering in parallel (same files for any count)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Write procedural toy faces with landmarks, captions and identity ids."""
     from facereward.data.toyfaces import write_toyfaces
 
-    manifest = write_toyfaces(out_dir, n=n, size=size, seed=seed, n_identities=identities, test_fraction=test_fraction, progress=progress)
+    manifest = write_toyfaces(out_dir, n=n, size=size, seed=seed, n_identities=identities, test_fraction=test_fraction,
+                              progress=progress, workers=workers)
     typer.echo(f"wrote {manifest['train']} train and {manifest['test']} test faces to {out_dir}")
 
 

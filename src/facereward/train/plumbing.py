@@ -176,6 +176,8 @@ class ProgressLog:
         self.accelerator = accelerator
         self.log_every = max(1, log_every)
         self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and accelerator.is_main_process), dynamic_ncols=True)
+        self.plain = not enabled and accelerator.is_main_process  # no bar: print a line per log step instead
+        self.desc, self.total = desc, total
         self.history: list[dict[str, float]] = []
 
     def step(self, step: int, scalars: dict[str, torch.Tensor | float]) -> None:
@@ -185,7 +187,10 @@ class ProgressLog:
             values = {k: float(v.detach().float().mean()) if torch.is_tensor(v) else float(v) for k, v in scalars.items()}
             self.accelerator.log(values, step=step)
             self.history.append({"step": step, **values})
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if "/" not in k or k.endswith("loss")})
+            shown = {k: f"{v:.4g}" for k, v in values.items() if "/" not in k or k.endswith("loss")}
+            self.bar.set_postfix(shown)
+            if self.plain:
+                print(f"{self.desc} step {step}/{self.total} " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
 
     def close(self) -> None:
         self.bar.close()
