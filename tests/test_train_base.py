@@ -121,3 +121,28 @@ def test_build_dataset_needs_exactly_one_source(tmp_path):
         build_dataset(DataConfig(hq_dir=str(folder), toy_faces=4))
     ds = build_dataset(DataConfig(hq_dir=str(folder), size=32))
     assert ds[0]["lq"].shape == (3, 32, 32)
+
+
+def test_two_cpu_processes_train_together(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU joins one gloo group (not two lone runs)."""
+    import os
+    import shutil
+    import subprocess
+
+    accelerate = shutil.which("accelerate")
+    cfg = {
+        "run": {"output_dir": str(tmp_path / "run"), "save_every": 2, "log_every": 1, "progress": False},
+        "data": {"toy_faces": 8, "size": 32, "toy_identities": 10},
+        "model": {"mode": "pixel", "size": 32, "cleaner_kwargs": {"channels": 8, "num_blocks": 1, "downscale": 2},
+                  "pixel": {"block_out_channels": [16, 32], "attention_levels": [False, False], "norm_num_groups": 8}},
+        "stage1_steps": 1, "stage2_steps": 1, "batch_size": 2,
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                           "--dynamo_backend", "no", "-m", "facereward.cli", "train-base", "--config", str(tmp_path / "c.yaml")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("saved restorer to") == 1  # only the main process reports
+    state = json.loads((find_checkpoint(tmp_path / "run", "latest") / "state.json").read_text())
+    assert state["num_processes"] == 2 and state["step"] == 2

@@ -45,6 +45,12 @@ def main() -> None:
         sys.exit(2)
 
 
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def _device(name: Optional[str]):
     import torch
 
@@ -128,7 +134,8 @@ def train_base_cmd(
         overrides.append(f"run.resume={resume}")
     cfg = load_config(TrainBaseConfig, config, overrides)
     out = train_base(cfg)
-    typer.echo(f"saved restorer to {out}")
+    if _is_main_process():
+        typer.echo(f"saved restorer to {out}")
 
 
 @app.command("build-restorer")

@@ -180,5 +180,6 @@ def _checkpoint(accelerator, run: RunConfig, step: int, epoch: int, modules, opt
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = {k: accelerator.unwrap_model(m) for k, m in modules.items()}
-        save_checkpoint(run.output_dir, step, unwrapped, optimizers, {"epoch": epoch}, keep=run.keep_checkpoints)
+        state = {"epoch": epoch, "num_processes": accelerator.num_processes}
+        save_checkpoint(run.output_dir, step, unwrapped, optimizers, state, keep=run.keep_checkpoints)
     accelerator.wait_for_everyone()

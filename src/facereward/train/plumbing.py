@@ -52,13 +52,21 @@ def make_accelerator(run: RunConfig, project_name: str) -> Accelerator:
         raise ValueError(f"run.mixed_precision must be 'no', 'bf16' or 'fp16', got {run.mixed_precision!r}")
     if run.gradient_accumulation_steps < 1:
         raise ValueError("run.gradient_accumulation_steps must be >= 1")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # Without cpu=True, several CPU processes each start as a lone process and silently train apart.
+    cpu = run.cpu or (world_size > 1 and not torch.cuda.is_available())
     accelerator = Accelerator(
         mixed_precision=run.mixed_precision,
         gradient_accumulation_steps=run.gradient_accumulation_steps,
         log_with="tensorboard",
         project_dir=run.output_dir,
-        cpu=run.cpu,
+        cpu=cpu,
     )
+    if accelerator.num_processes != world_size:
+        raise RuntimeError(
+            f"launched {world_size} processes but accelerate joined {accelerator.num_processes}: they would train apart; "
+            "check the accelerate launch settings (on CPU use --multi_gpu with run.cpu=true)"
+        )
     accelerator.init_trackers(project_name)
     set_seed(run.seed, device_specific=True)
     return accelerator
