@@ -190,6 +190,67 @@ def restore(
         raise typer.Exit(1)
 
 
+def _named_paths(values: list[str], option: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values:
+        if "=" not in v:
+            _fail(f"{option} expects NAME=DIR, got {v!r}")
+        name, path = v.split("=", 1)
+        if name in out:
+            _fail(f"{option}: the name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+@app.command()
+def evaluate(
+    testset: Optional[Path] = typer.Option(None, help="Paired test set: lq/ and (optionally) hq/ folders matched by name."),
+    model: list[str] = typer.Option([], "--model", help="NAME=DIR: a restorer to run on lq/ (repeatable)."),
+    images: list[str] = typer.Option([], "--images", help="NAME=DIR: existing outputs named like lq/ (repeatable)."),
+    out_dir: Optional[Path] = typer.Option(None, help="Where results.md/.csv/.json and grid.png go (default eval_out)."),
+    stage1: bool = typer.Option(False, "--stage1", help="Also evaluate each model's stage-1 (cleaner) output."),
+    lq: bool = typer.Option(True, help="Include the LQ input as a row."),
+    steps: Optional[int] = typer.Option(None, help="DDIM steps (default 50)."),
+    eta: Optional[float] = typer.Option(None, help="DDIM eta (default 0)."),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed (default 0)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per batch (default 16)."),
+    identity: Optional[str] = typer.Option(None, help="Identity judge: auto, toy, dlib, arcface:PATH.onnx, none."),
+    landmarks: Optional[str] = typer.Option(None, help="Landmark judge: auto, toy, dlib, none."),
+    fid: Optional[str] = typer.Option(None, help="FID/KID features: auto (the identity judge), identity, inception:PATH, none."),
+    fid_reference: Optional[Path] = typer.Option(None, help="HQ folder to compute FID against (default: the test set's hq/)."),
+    lpips_backbone: Optional[Path] = typer.Option(None, help="LPIPS backbone weights (torchvision vgg16/alexnet layout)."),
+    lpips_heads: Optional[Path] = typer.Option(None, help="LPIPS linear heads (lpips v0.1 vgg.pth/alex.pth layout)."),
+    lpips_net: Optional[str] = typer.Option(None, help="vgg (default) or alex."),
+    crop_border: Optional[int] = typer.Option(None, help="Pixels cropped from each border before PSNR/SSIM."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML of EvaluateConfig fields."),
+    set_: list[str] = typer.Option([], "--set", help="Override EvaluateConfig fields."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """The BFR benchmark table for several models or output folders side by side (markdown, CSV, JSON, grid)."""
+    from facereward.config import load_config
+    from facereward.evaluate import EvaluateConfig, evaluate as run_evaluate
+
+    cfg = load_config(EvaluateConfig, config, set_)
+    given = {"testset": testset, "out_dir": out_dir, "steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size,
+             "identity": identity, "landmarks": landmarks, "fid": fid, "fid_reference": fid_reference,
+             "lpips_backbone": lpips_backbone, "lpips_heads": lpips_heads, "lpips_net": lpips_net,
+             "crop_border": crop_border, "device": device}
+    for key, value in given.items():
+        if value is not None:
+            setattr(cfg, key, str(value) if isinstance(value, Path) else value)
+    cfg.models.update(_named_paths(model, "--model"))
+    cfg.images.update(_named_paths(images, "--images"))
+    cfg.include_stage1 = cfg.include_stage1 or stage1
+    cfg.include_lq = cfg.include_lq and lq
+    cfg.progress = progress
+    if not cfg.testset:
+        _fail("--testset is required (a folder with lq/ and optionally hq/)")
+    result = run_evaluate(cfg)
+    typer.echo(result.table)
+    typer.echo(f"\nwrote {result.out_dir}/results.md, results.csv, results.json and grid.png")
+
+
 @app.command()
 def demo(
     out_dir: Path = typer.Option(Path("demo_out"), help="Output folder."),
@@ -198,13 +259,14 @@ def demo(
     steps: int = typer.Option(50, help="DDIM steps."),
     seed: int = typer.Option(0, help="Degradation and sampling seed."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """End to end on the toy world: held-out faces, degraded, restored; a grid and a PSNR/SSIM table."""
+    """End to end on the toy world: held-out faces, degraded, restored; a grid and the evaluate table."""
     from facereward.demo import run_demo
 
-    result = run_demo(out_dir, n=n, model=model, steps=steps, seed=seed, device=_device(device))
+    result = run_demo(out_dir, n=n, model=model, steps=steps, seed=seed, device=device, progress=progress)
     typer.echo(result.table)
-    typer.echo(f"\nwrote {result.grid_path} and {result.table_path}")
+    typer.echo(f"\nwrote {out_dir / 'grid.png'} and {out_dir / 'results.md'} (also .csv, .json)")
 
 
 if __name__ == "__main__":

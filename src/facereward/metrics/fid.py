@@ -305,7 +305,9 @@ def load_fid_inception_state_dict(path: str | Path, model: FIDInceptionV3 | None
             "or the same tensors as .safetensors)"
         )
     raw = _read_tensor_file(path)
-    model = model if model is not None else FIDInceptionV3()
+    if model is None:
+        with torch.device("meta"):  # shapes only, no init cost
+            model = FIDInceptionV3()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     if any(k.startswith("AuxLogits.") for k in raw):
@@ -363,8 +365,9 @@ class InceptionV3Features:
         self.device = torch.device(device)
         self.resize_input = resize_input
         self.normalize_input = normalize_input
-        model = FIDInceptionV3()
-        model.load_state_dict(load_fid_inception_state_dict(self.weights_path, model))
+        with torch.device("meta"):  # no random init: every tensor comes from the file
+            model = FIDInceptionV3()
+        model.load_state_dict(load_fid_inception_state_dict(self.weights_path, model), strict=True, assign=True)
         self.model = model.eval().requires_grad_(False).to(self.device)
 
     def __repr__(self) -> str:

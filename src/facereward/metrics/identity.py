@@ -62,7 +62,7 @@ class DlibIdentityEmbedder:
     dim = 128
 
     def __init__(
-        self, models_dir: str | Path | None = None, upsample: int = 1, jitter: int = 0, fallback_inset: float = 0.1
+        self, models_dir: str | Path | None = None, upsample: int = 1, jitter: int = 0, fallback_inset: float = 0.25
     ) -> None:
         import dlib
 
@@ -136,7 +136,10 @@ class ArcFaceOnnxEmbedder:
         size = self.input_size
         arrays = images_to_uint8(images, "ArcFaceOnnxEmbedder.embed")
         # blobFromImages resizes the uint8 image (bilinear) before converting to float.
-        arrays = [a if a.shape[:2] == (size, size) else cv2.resize(a, (size, size), interpolation=cv2.INTER_LINEAR) for a in arrays]
+        arrays = [
+            a if a.shape[:2] == (size, size) else cv2.resize(a, (size, size), interpolation=cv2.INTER_LINEAR)
+            for a in arrays
+        ]
         if not arrays:
             return np.zeros((0, 3, size, size), dtype=np.float32)
         blob = np.stack(arrays).astype(np.float32).transpose(0, 3, 1, 2)

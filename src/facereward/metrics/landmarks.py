@@ -70,12 +70,14 @@ def images_to_uint8(images: Tensor, name: str = "images") -> list[np.ndarray]:
 
 
 def detect_face_boxes(
-    detector: Any, images: list[np.ndarray], upsample: int = 1, fallback_inset: float = 0.1
+    detector: Any, images: list[np.ndarray], upsample: int = 1, fallback_inset: float = 0.25
 ) -> tuple[list[Any], list[bool]]:
     """One dlib rectangle per uint8 HWC image (the largest HOG detection) and whether it was detected.
 
     Without a detection the box is the whole image inset by `fallback_inset` of its size on each
-    side: the inputs are meant to be aligned face crops, where the face fills most of the frame.
+    side: the inputs are meant to be aligned face crops. The default 0.25 is about where dlib's own
+    box sits in an FFHQ-style crop (4-5 eye distances wide): on crops of the astronaut it gives
+    68 landmarks within 0.4-0.8 px of those from the detected box, where 0.1 is 4-30 px off.
     """
     import dlib
 
@@ -113,7 +115,7 @@ class DlibLandmarkDetector:
 
     name = "dlib-68"
 
-    def __init__(self, models_dir: str | Path | None = None, upsample: int = 1, fallback_inset: float = 0.1) -> None:
+    def __init__(self, models_dir: str | Path | None = None, upsample: int = 1, fallback_inset: float = 0.25) -> None:
         import dlib
 
         self.predictor = dlib.shape_predictor(str(dlib_model_file("shape_predictor_68_face_landmarks.dat", models_dir)))

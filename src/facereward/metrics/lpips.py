@@ -155,10 +155,11 @@ def _read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), "")
+            hint = hint.replace("WeightsUnpickler error: ", "").split(" was not an allowed")[0]
             raise ValueError(
-                f"LPIPS {what} file {path} is not a plain tensor state dict (refused by weights_only "
-                f"loading: {first})"
+                f"LPIPS {what} file {path} is not a plain tensor state dict (pickled objects refused by "
+                f"torch.load(weights_only=True){': ' + hint if hint else ''})"
             ) from None
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -267,7 +268,8 @@ class LPIPS(nn.Module):
         super().__init__()
         net = _canonical_net(net)
         if backbone_path is None:
-            raise ValueError(f"LPIPS('{net}') needs backbone_path (torchvision {net} ImageNet weights)")
+            tv_name = "vgg16" if net == "vgg" else "alexnet"
+            raise ValueError(f"LPIPS('{net}') needs backbone_path (torchvision {tv_name} weights)")
         if heads_path is None:
             raise ValueError(f"LPIPS('{net}') needs heads_path (lpips weights/v0.1/{net}.pth)")
         self.net_name = net
