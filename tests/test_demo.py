@@ -7,25 +7,22 @@ import json
 import pytest
 import torch
 
-from facereward.demo import markdown_table, run_demo
+from facereward.demo import run_demo
 from facereward.models.restorer import Restorer
 from facereward.weights import default_restorer_path
 
 
 def test_demo_writes_grid_table_and_testset(tmp_path, pixel_restorer):
     pixel_restorer.save_pretrained(tmp_path / "model")
-    result = run_demo(tmp_path / "out", n=3, model=tmp_path / "model", steps=2)
-    assert set(result.rows) == {"LQ", "stage 1 (cleaner)", "stage 2 (diffusion)"}
-    assert result.grid_path.is_file() and result.table_path.is_file()
+    result = run_demo(tmp_path / "out", n=3, model=tmp_path / "model", steps=2, identity="none", landmarks="none", progress=False)
+    assert list(result.rows) == ["LQ", "base (stage 1)", "base"]
+    assert (tmp_path / "out" / "grid.png").is_file() and (tmp_path / "out" / "results.md").is_file()
     manifest = json.loads((tmp_path / "out" / "toy-test" / "manifest.json").read_text())
     assert len(manifest["images"]) == 3 and manifest["preset"] == "diffbir"
-    assert len(list((tmp_path / "out" / "restored").glob("*.png"))) == 3
+    world = json.loads((tmp_path / "out" / "toy-test" / "toyworld.json").read_text())
+    assert world["split"] == "test" and len(world["identities"]) == 3
+    assert len(list((tmp_path / "out" / "outputs" / "base").glob("*.png"))) == 3
     assert "| LQ |" in result.table
-
-
-def test_markdown_table_formats_rows():
-    table = markdown_table({"a": {"PSNR": 21.234, "SSIM": 0.61234}})
-    assert table.splitlines() == ["| | PSNR | SSIM |", "|---|---|---|", "| a | 21.23 | 0.6123 |"]
 
 
 def test_shipped_toy_restorer_improves_on_the_lq_input(tmp_path):
@@ -34,8 +31,8 @@ def test_shipped_toy_restorer_improves_on_the_lq_input(tmp_path):
     restorer = Restorer.from_pretrained(path)
     assert restorer.mode == "pixel" and restorer.config.size == 64
     torch.set_num_threads(2)
-    result = run_demo(tmp_path / "out", n=8, steps=20)
-    lq, s1, s2 = result.rows["LQ"], result.rows["stage 1 (cleaner)"], result.rows["stage 2 (diffusion)"]
+    result = run_demo(tmp_path / "out", n=8, steps=20, identity="none", landmarks="none", progress=False)
+    lq, s1, s2 = result.rows["LQ"], result.rows["base (stage 1)"], result.rows["base"]
     assert s1["PSNR"] > lq["PSNR"] + 1.0 and s1["SSIM"] > lq["SSIM"]
     assert s2["PSNR"] > lq["PSNR"] + 1.0 and s2["SSIM"] > lq["SSIM"]
 

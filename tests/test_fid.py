@@ -151,6 +151,23 @@ def test_kid_matches_hand_computation_on_tiny_set():
     assert mean3 == pytest.approx(mean, rel=1e-10) and std3 == pytest.approx(0.0, abs=1e-12)
 
 
+def test_kid_subsets_as_torch_fidelity():
+    # torch-fidelity: rng = RandomState(seed); per subset, rows of f1 then rows of f2 drawn without
+    # replacement; KID = mean and np.std (ddof 0) of the per-subset unbiased MMD^2
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(9, 4)), rng.normal(size=(7, 4)) + 0.3
+    state = np.random.RandomState(3)
+    mmds = []
+    for _ in range(4):
+        xs = x[state.choice(9, 5, replace=False)]
+        ys = y[state.choice(7, 5, replace=False)]
+        mmds.append(_mmd2_by_hand(xs, ys))
+    mean, std = kid_from_features(x, y, subsets=4, subset_size=5, seed=3)
+    assert mean == pytest.approx(np.mean(mmds), rel=1e-10)
+    assert std == pytest.approx(np.std(mmds), rel=1e-10)
+    assert std > 0
+
+
 def test_kid_identical_near_zero_shifted_positive():
     rng = np.random.default_rng(6)
     a = rng.normal(size=(1200, 16))
@@ -332,6 +349,7 @@ def test_inception_loads_pth_and_gives_2048d_deterministic_features(fake_weights
                       ("6b_pool", m.Mixed_6b.branch_pool), ("7b_in", m.Mixed_7b), ("7b_pool", m.Mixed_7b.branch_pool),
                       ("7c_in", m.Mixed_7c), ("7c_pool", m.Mixed_7c.branch_pool), ("stem_in", m.Conv2d_1a_3x3)]:
         hooks.append(mod.register_forward_pre_hook(grab(name)))
+    hooks.append(m.Conv2d_1a_3x3.register_forward_hook(lambda _m, _a, out: seen.__setitem__("stem_out", out.clone())))
     try:
         f1 = inception.features(x)
     finally:
@@ -347,6 +365,12 @@ def test_inception_loads_pth_and_gives_2048d_deterministic_features(fake_weights
     # input pipeline: bilinear resize to 299 (align_corners=False), then [0,1] -> [-1,1]
     expected_in = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1
     torch.testing.assert_close(seen["stem_in"], expected_in)
+    # BasicConv2d as torchvision: conv (stride 2, no bias) -> BatchNorm(eps=1e-3, running stats) -> ReLU
+    p = "Conv2d_1a_3x3."
+    stem = F.conv2d(expected_in, sd[p + "conv.weight"], stride=2)
+    stem = F.batch_norm(stem, sd[p + "bn.running_mean"], sd[p + "bn.running_var"], sd[p + "bn.weight"],
+                        sd[p + "bn.bias"], training=False, eps=1e-3)
+    torch.testing.assert_close(seen["stem_out"], F.relu(stem))
     # the TF-FID patches: avg pools exclude the padding; Mixed_7c's pool branch is a max pool
     for blk in ("5b", "6b", "7b"):
         inp = seen[f"{blk}_in"]
@@ -372,6 +396,14 @@ def test_inception_rejects_bad_weight_files(tmp_path):
     ok = tmp_path / "ok.pth"
     torch.save(sd, ok)
     assert set(load_fid_inception_state_dict(ok)) >= set(REAL_KEYS)  # the cheap file itself is accepted
+    p = tmp_path / "with_counters.pth"  # num_batches_tracked is optional either way
+    torch.save({**sd, "Conv2d_1a_3x3.bn.num_batches_tracked": torch.tensor(7)}, p)
+    assert int(load_fid_inception_state_dict(p)["Conv2d_1a_3x3.bn.num_batches_tracked"]) == 7
+    for extra, match in [("AuxLogits.conv0.conv.weight", "torchvision"), ("Mixed_8a.conv.weight", "unexpected")]:
+        p = tmp_path / "extra.pth"
+        torch.save({**sd, extra: torch.zeros(1)}, p)
+        with pytest.raises(ValueError, match=match):
+            load_fid_inception_state_dict(p)
     missing = tmp_path / "does_not_exist.pth"
     with pytest.raises(FileNotFoundError, match="does_not_exist.pth"):
         InceptionV3Features(missing)

@@ -67,13 +67,13 @@ class EvaluateResult:
 
 
 def markdown_table(rows: dict[str, dict[str, float]]) -> str:
-    """{row: {column: value}} as a markdown table; 4 decimals under 1, else 2; NaN as '-'."""
+    """{row: {column: value}} as a markdown table; 4 decimals up to 1, else 2; NaN as "-"."""
     columns = list(dict.fromkeys(c for values in rows.values() for c in values))
 
     def fmt(v: float | None) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "-"
-        return f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
+        return f"{v:.4f}" if abs(v) <= 1 else f"{v:.2f}"
 
     lines = ["| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name, values in rows.items():

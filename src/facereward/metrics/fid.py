@@ -281,7 +281,9 @@ def _read_tensor_file(path: Path) -> Mapping[str, Tensor]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"could not read FID Inception weights {path} with torch.load(weights_only=True): {first}") from e
+        raise ValueError(
+            f"could not read FID Inception weights {path} with torch.load(weights_only=True): {first}"
+        ) from e
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
@@ -329,7 +331,9 @@ def load_fid_inception_state_dict(path: str | Path, model: FIDInceptionV3 | None
     unexpected = [k for k in raw if k not in expected and not k.startswith("fc.")]
     if unexpected:
         shown = ", ".join(unexpected[:3]) + (", ..." if len(unexpected) > 3 else "")
-        raise ValueError(f"{path}: not a pytorch-fid FID Inception state dict: {len(unexpected)} unexpected keys ({shown})")
+        raise ValueError(
+            f"{path}: not a pytorch-fid FID Inception state dict: {len(unexpected)} unexpected keys ({shown})"
+        )
     for k in required:
         if tuple(raw[k].shape) != expected[k]:
             raise ValueError(f"{path}: key {k} has shape {tuple(raw[k].shape)}, expected {expected[k]}")
@@ -451,7 +455,8 @@ def compute_features(
 
     feats: list[np.ndarray] = []
     dim = None
-    with tqdm(total=total, desc=f"features [{extractor.name}]", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    bar = tqdm(total=total, desc=f"features [{extractor.name}]", unit="img", disable=not progress, dynamic_ncols=True)
+    with bar:
         for batch in _batches(images, batch_size):
             if batch.shape[0] == 0:
                 continue
@@ -460,7 +465,8 @@ def compute_features(
             f = np.asarray(f, dtype=np.float64)
             if f.ndim != 2 or f.shape[0] != batch.shape[0]:
                 raise ValueError(
-                    f"extractor {extractor.name!r} returned shape {f.shape} for a batch of {batch.shape[0]}, expected (B, D)"
+                    f"extractor {extractor.name!r} returned shape {f.shape} for a batch of {batch.shape[0]}, "
+                    "expected (B, D)"
                 )
             if dim is not None and f.shape[1] != dim:
                 raise ValueError(f"extractor {extractor.name!r} returned D={f.shape[1]} after D={dim}")
@@ -597,7 +603,9 @@ def kid_from_features(
         raise ValueError(f"kid: subsets must be >= 1, got {subsets}")
     m = min(int(subset_size), f1.shape[0], f2.shape[0])
     if m < 2:
-        raise ValueError(f"kid: needs at least 2 samples per set (got {f1.shape[0]} and {f2.shape[0]}, subset_size={subset_size})")
+        raise ValueError(
+            f"kid: needs at least 2 samples per set (got {f1.shape[0]} and {f2.shape[0]}, subset_size={subset_size})"
+        )
     d = f1.shape[1]
     g = 1.0 / d if gamma is None else float(gamma)
     rng = np.random.RandomState(seed)
@@ -605,9 +613,10 @@ def kid_from_features(
     for i in range(subsets):
         x = f1[rng.choice(f1.shape[0], m, replace=False)]
         y = f2[rng.choice(f2.shape[0], m, replace=False)]
-        mmds[i] = _mmd2_unbiased(
-            _poly_kernel(x, x, degree, g, coef0), _poly_kernel(x, y, degree, g, coef0), _poly_kernel(y, y, degree, g, coef0)
-        )
+        kxx = _poly_kernel(x, x, degree, g, coef0)
+        kxy = _poly_kernel(x, y, degree, g, coef0)
+        kyy = _poly_kernel(y, y, degree, g, coef0)
+        mmds[i] = _mmd2_unbiased(kxx, kxy, kyy)
     return float(mmds.mean()), float(mmds.std())
 
 

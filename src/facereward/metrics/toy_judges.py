@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,6 +38,10 @@ __all__ = [
     "load_toy_landmark_regressor",
     "save_toy_judge",
     "IBUG_FLIP",
+    "verification_pairs",
+    "roc_auc",
+    "best_threshold",
+    "verification_accuracy",
 ]
 
 INPUT_SIZE = 64
@@ -163,8 +168,9 @@ class ToyLandmarkConfig:
 class ToyLandmarkRegressor(nn.Module):
     """68-point landmark regressor for toy faces: (B, 3, H, W) RGB [0, 1] -> (B, 68, 2) pixel (x, y).
 
-    `forward` returns normalised coordinates in [0, 1] (fractions of width and height); `detect`
-    scales them to the input's pixel size.
+    `forward` returns normalised coordinates u = (x + 0.5) / W, v = (y + 0.5) / H (fractions of the
+    image extent); `detect` maps them back to pixel coordinates with pixel centres at integers, the
+    `data.toyfaces` convention, at the input's size.
     """
 
     name = "toy-lmk"
@@ -216,7 +222,7 @@ class ToyLandmarkRegressor(nn.Module):
         finally:
             self.train(was_training)
         h, w = images.shape[-2:]
-        return (norm * torch.tensor([w, h], dtype=norm.dtype, device=norm.device)).float()
+        return (norm * torch.tensor([w, h], dtype=norm.dtype, device=norm.device) - 0.5).float()
 
 
 # --------------------------------------------------------------------------- save / load
@@ -230,7 +236,9 @@ def save_toy_judge(model: ToyIdentityEmbedder | ToyLandmarkRegressor, folder: st
     folder.mkdir(parents=True, exist_ok=True)
     stem = IDENTITY_FILE if isinstance(model, ToyIdentityEmbedder) else LANDMARK_FILE
     state = {k: v.detach().cpu().float().contiguous() for k, v in model.state_dict().items() if v.is_floating_point()}
-    save_file(state, str(folder / f"{stem}.safetensors"))
+    weights = folder / f"{stem}.safetensors"
+    save_file(state, str(weights))
+    weights.chmod(0o644)
     meta: dict[str, Any] = {"name": model.name, "class": type(model).__name__, "config": asdict(model.config)}
     if isinstance(model, ToyIdentityEmbedder):
         meta["threshold"] = model.threshold
@@ -272,3 +280,49 @@ def load_toy_identity_embedder(path: str | Path | None = None, device: str | tor
 def load_toy_landmark_regressor(path: str | Path | None = None, device: str | torch.device = "cpu") -> ToyLandmarkRegressor:
     """The trained `ToyLandmarkRegressor` from folder `path` (default: the shipped one), in eval mode."""
     return _load(ToyLandmarkRegressor, ToyLandmarkConfig, LANDMARK_FILE, path, device)
+
+
+# --------------------------------------------------------------------------- verification helpers
+
+
+def verification_pairs(identities: Sequence[int], n_pairs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`n_pairs` same-identity and `n_pairs` different-identity index pairs into `identities`.
+
+    Returns ``(pairs (2n, 2) int, same (2n,) bool)``, distinct unordered pairs, deterministic in `seed`.
+    """
+    ids = np.asarray(identities)
+    rng = np.random.default_rng([int(seed), 606])
+    i, j = np.triu_indices(len(ids), k=1)
+    same = ids[i] == ids[j]
+    pos, neg = np.flatnonzero(same), np.flatnonzero(~same)
+    if len(pos) < n_pairs or len(neg) < n_pairs:
+        raise ValueError(f"verification_pairs: only {len(pos)} same / {len(neg)} different pairs, asked for {n_pairs}")
+    pick = np.concatenate([rng.choice(pos, n_pairs, replace=False), rng.choice(neg, n_pairs, replace=False)])
+    return np.stack([i[pick], j[pick]], 1), same[pick]
+
+
+def roc_auc(scores: np.ndarray, same: np.ndarray) -> float:
+    """ROC AUC of `scores` separating `same` (True) from different pairs (ties count one half)."""
+    scores, same = np.asarray(scores, dtype=np.float64), np.asarray(same, dtype=bool)
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    n_pos, n_neg = int(same.sum()), int((~same).sum())
+    return float((ranks[same].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def verification_accuracy(scores: np.ndarray, same: np.ndarray, threshold: float) -> float:
+    """Fraction of pairs classified correctly by ``score >= threshold`` means same identity."""
+    return float(np.mean((np.asarray(scores) >= threshold) == np.asarray(same, dtype=bool)))
+
+
+def best_threshold(scores: np.ndarray, same: np.ndarray) -> float:
+    """The threshold maximising `verification_accuracy` (midpoint between neighbouring scores)."""
+    s = np.sort(np.unique(np.asarray(scores, dtype=np.float64)))
+    cands = np.concatenate([[s[0] - 1e-6], (s[1:] + s[:-1]) / 2.0, [s[-1] + 1e-6]])
+    accs = [verification_accuracy(scores, same, t) for t in cands]
+    return float(cands[int(np.argmax(accs))])

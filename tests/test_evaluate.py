@@ -1,0 +1,112 @@
+"""`facereward evaluate`: the table, its files, output folders, no-GT sets, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from facereward.cli import app
+from facereward.data.imageio import read_image, write_image
+from facereward.demo import make_toy_testset
+from facereward.evaluate import EvaluateConfig, evaluate, markdown_table
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def toy_testset(tmp_path_factory):
+    return make_toy_testset(tmp_path_factory.mktemp("toy") / "set", n=6, size=64, seed=0)
+
+
+def test_images_equal_to_gt_score_perfectly_and_lq_does_not(toy_testset, tmp_path):
+    cfg = EvaluateConfig(testset=str(toy_testset), out_dir=str(tmp_path / "o"), images={"oracle": str(toy_testset / "hq")},
+                         identity="dlib", landmarks="dlib", fid="none", batch_size=4, progress=False)
+    result = evaluate(cfg)
+    oracle, lq = result.rows["oracle"], result.rows["LQ"]
+    assert oracle["PSNR"] == float("inf") and oracle["SSIM"] == pytest.approx(1.0)
+    assert oracle["IDS (dlib-resnet128)"] == pytest.approx(1.0, abs=1e-5)
+    assert oracle["LMD (dlib-68)"] == pytest.approx(0.0, abs=1e-6)
+    assert lq["PSNR"] < 30 and lq["SSIM"] < oracle["SSIM"] and lq["LMD (dlib-68)"] > 0
+    # the per-image values behind the means
+    assert len(result.per_image["LQ"]["PSNR"]) == 6
+    assert lq["PSNR"] == pytest.approx(np.mean(result.per_image["LQ"]["PSNR"]))
+    # files
+    out = tmp_path / "o"
+    rows = list(csv.reader(open(out / "results.csv")))
+    assert rows[0][:3] == ["method", "PSNR", "SSIM"] and [r[0] for r in rows[1:]] == ["LQ", "oracle"]
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["judges"]["identity"] == "dlib-resnet128"
+    assert (out / "grid.png").is_file() and "| oracle |" in (out / "results.md").read_text()
+
+
+def test_model_rows_stage1_and_saved_outputs(toy_testset, tmp_path, pixel_config):
+    from facereward.models.restorer import Restorer
+
+    pixel_config.size = 64
+    Restorer.build(pixel_config).save_pretrained(tmp_path / "m")
+    cfg = EvaluateConfig(testset=str(toy_testset), out_dir=str(tmp_path / "o"), models={"tiny": str(tmp_path / "m")},
+                         include_stage1=True, steps=2, identity="none", landmarks="none", fid="none", progress=False)
+    result = evaluate(cfg)
+    assert list(result.rows) == ["LQ", "tiny (stage 1)", "tiny"]
+    # a fresh cleaner is the identity (zero-initialised tail): stage 1 scores equal the LQ's
+    assert result.rows["tiny (stage 1)"]["PSNR"] == pytest.approx(result.rows["LQ"]["PSNR"])
+    saved = sorted(p.name for p in (tmp_path / "o" / "outputs" / "tiny").glob("*.png"))
+    assert saved == sorted(p.name for p in (toy_testset / "lq").glob("*.png"))
+    # evaluating the saved outputs as a folder reproduces the model's row
+    again = evaluate(EvaluateConfig(testset=str(toy_testset), out_dir=str(tmp_path / "o2"), include_lq=False,
+                                    images={"tiny": str(tmp_path / "o" / "outputs" / "tiny")}, identity="none",
+                                    landmarks="none", fid="none", progress=False))
+    assert again.rows["tiny"]["PSNR"] == pytest.approx(result.rows["tiny"]["PSNR"], abs=1e-9)
+
+
+def test_fid_against_a_reference_without_gt(toy_testset, tmp_path):
+    no_gt = tmp_path / "real"
+    shutil.copytree(toy_testset / "lq", no_gt / "lq")
+    cfg = EvaluateConfig(testset=str(no_gt), out_dir=str(tmp_path / "o"), images={"same-as-hq": str(toy_testset / "hq")},
+                         identity="dlib", fid_reference=str(toy_testset / "hq"), kid_subsets=5, progress=False)
+    with pytest.warns(UserWarning, match="singular"):
+        result = evaluate(cfg)
+    assert "PSNR" not in result.rows["LQ"]  # no GT: no full-reference metrics
+    fid_col = "FID (dlib-resnet128)"
+    assert result.rows["same-as-hq"][fid_col] == pytest.approx(0.0, abs=1e-6)
+    assert result.rows["LQ"][fid_col] > 0.01
+
+
+def test_missing_outputs_and_bad_options_are_clear(toy_testset, tmp_path):
+    partial = tmp_path / "partial"
+    for p in sorted((toy_testset / "hq").glob("*.png"))[:2]:
+        write_image(partial / p.name, read_image(p))
+    with pytest.raises(FileNotFoundError, match="4 outputs for 'x' are missing"):
+        evaluate(EvaluateConfig(testset=str(toy_testset), out_dir=str(tmp_path / "o"), images={"x": str(partial)}, progress=False))
+    with pytest.raises(ValueError, match="fid must be"):
+        evaluate(EvaluateConfig(testset=str(toy_testset), out_dir=str(tmp_path / "o"), identity="none", landmarks="none", fid="bogus", progress=False))
+    with pytest.raises(ValueError, match="both lpips_backbone and lpips_heads"):
+        evaluate(EvaluateConfig(testset=str(toy_testset), out_dir=str(tmp_path / "o"), lpips_backbone="x.pth",
+                                identity="none", landmarks="none", fid="none", progress=False))
+
+
+def test_evaluate_command(toy_testset, tmp_path):
+    result = CliRunner().invoke(app, ["evaluate", "--testset", str(toy_testset), "--images", f"gt={toy_testset / 'hq'}",
+                                      "--identity", "none", "--landmarks", "none", "--fid", "none", "--out-dir", str(tmp_path / "o"),
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "| gt | inf | 1.0000 |" in result.output
+    bad = CliRunner().invoke(app, ["evaluate", "--testset", str(toy_testset), "--images", "nodir"])
+    assert bad.exit_code == 2 and "NAME=DIR" in bad.output
+
+
+def test_markdown_table_formats_and_missing_values():
+    table = markdown_table({"a": {"PSNR": 21.234, "SSIM": 0.61234}, "b": {"PSNR": float("nan")}})
+    assert table.splitlines() == ["| | PSNR | SSIM |", "|---|---|---|", "| a | 21.23 | 0.6123 |", "| b | - | - |"]
