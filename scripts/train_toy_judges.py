@@ -5,7 +5,7 @@ Renders `--faces` train-identity faces of the demo world ToyFaceWorld(seed=0, n_
 test_fraction=0.2) at 64 px once, in memory, plus two seeded "diffbir" degradations of each at
 random strength (U(0, 0.5) and a mild U(0, 0.3)); trains both judges on them; measures them on
 held-out (test-split) identities; writes `toy-id.*`, `toy-lmk.*` and `metrics.json` to `--out`.
-Deterministic in `--seed`; single-threaded by default (about 6-9 minutes on a busy 2-core CPU).
+Deterministic in `--seed`; single-threaded by default (defaults took 277 s on a busy 2-core CPU).
 
     python scripts/train_toy_judges.py [--out DIR] [--steps N] [--seed S] [--faces N]
 """

@@ -150,7 +150,7 @@ def test_registry_callable_roundtrip(image):
     finally:
         from facereward.data import degradation
 
-        degradation._REGISTRY.pop("test-invert", None)
+        degradation._REGISTRY.unregister("test-invert")
 
 
 def test_registry_preset_roundtrip(image):
@@ -163,7 +163,7 @@ def test_registry_preset_roundtrip(image):
     finally:
         from facereward.data import degradation
 
-        degradation._REGISTRY.pop("test-mild", None)
+        degradation._REGISTRY.unregister("test-mild")
 
 
 def test_unknown_name_lists_known():

@@ -111,6 +111,31 @@ def test_fid_needs_two_images_and_warns_when_covariance_singular():
         fid_from_features(rng.normal(size=(40, 4)), rng.normal(size=(40, 4)))
 
 
+def test_fid_sqrtm_fixes_as_pytorch_fid(monkeypatch):
+    import facereward.metrics.fid as fidmod
+
+    s1, s2 = np.diag([1.0, 4.0]), np.diag([4.0, 1.0])
+    mu = np.zeros(2)
+    calls = []
+
+    def nan_then_real(a):  # the singular-product path: not finite -> retry with eps * I on both
+        calls.append(a)
+        return np.full_like(a, np.nan) if len(calls) == 1 else np.diag(np.sqrt(np.diag(a)))
+
+    monkeypatch.setattr(fidmod, "_sqrtm", nan_then_real)
+    with pytest.warns(UserWarning, match="singular product"):
+        value = fid_from_stats(mu, s1, mu, s2, eps=1e-2)
+    np.testing.assert_allclose(calls[1], (s1 + 1e-2 * np.eye(2)) @ (s2 + 1e-2 * np.eye(2)))
+    assert value == pytest.approx(5 + 5 - 2 * 2 * math.sqrt(1.01 * 4.01))
+
+    # complex output: real part when the diagonal's imaginary part is negligible, error otherwise
+    monkeypatch.setattr(fidmod, "_sqrtm", lambda a: np.diag([2.0, 2.0]) + 1e-5j)
+    assert fid_from_stats(mu, s1, mu, s2) == pytest.approx(2.0)
+    monkeypatch.setattr(fidmod, "_sqrtm", lambda a: np.diag([2.0 + 0.5j, 2.0]))
+    with pytest.raises(ValueError, match="imaginary"):
+        fid_from_stats(mu, s1, mu, s2)
+
+
 def test_fid_stats_roundtrip(tmp_path):
     rng = np.random.default_rng(4)
     f1, f2 = rng.normal(size=(50, 5)), rng.normal(size=(60, 5)) + 0.3

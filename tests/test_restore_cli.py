@@ -7,14 +7,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from facereward.cli import app
 from facereward.data.imageio import read_image
 from facereward.inference import restore_files
-from facereward.models.restorer import Restorer
 
 runner = CliRunner()
 

@@ -301,8 +301,8 @@ class _ScaleCleaner(nn.Module):
 
 
 def test_register_cleaner_saves_and_loads_by_name(monkeypatch, tmp_path, pixel_config):
-    monkeypatch.setattr(cleaner_mod, "_CLEANERS", dict(cleaner_mod._CLEANERS))  # keep the registry clean
     register_cleaner("test_scale", _ScaleCleaner)
+    request_cleanup = lambda: cleaner_mod._CLEANERS.unregister("test_scale")  # noqa: E731
     pixel_config.cleaner = "test_scale"
     pixel_config.cleaner_kwargs = {"scale": 0.5}
     r = Restorer.build(pixel_config)
@@ -320,7 +320,7 @@ def test_register_cleaner_saves_and_loads_by_name(monkeypatch, tmp_path, pixel_c
     assert torch.equal(loaded.clean(lq), (lq * 0.25).clamp(0, 1))
 
     # without the registration the folder cannot be loaded (and says why)
-    monkeypatch.setattr(cleaner_mod, "_CLEANERS", {"residual_cnn": ResidualCleaner})
+    request_cleanup()
     with pytest.raises(ValueError, match="test_scale"):
         Restorer.from_pretrained(tmp_path / "custom")
 

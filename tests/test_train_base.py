@@ -12,8 +12,21 @@ import yaml
 from facereward.config import ConfigError, load_config
 from facereward.data.imageio import write_image
 from facereward.models.restorer import PixelUNetConfig, Restorer, RestorerConfig
-from facereward.train.base import DataConfig, TrainBaseConfig, build_dataset, stage1_loss, stage2_loss, train_base
-from facereward.train.plumbing import CheckpointError, RunConfig, find_checkpoint, load_checkpoint, save_checkpoint
+from facereward.train.base import (
+    DataConfig,
+    TrainBaseConfig,
+    build_dataset,
+    stage1_loss,
+    stage2_loss,
+    train_base,
+)
+from facereward.train.plumbing import (
+    CheckpointError,
+    RunConfig,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def _tiny_model() -> RestorerConfig:

@@ -229,7 +229,8 @@ def evaluate(
 ) -> None:
     """The BFR benchmark table for several models or output folders side by side (markdown, CSV, JSON, grid)."""
     from facereward.config import load_config
-    from facereward.evaluate import EvaluateConfig, evaluate as run_evaluate
+    from facereward.evaluate import EvaluateConfig
+    from facereward.evaluate import evaluate as run_evaluate
 
     cfg = load_config(EvaluateConfig, config, set_)
     given = {"testset": testset, "out_dir": out_dir, "steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size,

@@ -226,7 +226,10 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
                     with torch.no_grad():
                         scores[judges["lpips"]] += lpips(out, gt).tolist()
                 if id_judge is not None:
-                    from facereward.metrics.identity import identity_degrees, identity_similarity
+                    from facereward.metrics.identity import (
+                        identity_degrees,
+                        identity_similarity,
+                    )
 
                     emb = id_judge.embed(out)
                     scores[f"IDS ({id_judge.name})"] += identity_similarity(emb, gt_emb).tolist()

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 import cv2
 import numpy as np
+
+from facereward.registry import Registry
 
 __all__ = [
     "DegradationPreset",
@@ -217,7 +219,7 @@ def apply_degradation(image: np.ndarray, params: dict[str, Any], rng: np.random.
 
 # --------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, Union[DegradationPreset, DegradationFn]] = {}
+_REGISTRY: Registry[DegradationPreset | DegradationFn] = Registry("degradation")
 
 
 def register_degradation(name: str, preset_or_callable: DegradationPreset | DegradationFn, overwrite: bool = False) -> None:
@@ -225,22 +227,17 @@ def register_degradation(name: str, preset_or_callable: DegradationPreset | Degr
     if not isinstance(preset_or_callable, DegradationPreset) and not callable(preset_or_callable):
         raise TypeError(f"degradation {name!r}: expected a DegradationPreset or a callable (image, rng) -> (lq, params), "
                         f"got {type(preset_or_callable).__name__}")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"degradation {name!r} is already registered (pass overwrite=True to replace it)")
-    _REGISTRY[name] = preset_or_callable
+    _REGISTRY.register(name, preset_or_callable, overwrite)
 
 
 def get_degradation(name: str) -> DegradationPreset | DegradationFn:
     """The preset or callable registered as `name`; ValueError listing the known names otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown degradation {name!r}; known: {', '.join(list_degradations())}") from None
+    return _REGISTRY.get(name)
 
 
 def list_degradations() -> list[str]:
     """Registered degradation names, sorted."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 for _preset in (

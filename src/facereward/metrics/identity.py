@@ -21,7 +21,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .landmarks import detect_face_boxes, dlib_model_file, images_to_uint8
+from facereward.metrics.landmarks import (
+    detect_face_boxes,
+    dlib_model_file,
+    images_to_uint8,
+)
+from facereward.registry import Registry
 
 __all__ = [
     "IdentityEmbedder",
@@ -204,30 +209,24 @@ def identity_scores(embedder: IdentityEmbedder, pred: Tensor, ref: Tensor) -> di
 
 # --------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, Callable[..., IdentityEmbedder]] = {}
+_REGISTRY: Registry[Callable[..., IdentityEmbedder]] = Registry("identity embedder")
 
 
 def register_identity_embedder(name: str, factory: Callable[..., IdentityEmbedder], overwrite: bool = False) -> None:
     """Make `factory(**kwargs) -> IdentityEmbedder` available as `get_identity_embedder(name, **kwargs)`."""
     if not callable(factory):
         raise TypeError(f"identity embedder {name!r}: factory must be callable, got {type(factory).__name__}")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"identity embedder {name!r} is already registered (pass overwrite=True to replace it)")
-    _REGISTRY[name] = factory
+    _REGISTRY.register(name, factory, overwrite)
 
 
 def get_identity_embedder(name: str, **kwargs: Any) -> IdentityEmbedder:
     """Build the embedder registered as `name`; ValueError listing the known names otherwise."""
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown identity embedder {name!r}; known: {', '.join(list_identity_embedders())}") from None
-    return factory(**kwargs)
+    return _REGISTRY.get(name)(**kwargs)
 
 
 def list_identity_embedders() -> list[str]:
     """Registered identity embedder names, sorted."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def _arcface_factory(path: str | Path | None = None, **kwargs: Any) -> ArcFaceOnnxEmbedder:
@@ -236,5 +235,12 @@ def _arcface_factory(path: str | Path | None = None, **kwargs: Any) -> ArcFaceOn
     return ArcFaceOnnxEmbedder(path, **kwargs)
 
 
+def _toy_factory(**kwargs: Any) -> IdentityEmbedder:
+    from facereward.metrics.toy_judges import load_toy_identity_embedder
+
+    return load_toy_identity_embedder(**kwargs)
+
+
 register_identity_embedder("dlib", DlibIdentityEmbedder)
+register_identity_embedder("toy", _toy_factory)
 register_identity_embedder("arcface", _arcface_factory)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from facereward.registry import Registry
+
 __all__ = [
     "LandmarkDetector",
     "DlibLandmarkDetector",
@@ -163,30 +165,31 @@ def landmark_scores(detector: LandmarkDetector, pred: Tensor, ref: Tensor) -> di
 
 # --------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, Callable[..., LandmarkDetector]] = {}
+_REGISTRY: Registry[Callable[..., LandmarkDetector]] = Registry("landmark detector")
 
 
 def register_landmark_detector(name: str, factory: Callable[..., LandmarkDetector], overwrite: bool = False) -> None:
     """Make `factory(**kwargs) -> LandmarkDetector` available as `get_landmark_detector(name, **kwargs)`."""
     if not callable(factory):
         raise TypeError(f"landmark detector {name!r}: factory must be callable, got {type(factory).__name__}")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"landmark detector {name!r} is already registered (pass overwrite=True to replace it)")
-    _REGISTRY[name] = factory
+    _REGISTRY.register(name, factory, overwrite)
 
 
 def get_landmark_detector(name: str, **kwargs: Any) -> LandmarkDetector:
     """Build the detector registered as `name`; ValueError listing the known names otherwise."""
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown landmark detector {name!r}; known: {', '.join(list_landmark_detectors())}") from None
-    return factory(**kwargs)
+    return _REGISTRY.get(name)(**kwargs)
 
 
 def list_landmark_detectors() -> list[str]:
     """Registered landmark detector names, sorted."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
+
+
+def _toy_factory(**kwargs: Any) -> LandmarkDetector:
+    from facereward.metrics.toy_judges import load_toy_landmark_regressor
+
+    return load_toy_landmark_regressor(**kwargs)
 
 
 register_landmark_detector("dlib", DlibLandmarkDetector)
+register_landmark_detector("toy", _toy_factory)

@@ -64,7 +64,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["LPIPS", "load_lpips", "backbone_layout", "heads_layout", "NETS"]

@@ -18,9 +18,10 @@ Both work at 64 px internally; other input sizes are resized (area down, bilinea
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,20 +29,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "IBUG_FLIP",
     "INPUT_SIZE",
     "ToyIdentityConfig",
-    "ToyLandmarkConfig",
     "ToyIdentityEmbedder",
+    "ToyLandmarkConfig",
     "ToyLandmarkRegressor",
+    "best_threshold",
     "default_toy_judges_dir",
     "load_toy_identity_embedder",
     "load_toy_landmark_regressor",
-    "save_toy_judge",
-    "IBUG_FLIP",
-    "verification_pairs",
     "roc_auc",
-    "best_threshold",
+    "save_toy_judge",
     "verification_accuracy",
+    "verification_pairs",
 ]
 
 INPUT_SIZE = 64
@@ -83,6 +84,10 @@ def _to_input_size(images: Tensor, name: str) -> Tensor:
 
 def _cbr(cin: int, cout: int, stride: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def _up(x: Tensor, factor: int) -> Tensor:
+    return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
 
 
 class _Stage(nn.Sequential):
@@ -198,8 +203,7 @@ class ToyLandmarkRegressor(nn.Module):
         for stage in self.stages:
             x = stage(x)
             feats.append(x)
-        up = lambda t, f: F.interpolate(t, scale_factor=f, mode="bilinear", align_corners=False)  # noqa: E731
-        x = self.lat2(feats[1]) + up(self.lat3(feats[2]), 2) + up(self.lat4(feats[3]), 4)
+        x = self.lat2(feats[1]) + _up(self.lat3(feats[2]), 2) + _up(self.lat4(feats[3]), 4)
         x = self.fuse(x)
         logits = self.heatmap(x) * self.log_beta.exp()  # (B, K, h, w)
         b, k, h, w = logits.shape

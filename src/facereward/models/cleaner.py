@@ -11,18 +11,19 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-_CLEANERS: dict[str, Callable[..., nn.Module]] = {}
+from facereward.registry import Registry
+
+_CLEANERS: Registry[Callable[..., nn.Module]] = Registry("cleaner", hint="register it with register_cleaner")
 
 
-def register_cleaner(name: str, builder: Callable[..., nn.Module]) -> None:
+def register_cleaner(name: str, builder: Callable[..., nn.Module], overwrite: bool = False) -> None:
     """Make `builder(**kwargs)` available as a cleaner architecture called `name`."""
-    _CLEANERS[name] = builder
+    _CLEANERS.register(name, builder, overwrite)
 
 
 def build_cleaner(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    if name not in _CLEANERS:
-        raise ValueError(f"unknown cleaner {name!r} (known: {', '.join(sorted(_CLEANERS))}); register it with register_cleaner")
-    return _CLEANERS[name](**kwargs)
+    """A new cleaner of the registered architecture `name` (register yours with `register_cleaner`)."""
+    return _CLEANERS.get(name)(**kwargs)
 
 
 class _ResBlock(nn.Module):

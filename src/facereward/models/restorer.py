@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDIMScheduler,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
