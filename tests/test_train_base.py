@@ -139,10 +139,9 @@ def test_build_dataset_needs_exactly_one_source(tmp_path):
 def test_two_cpu_processes_train_together(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU joins one gloo group (not two lone runs)."""
     import os
-    import shutil
     import subprocess
+    import sys
 
-    accelerate = shutil.which("accelerate")
     cfg = {
         "run": {"output_dir": str(tmp_path / "run"), "save_every": 2, "log_every": 1, "progress": False},
         "data": {"toy_faces": 8, "size": 32, "toy_identities": 10},
@@ -152,7 +151,7 @@ def test_two_cpu_processes_train_together(tmp_path):
     }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                            "--dynamo_backend", "no", "-m", "facereward.cli", "train-base", "--config", str(tmp_path / "c.yaml")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
