@@ -138,6 +138,44 @@ def train_base_cmd(
         typer.echo(f"saved restorer to {out}")
 
 
+@app.command("train-frm")
+def train_frm_cmd(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (fields of TrainFRMConfig)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    pairs: Optional[Path] = typer.Option(None, help="Preference JSONL (sets pairs)."),
+    eval_pairs: Optional[Path] = typer.Option(None, help="Held-out preference JSONL (default: a split of --pairs by LQ input)."),
+    output_dir: Optional[Path] = typer.Option(None, help="Run folder (sets run.output_dir)."),
+    resume: Optional[str] = typer.Option(None, help="'latest' or a checkpoint folder (sets run.resume)."),
+) -> None:
+    """Train the Face Reward Model on preference pairs (Bradley-Terry with a learnable logit scale)."""
+    from facereward.config import load_config
+    from facereward.train.frm import TrainFRMConfig, train_frm
+
+    overrides = list(set_)
+    for key, value in (("pairs", pairs), ("eval_pairs", eval_pairs), ("run.output_dir", output_dir), ("run.resume", resume)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    best = train_frm(load_config(TrainFRMConfig, config, overrides))
+    if _is_main_process():
+        typer.echo(f"saved the best FRM (held-out accuracy) to {best}")
+
+
+@app.command()
+def annotate(
+    folder: Path = typer.Argument(..., help="A candidates folder (candidates.json, lq/, gt/, candidates/) from `facereward candidates`."),
+    labels: Optional[Path] = typer.Option(None, help="Labels JSONL (default FOLDER/labels.jsonl); appended to at every label."),
+    annotator: str = typer.Option("anonymous", help="Your name, stored with each label."),
+    host: str = typer.Option("127.0.0.1", help="Bind address (loopback by default; anything else is reachable from the network)."),
+    port: int = typer.Option(8765, help="Port (0: any free one)."),
+    pairs_per_item: Optional[int] = typer.Option(None, help="Pairs to label per LQ input (default: all k(k-1)/2)."),
+    seed: int = typer.Option(0, help="Seed of the pair order and left/right placement."),
+) -> None:
+    """A local web page to label preference pairs with the keyboard; every label is saved at once, restarts resume."""
+    from facereward.annotate import run_annotate
+
+    run_annotate(folder, labels=labels, host=host, port=port, annotator=annotator, pairs_per_item=pairs_per_item, seed=seed)
+
+
 @app.command("build-restorer")
 def build_restorer(
     out_dir: Path = typer.Argument(..., help="Where to write the new restorer folder."),

@@ -244,13 +244,13 @@ class AnnotationSession:
                 continue
             try:
                 event = json.loads(line)
-                if not isinstance(event, dict) or not isinstance(event.get("pair_id"), str):
-                    raise ValueError("not an event object")
-            except ValueError as err:
+            except ValueError:
+                event = None
+            if not isinstance(event, dict) or not isinstance(event.get("pair_id"), str):
                 if lineno == len(lines):  # a torn last line from a crash: the decision never happened
                     print(f"warning: {self.events_path}:{lineno}: ignoring an incomplete last line", file=sys.stderr)
                     continue
-                raise AnnotationError(f"{self.events_path}:{lineno}: invalid event line ({err})") from None
+                raise AnnotationError(f"{self.events_path}:{lineno}: invalid event line (expected a JSON object with a 'pair_id')")
             events.append(event)
         return events
 
@@ -451,7 +451,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _AnnotationHTTPServer
     server_version = "facereward-annotate"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet: no line per request
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: no line per request
         pass
 
     # -- plumbing --
@@ -623,7 +623,7 @@ def run_annotate(
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("", flush=True)
+        print(flush=True)
     finally:
         server.server_close()
     stats = session.stats()

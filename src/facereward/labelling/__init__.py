@@ -1,5 +1,6 @@
-"""Preference labelling (METHODS.md 1.1): the toy oracle (no person needed) and the automatic labeller."""
+"""Preference labelling (METHODS.md 1.1): the toy oracle (labels with no person) and the automatic labeller."""
 
+from facereward.labelling.auto import AutoLabeller, FullReferenceFeatures, auto_labeller_agreement
 from facereward.labelling.oracle import (
     build_toy_preferences,
     label_candidates,
@@ -8,4 +9,13 @@ from facereward.labelling.oracle import (
     write_toy_paired_set,
 )
 
-__all__ = ["build_toy_preferences", "label_candidates", "oracle_label", "toy_quality", "write_toy_paired_set"]
+__all__ = [
+    "AutoLabeller",
+    "FullReferenceFeatures",
+    "auto_labeller_agreement",
+    "build_toy_preferences",
+    "label_candidates",
+    "oracle_label",
+    "toy_quality",
+    "write_toy_paired_set",
+]

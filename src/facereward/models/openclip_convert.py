@@ -177,7 +177,7 @@ def convert_openclip_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.
             kind = "weight" if suffix.endswith("weight") else "bias"
             if value.shape[0] % 3:
                 raise OpenCLIPCheckpointError(f"{key}: first dimension {value.shape[0]} is not 3 x width")
-            for name, part in zip("qkv", value.chunk(3, dim=0)):
+            for name, part in zip("kqv", value.chunk(3, dim=0)):
                 out[f"{base}self_attn.{name}_proj.{kind}"] = part.contiguous()
         else:
             out[base + _BLOCK_RENAMES[suffix]] = value
