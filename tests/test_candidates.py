@@ -85,7 +85,7 @@ def test_candidates_cycle_over_models(tmp_path, testset, model_dirs):
 
 
 def test_deterministic_given_seed_and_different_across_seeds(tmp_path, testset, model_dirs):
-    kw = dict(models={"base": model_dirs["base"]}, k=2, etas=(1.0,), steps=2, batch_size=2, progress=False)
+    kw = {"models": {"base": model_dirs["base"]}, "k": 2, "etas": (1.0,), "steps": 2, "batch_size": 2, "progress": False}
     a = make_candidates(testset, tmp_path / "a", seed=3, **kw)
     b = make_candidates(testset, tmp_path / "b", seed=3, **kw)
     c = make_candidates(testset, tmp_path / "c", seed=4, **kw)

@@ -29,6 +29,10 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+def sig(z: float) -> float:
+    return 1 / (1 + math.exp(-z))
+
+
 def _images(batch: int = 2, h: int = 64, w: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
@@ -50,7 +54,6 @@ def test_bt_loss_matches_hand_computation():
     s_w, s_l = torch.tensor([1.0, 0.2]), torch.tensor([0.5, 0.4])
     log_tau = torch.tensor(math.log(2.0), requires_grad=True)
     loss = bradley_terry_loss(s_w, s_l, log_tau)
-    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
     expected = (-math.log(sig(2 * 0.5)) - math.log(sig(2 * -0.2))) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     loss.backward()
@@ -60,7 +63,6 @@ def test_bt_loss_matches_hand_computation():
 def test_bt_loss_tie_uses_target_one_half():
     s_w, s_l = torch.tensor([1.0, 0.2]), torch.tensor([0.5, 0.4])
     loss = bradley_terry_loss(s_w, s_l, math.log(2.0), tie=torch.tensor([False, True]))
-    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
     tie_term = -(0.5 * math.log(sig(-0.4)) + 0.5 * math.log(1 - sig(-0.4)))
     expected = (-math.log(sig(1.0)) + tie_term) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
@@ -157,9 +159,10 @@ def tiny_clip(tmp_path):
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "face</w>": 3}
     CLIPTokenizer(vocab=vocab, merges=[], model_max_length=8).save_pretrained(folder)
     config = CLIPConfig(
-        text_config=dict(vocab_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
+        text_config={"vocab_size": 4, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "max_position_embeddings": 8, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
         projection_dim=8,
     )
     torch.manual_seed(0)

