@@ -119,3 +119,13 @@ def test_clear_errors(tmp_path, testset, model_dirs):
         make_candidates(testset, tmp_path / "out", {"gt": model_dirs["base"]}, progress=False)
     with pytest.raises(FileNotFoundError, match="not a candidates folder"):
         load_candidates(tmp_path)
+
+
+def test_size_mismatch_and_same_folder_are_refused_before_writing(tmp_path, model_dirs):
+    root = _write_testset(tmp_path / "big", n=1, size=48)
+    with pytest.raises(ValueError, match="48x48.*restores 32x32"):
+        make_candidates(root, tmp_path / "out", {"base": model_dirs["base"]}, k=1, steps=1, progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="must differ"):
+        make_candidates(root, root, {"base": model_dirs["base"]}, k=1, steps=1, progress=False)
+    assert (root / "lq" / "0000.png").is_file()

@@ -158,3 +158,26 @@ def test_two_cpu_processes_train_together(tmp_path):
     assert proc.stdout.count("saved restorer to") == 1  # only the main process reports
     state = json.loads((find_checkpoint(tmp_path / "run", "latest") / "state.json").read_text())
     assert state["num_processes"] == 2 and state["step"] == 2
+
+
+def test_min_snr_weighting_matches_a_hand_computation():
+    torch.manual_seed(0)
+    restorer = Restorer.build(_tiny_model())
+    batch = {"hq": torch.rand(3, 3, 32, 32), "lq": torch.rand(3, 3, 32, 32)}
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    uniform = stage2_loss(restorer, batch, gen())
+    weighted = stage2_loss(restorer, batch, gen(), weighting="min_snr", min_snr_gamma=5.0)
+    # redo the draws by hand
+    g = gen()
+    t = torch.randint(0, 1000, (3,), generator=g)
+    noise = torch.randn((3, 3, 32, 32), generator=g)
+    abar = restorer.scheduler.alphas_cumprod[t].float()
+    x_t = abar.sqrt().view(-1, 1, 1, 1) * (batch["hq"] * 2 - 1) + (1 - abar).sqrt().view(-1, 1, 1, 1) * noise
+    with torch.no_grad():
+        cond = restorer.condition(restorer.clean(batch["lq"]))
+        per = (restorer.predict_eps(x_t, t, cond) - noise).pow(2).flatten(1).mean(1)
+    snr = abar / (1 - abar)
+    assert torch.allclose(uniform, per.mean(), atol=1e-6)
+    assert torch.allclose(weighted, (per * torch.minimum(snr, torch.tensor(5.0)) / snr).mean(), atol=1e-6)
+    with pytest.raises(ValueError, match="loss_weighting"):
+        stage2_loss(restorer, batch, gen(), weighting="p2")

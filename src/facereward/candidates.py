@@ -144,7 +144,15 @@ def make_candidates(
     if k > 0 and not names:
         raise ValueError("make_candidates: k > 0 needs at least one model")
 
+    if out_dir.resolve() == testset_dir.resolve():
+        raise ValueError(f"make_candidates: the output folder must differ from the test set folder ({testset_dir})")
     probe = PairedFolderDataset(testset_dir)
+    if k > 0:
+        h, w = read_image(probe.lq_files[0]).shape[:2]
+        for name, folder in model_dirs.items():
+            size = int(json.loads((folder / "facereward.json").read_text())["config"]["size"])
+            if (h, w) != (size, size):
+                raise ValueError(f"{probe.lq_files[0]}: size {w}x{h}, but model {name!r} ({folder}) restores {size}x{size} images")
     if (include_gt or degraded_strengths) and not probe.has_hq:
         raise FileNotFoundError(f"{testset_dir}: include_gt / degraded_strengths need ground truth, but there is no hq/ folder")
     n_extra = int(include_lq) + int(include_gt) + len(degraded_strengths)

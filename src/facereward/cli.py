@@ -161,6 +161,79 @@ def train_frm_cmd(
 
 
 @app.command()
+def candidates(
+    testset: Path = typer.Argument(..., help="Paired test set (lq/ and optionally hq/)."),
+    out_dir: Path = typer.Argument(..., help="Candidates folder for `facereward annotate`."),
+    model: list[str] = typer.Option([], "--model", help="NAME=DIR restorer (repeatable; candidates cycle over models)."),
+    k: int = typer.Option(4, help="Restorations per LQ input."),
+    etas: str = typer.Option("0,0.5,1", help="Comma-separated eta values cycled over candidates."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    seed: int = typer.Option(0, help="Seed (candidate j of input i uses its own seed)."),
+    include_lq: bool = typer.Option(False, help="Add the LQ input as a candidate."),
+    include_gt: bool = typer.Option(False, help="Add the GT as a candidate (needs hq/)."),
+    batch_size: int = typer.Option(8, help="Images per batch."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """k restorations per LQ input (seeds, eta values, models), laid out for annotation."""
+    from facereward.candidates import make_candidates
+    from facereward.weights import default_restorer_path
+
+    models = _named_paths(model, "--model") or {"base": str(default_restorer_path())}
+    try:
+        eta_values = [float(e) for e in etas.split(",") if e.strip()]
+    except ValueError:
+        _fail(f"--etas must be comma-separated numbers, got {etas!r}")
+    out = make_candidates(testset, out_dir, models, k=k, etas=eta_values, steps=steps, seed=seed, include_lq=include_lq,
+                          include_gt=include_gt, batch_size=batch_size, progress=progress, device=device)
+    typer.echo(f"wrote candidates to {out}; label them with: facereward annotate {out}")
+
+
+@app.command("toy-preferences")
+def toy_preferences(
+    out_dir: Path = typer.Argument(..., help="Output folder (candidates, testset/ and pairs.jsonl)."),
+    n_inputs: int = typer.Option(200, help="Toy faces (LQ inputs)."),
+    k: int = typer.Option(3, help="Restorations per input (plus the LQ, graded degradations of the GT and the GT)."),
+    split: str = typer.Option("train", help="Identities: train (FRM training data) or test (held-out pairs)."),
+    model: Optional[Path] = typer.Option(None, help="Restorer (default: the shipped toy restorer)."),
+    steps: int = typer.Option(20, help="DDIM steps."),
+    noise: float = typer.Option(0.0, help="Oracle label noise (Bradley-Terry temperature); 0 is noiseless."),
+    seed: int = typer.Option(0, help="Seed."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """A preference set with no person in the loop: toy candidates labelled by the hidden-quality oracle."""
+    from facereward.labelling.oracle import build_toy_preferences
+
+    pairs = build_toy_preferences(out_dir, n_inputs=n_inputs, k=k, model=model, seed=seed, steps=steps, split=split,
+                                  noise=noise, progress=progress)
+    typer.echo(f"wrote {sum(1 for _ in open(pairs))} oracle-labelled pairs to {pairs}")
+
+
+@app.command("auto-label")
+def auto_label(
+    folder: Path = typer.Argument(..., help="Candidates folder with GT (gt/)."),
+    human: Path = typer.Option(..., help="Human-labelled pairs (JSONL) of this folder."),
+    out: Path = typer.Option(..., help="Where to write the automatically labelled pairs (JSONL)."),
+    kind: str = typer.Option("svm", help="svm (linear) or logreg."),
+    min_confidence: float = typer.Option(0.6, help="Skip pairs the labeller is less sure of than this."),
+    held_out_fraction: float = typer.Option(0.25, help="Part of the human pairs held out to report agreement."),
+    identity: str = typer.Option("auto", help="Identity feature: auto (toy for toy sets, else dlib), toy, dlib, none."),
+) -> None:
+    """Train the automatic labeller on human pairs (reporting held-out agreement) and label the rest."""
+    from facereward.data.preferences import load_pairs
+    from facereward.labelling.auto import AutoLabeller, FullReferenceFeatures, auto_labeller_agreement
+
+    pairs = load_pairs(human)
+    if identity == "auto":
+        identity = "toy" if (folder / "toyworld.json").is_file() else "dlib"
+    features = FullReferenceFeatures(identity=identity)
+    report = auto_labeller_agreement(pairs, kind=kind, held_out_fraction=held_out_fraction, features=features)
+    typer.echo(f"agreement with held-out human pairs: {report['agreement']:.3f} ({report['n_test']} pairs; trained on {report['n_train']})")
+    n = AutoLabeller(kind, features=features).fit([p for p in pairs if not p.tie]).label_unlabelled(folder, pairs, out, min_confidence)
+    typer.echo(f"wrote {n} automatically labelled pairs to {out}")
+
+
+@app.command()
 def annotate(
     folder: Path = typer.Argument(..., help="A candidates folder (candidates.json, lq/, gt/, candidates/) from `facereward candidates`."),
     labels: Optional[Path] = typer.Option(None, help="Labels JSONL (default FOLDER/labels.jsonl); appended to at every label."),

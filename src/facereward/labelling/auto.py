@@ -102,7 +102,7 @@ class FullReferenceFeatures:
             lowpass_l1(images, gt, levels=self.levels).to(torch.float64),
         ]
         if self.identity is not None:
-            emb = self.identity.embed(torch.cat([images, gt]))
+            emb = self.identity.embed(torch.cat([images, gt]).cpu()).cpu()  # judges run where they were loaded (CPU)
             cols.append(identity_similarity(emb[: len(images)], emb[len(images):]))
         if self.lpips is not None:
             cols.append(self.lpips(images, gt).to(torch.float64))

@@ -74,7 +74,7 @@ def _check_batch(images: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
         gt = gt.expand_as(images)
     if gt.shape != images.shape:
         raise ValueError(f"toy_quality: images {tuple(images.shape)} and gt {tuple(gt.shape)} differ in shape")
-    return images.float(), gt.float()
+    return images.detach().float().cpu(), gt.detach().float().cpu()  # the toy judges run on the CPU
 
 
 @torch.no_grad()
@@ -236,6 +236,7 @@ def build_toy_preferences(
     min_margin: float = 0.0,
     batch_size: int = 16,
     progress: bool = True,
+    device: str | None = None,
 ) -> Path:
     """Toy preference set with no person: faces of `split` -> candidates -> toy-oracle labels; returns OUT/pairs.jsonl.
 
@@ -257,7 +258,8 @@ def build_toy_preferences(
         raise ValueError(f"build_toy_preferences: size {size} differs from the model's size {model_size} ({model})")
     testset = write_toy_paired_set(out_dir / "testset", n_inputs, size=size, split=split, seed=seed)
     make_candidates(testset, out_dir, {"base": model}, k=k, etas=etas, steps=steps, seed=seed, include_lq=True,
-                    include_gt=True, degraded_strengths=strengths, batch_size=batch_size, progress=progress)
+                    include_gt=True, degraded_strengths=strengths, batch_size=batch_size, progress=progress,
+                    device=device)
     pairs_path = out_dir / "pairs.jsonl"
     label_candidates(out_dir, pairs_path, pairs_per_item=pairs_per_item, noise=noise, seed=seed, min_margin=min_margin)
     return pairs_path

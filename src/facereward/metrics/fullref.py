@@ -107,12 +107,11 @@ def psnr(
     return torch.where(mse == 0, torch.full_like(out, math.inf), out)
 
 
-def _gaussian_window(device: torch.device) -> Tensor:
-    """``np.outer(k, k)`` with ``k = cv2.getGaussianKernel(11, 1.5)``, float64, (11, 11)."""
+def _gaussian_kernel(device: torch.device) -> Tensor:
+    """``k = cv2.getGaussianKernel(11, 1.5)`` as float64 (11,); the 2D window is ``np.outer(k, k)``."""
     r = torch.arange(_WIN, dtype=torch.float64, device=device) - (_WIN - 1) / 2
     k = torch.exp(-(r**2) / (2 * _SIGMA**2))
-    k = k / k.sum()
-    return torch.outer(k, k)
+    return k / k.sum()
 
 
 def ssim(
@@ -129,8 +128,10 @@ def ssim(
     c = x.shape[1]
     # One grouped conv over [x, y, x^2, y^2, xy] stacked along channels: 5C groups of one plane each.
     stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)
-    weight = _gaussian_window(x.device).expand(5 * c, 1, _WIN, _WIN).contiguous()
-    filt = F.conv2d(stack, weight, groups=5 * c)  # 'valid' == cv2.filter2D + [5:-5, 5:-5]
+    # The window is separable: a vertical then a horizontal 11-tap pass ('valid' == cv2.filter2D + [5:-5, 5:-5]).
+    k = _gaussian_kernel(x.device)
+    filt = F.conv2d(stack, k.view(1, 1, _WIN, 1).expand(5 * c, 1, _WIN, 1).contiguous(), groups=5 * c)
+    filt = F.conv2d(filt, k.view(1, 1, 1, _WIN).expand(5 * c, 1, 1, _WIN).contiguous(), groups=5 * c)
     mu1, mu2, e11, e22, e12 = filt.split(c, dim=1)
     mu1_sq, mu2_sq, mu1_mu2 = mu1 * mu1, mu2 * mu2, mu1 * mu2
     sigma1_sq = e11 - mu1_sq

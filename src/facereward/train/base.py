@@ -59,6 +59,8 @@ class TrainBaseConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     grad_clip: float = 1.0
+    loss_weighting: str = "uniform"  # "uniform" or "min_snr": weight min(SNR_t, gamma) / SNR_t (Hang et al. 2023)
+    min_snr_gamma: float = 5.0
 
 
 def build_dataset(data: DataConfig) -> Dataset:
@@ -82,8 +84,15 @@ def stage1_loss(restorer: Restorer, batch: dict[str, Any]) -> torch.Tensor:
     return F.l1_loss(restorer.clean(batch["lq"]), batch["hq"])
 
 
-def stage2_loss(restorer: Restorer, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
-    """Epsilon-prediction MSE at a uniform random training timestep, conditioned on the frozen C(lq)."""
+def stage2_loss(restorer: Restorer, batch: dict[str, Any], generator: torch.Generator | None = None,
+                weighting: str = "uniform", min_snr_gamma: float = 5.0) -> torch.Tensor:
+    """Epsilon-prediction MSE at a uniform random training timestep, conditioned on the frozen C(lq).
+
+    `weighting="min_snr"` weights each sample by min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t),
+    which shifts the effort to the high-noise steps where an eps error is amplified most in x0.
+    """
+    if weighting not in ("uniform", "min_snr"):
+        raise ValueError(f"loss_weighting must be 'uniform' or 'min_snr', got {weighting!r}")
     with torch.no_grad():
         cond = restorer.condition(restorer.clean(batch["lq"]))
         x0 = restorer.encode(batch["hq"])
@@ -91,7 +100,12 @@ def stage2_loss(restorer: Restorer, batch: dict[str, Any], generator: torch.Gene
     t = torch.randint(0, n_train, (x0.shape[0],), device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     x_t = q_sample(x0, noise, t, restorer.scheduler.alphas_cumprod)
-    return F.mse_loss(restorer.predict_eps(x_t, t, cond).float(), noise.float())
+    per_sample = (restorer.predict_eps(x_t, t, cond).float() - noise.float()).pow(2).flatten(1).mean(1)
+    if weighting == "min_snr":
+        abar = restorer.scheduler.alphas_cumprod.to(x0.device)[t].float()
+        snr = abar / (1 - abar)
+        per_sample = per_sample * snr.clamp(max=min_snr_gamma) / snr
+    return per_sample.mean()
 
 
 def _lr_lambda(warmup: int, done: int = 0):
@@ -142,7 +156,8 @@ def train_base(config: TrainBaseConfig) -> Path:
             epoch, batch = next(batches)
             with accelerator.accumulate(wrapped):
                 with accelerator.autocast():
-                    loss = stage1_loss(restorer, batch) if stage == 1 else stage2_loss(restorer, batch)
+                    loss = (stage1_loss(restorer, batch) if stage == 1
+                            else stage2_loss(restorer, batch, weighting=config.loss_weighting, min_snr_gamma=config.min_snr_gamma))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.grad_clip > 0:
                     accelerator.clip_grad_norm_(wrapped.parameters(), config.grad_clip)
