@@ -54,17 +54,17 @@ def strength_curve(frm: FaceRewardModel, n_faces: int = 40, seed: int = 7) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/toy-frm")
-    parser.add_argument("--train-inputs", type=int, default=240)
-    parser.add_argument("--test-inputs", type=int, default=60)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--train-inputs", type=int, default=160)
+    parser.add_argument("--test-inputs", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--ship", default=None, help="copy the best FRM here (e.g. src/facereward/weights/toy-frm)")
     parser.add_argument("--reuse", action="store_true", help="reuse preference sets already in --out")
     args = parser.parse_args()
     out = Path(args.out)
     start = time.perf_counter()
     if not (args.reuse and (out / "train-prefs" / "pairs.jsonl").is_file()):
-        build_toy_preferences(out / "train-prefs", n_inputs=args.train_inputs, k=3, split="train", seed=0, steps=20)
-        build_toy_preferences(out / "test-prefs", n_inputs=args.test_inputs, k=3, split="test", seed=1, steps=20)
+        build_toy_preferences(out / "train-prefs", n_inputs=args.train_inputs, k=2, split="train", seed=0, steps=20)
+        build_toy_preferences(out / "test-prefs", n_inputs=args.test_inputs, k=2, split="test", seed=1, steps=20)
     prefs_seconds = time.perf_counter() - start
     config = TrainFRMConfig(
         run=RunConfig(output_dir=str(out / "train"), save_every=500, log_every=50, seed=0),

@@ -17,9 +17,7 @@ the GT (model "gt"), and GT degraded at fixed strengths (model "lq@S"); these ha
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from facereward.atomic import atomic_write_json
 from facereward.data.datasets import PairedFolderDataset
 from facereward.data.degradation import degrade
 from facereward.data.imageio import read_image, write_image
@@ -73,17 +72,6 @@ def load_candidates(candidates_dir: str | Path) -> list[CandidateItem]:
     return items
 
 
-def _write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _check_models(models: Mapping[str, str | Path]) -> dict[str, Path]:
@@ -229,7 +217,7 @@ def make_candidates(
 
     if (testset_dir / TOY_MARKER).is_file():
         shutil.copyfile(testset_dir / TOY_MARKER, out_dir / TOY_MARKER)
-    _write_json(out_dir / CANDIDATES_FILE, {
+    atomic_write_json(out_dir / CANDIDATES_FILE, {
         "items": items,
         "testset": str(testset_dir.resolve()),
         "k": int(k),

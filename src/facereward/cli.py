@@ -221,7 +221,11 @@ def auto_label(
 ) -> None:
     """Train the automatic labeller on human pairs (reporting held-out agreement) and label the rest."""
     from facereward.data.preferences import load_pairs
-    from facereward.labelling.auto import AutoLabeller, FullReferenceFeatures, auto_labeller_agreement
+    from facereward.labelling.auto import (
+        AutoLabeller,
+        FullReferenceFeatures,
+        auto_labeller_agreement,
+    )
 
     pairs = load_pairs(human)
     if identity == "auto":

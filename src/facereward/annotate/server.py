@@ -15,7 +15,6 @@ import os
 import random
 import socket
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -26,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from facereward.atomic import atomic_write_text
 from facereward.data.imageio import IMAGE_EXTENSIONS
 from facereward.data.preferences import PreferencePair, append_pair, load_pairs
 
@@ -122,18 +122,6 @@ def _read_candidates(root: Path) -> list[dict[str, Any]]:
     return items
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _append_line(path: Path, record: dict[str, Any]) -> None:
@@ -382,7 +370,7 @@ class AnnotationSession:
             paths = frozenset(Path(os.path.normpath(base / record[k])) for k in ("chosen", "rejected"))
             if paths == key:
                 del lines[n]
-                _atomic_write_text(self.labels_path, "".join(lines))
+                atomic_write_text(self.labels_path, "".join(lines))
                 return
 
     def undo(self) -> str | None:

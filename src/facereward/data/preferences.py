@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from facereward.atomic import atomic_write_text
 
 __all__ = [
     "PreferenceDataError",
@@ -305,17 +306,7 @@ def write_pairs(path: str | Path, pairs: Iterable[PreferencePair | Mapping[str, 
             lines.append(json.dumps(_as_record(pair, base_dir), ensure_ascii=False) + "\n")
         except PreferenceDataError as err:
             raise PreferenceDataError(f"{path}: record {i}: {err}") from None
-    fd, tmp = tempfile.mkstemp(dir=base_dir, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, "".join(lines))
     _fsync_dir(base_dir)
 
 

@@ -6,15 +6,14 @@ OUT/manifest.json = {"preset", "seed", "images": [{"name", "index", "source", "p
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from facereward.atomic import atomic_write_json
 
 from .datasets import _image_files
 from .degradation import DegradationFn, DegradationPreset, degrade
@@ -29,17 +28,6 @@ def _preset_name(preset: str | DegradationPreset | DegradationFn) -> str:
     return getattr(preset, "name", getattr(preset, "__name__", type(preset).__name__))
 
 
-def _write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_degraded_testset(
@@ -85,5 +73,5 @@ def write_degraded_testset(
         first = skipped[0]["error"] if skipped else "no images"
         raise ImageError(f"{hq_dir}: none of {len(files)} images could be read (first: {first})")
     manifest = {"preset": _preset_name(preset), "seed": seed, "images": entries, "skipped": skipped}
-    _write_json(out_dir / "manifest.json", manifest)
+    atomic_write_json(out_dir / "manifest.json", manifest)
     return entries

@@ -1,6 +1,10 @@
 """Preference labelling (METHODS.md 1.1): the toy oracle (labels with no person) and the automatic labeller."""
 
-from facereward.labelling.auto import AutoLabeller, FullReferenceFeatures, auto_labeller_agreement
+from facereward.labelling.auto import (
+    AutoLabeller,
+    FullReferenceFeatures,
+    auto_labeller_agreement,
+)
 from facereward.labelling.oracle import (
     build_toy_preferences,
     label_candidates,

@@ -25,7 +25,11 @@ from facereward.candidates import load_candidates
 from facereward.data.imageio import image_to_tensor, read_image
 from facereward.data.preferences import PreferencePair, split_pairs, write_pairs
 from facereward.metrics.fullref import psnr, ssim
-from facereward.metrics.identity import IdentityEmbedder, get_identity_embedder, identity_similarity
+from facereward.metrics.identity import (
+    IdentityEmbedder,
+    get_identity_embedder,
+    identity_similarity,
+)
 from facereward.metrics.wavelet import lowpass_l1
 
 __all__ = ["PSNR_CAP", "AutoLabeller", "FullReferenceFeatures", "auto_labeller_agreement"]

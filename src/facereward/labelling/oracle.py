@@ -24,8 +24,16 @@ from facereward.candidates import TOY_MARKER, load_candidates, make_candidates
 from facereward.data.imageio import image_to_tensor, read_image, write_image
 from facereward.data.preferences import PreferencePair, write_pairs
 from facereward.metrics.fullref import rgb_to_y, ssim
-from facereward.metrics.identity import IdentityEmbedder, get_identity_embedder, identity_similarity
-from facereward.metrics.landmarks import LandmarkDetector, get_landmark_detector, landmark_distance
+from facereward.metrics.identity import (
+    IdentityEmbedder,
+    get_identity_embedder,
+    identity_similarity,
+)
+from facereward.metrics.landmarks import (
+    LandmarkDetector,
+    get_landmark_detector,
+    landmark_distance,
+)
 
 __all__ = [
     "ORACLE_WEIGHTS",

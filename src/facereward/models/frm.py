@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from facereward.atomic import swap_in_folder
 from facereward.models.restorer import ModelFolderError
 
 FORMAT_VERSION = 1
@@ -446,15 +447,7 @@ class FaceRewardModel(nn.Module):
             self.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         meta = {"format_version": FORMAT_VERSION, "kind": "facereward-frm", "config": asdict(self.config), "clip_config": clip_config}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-        if folder.exists():
-            old = folder.with_name(folder.name + ".tmp-old")
-            if old.exists():
-                shutil.rmtree(old)
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(folder)
+        swap_in_folder(tmp, folder)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> FaceRewardModel:

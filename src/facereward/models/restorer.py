@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from facereward.atomic import swap_in_folder
 from facereward.models.cleaner import build_cleaner
 from facereward.models.ddim import DDIMSchedule, Eta, make_scheduler, rollout
 
@@ -319,15 +320,7 @@ class Restorer(nn.Module):
             save_file({"prompt_embeds": self.prompt_embeds.detach().contiguous().cpu()}, tmp / "prompt_embeds.safetensors")
         meta = {"format_version": FORMAT_VERSION, "config": asdict(self.config)}
         (tmp / "facereward.json").write_text(json.dumps(meta, indent=2))
-        if folder.exists():
-            old = folder.with_name(folder.name + ".tmp-old")
-            if old.exists():
-                shutil.rmtree(old)
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(folder)
+        swap_in_folder(tmp, folder)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | None = None) -> "Restorer":
