@@ -13,11 +13,6 @@ from facereward.candidates import load_candidates, make_candidates
 from facereward.models.restorer import ModelFolderError, Restorer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 def _write_testset(root, n=3, size=32, hq=True):
     rng = np.random.default_rng(0)
     (root / "lq").mkdir(parents=True)

@@ -18,15 +18,6 @@ from facereward.models.ddim import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and thrash when the cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def schedule50():
     return DDIMSchedule.from_scheduler(make_scheduler(), 50)

@@ -17,14 +17,6 @@ from facereward.demo import make_toy_testset
 from facereward.evaluate import EvaluateConfig, evaluate, markdown_table
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def toy_testset(tmp_path_factory):
     return make_toy_testset(tmp_path_factory.mktemp("toy") / "set", n=6, size=64, seed=0)
@@ -110,3 +102,20 @@ def test_evaluate_command(toy_testset, tmp_path):
 def test_markdown_table_formats_and_missing_values():
     table = markdown_table({"a": {"PSNR": 21.234, "SSIM": 0.61234}, "b": {"PSNR": float("nan")}})
     assert table.splitlines() == ["| | PSNR | SSIM |", "|---|---|---|", "| a | 21.23 | 0.6123 |", "| b | - | - |"]
+
+
+def test_frm_score_column_without_gt(toy_testset, tmp_path):
+    from facereward.models.frm import FaceRewardModel, FRMConfig
+
+    torch.manual_seed(0)
+    frm = FaceRewardModel(FRMConfig(backbone="cnn", input_size=32, cnn_widths=[8, 16]))
+    frm.save_pretrained(tmp_path / "myfrm")
+    no_gt = tmp_path / "real"
+    shutil.copytree(toy_testset / "lq", no_gt / "lq")
+    result = evaluate(EvaluateConfig(testset=str(no_gt), out_dir=str(tmp_path / "o"), frm=str(tmp_path / "myfrm"),
+                                     images={"gt": str(toy_testset / "hq")}, identity="none", fid="none", progress=False))
+    lq_images = torch.stack([torch.from_numpy(read_image(p).transpose(2, 0, 1)) for p in sorted((no_gt / "lq").glob("*.png"))])
+    with torch.no_grad():
+        expected = frm.score(lq_images).mean().item()
+    assert result.rows["LQ"]["FRM (myfrm)"] == pytest.approx(expected, abs=1e-5)
+    assert set(result.rows["gt"]) == {"FRM (myfrm)"}

@@ -39,7 +39,6 @@ from facereward.metrics.fid import (
     save_stats,
 )
 
-torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,15 +20,6 @@ from facereward.models.openclip_convert import (
 from facereward.models.restorer import ModelFolderError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and thrash when the cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def sig(z: float) -> float:
     return 1 / (1 + math.exp(-z))
 

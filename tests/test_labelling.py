@@ -34,11 +34,6 @@ from facereward.models.restorer import Restorer
 STRENGTHS = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 def _t(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy()).float()
 

@@ -35,14 +35,6 @@ CONVS = {"vgg": VGG_CONVS, "alex": ALEX_CONVS}
 SIZES = {"vgg": (32, 48), "alex": (64, 72)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _fake_features(net: str, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     sd = {}

@@ -14,15 +14,6 @@ from facereward.models.cleaner import ResidualCleaner, build_cleaner, register_c
 from facereward.models.restorer import ModelFolderError, Restorer, RestorerConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and thrash when the cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _lq(batch: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 

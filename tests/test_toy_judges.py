@@ -35,14 +35,6 @@ LMK_TOL_PX = 0.3  # landmark error may be this much above metrics.json
 STRENGTHS = (0.0, 0.3, 0.6, 0.9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _bchw(images) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2), dtype=np.float32))
 

@@ -15,14 +15,6 @@ from facereward.train.frm import TrainFRMConfig, train_frm
 from facereward.train.plumbing import RunConfig, find_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _blur(img: np.ndarray, k: int) -> np.ndarray:
     import cv2
 

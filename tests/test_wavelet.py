@@ -8,11 +8,6 @@ import torch
 from facereward.metrics.wavelet import haar_lowpass, lowpass_l1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 def test_one_level_haar_ll_by_hand():
     x = torch.arange(16, dtype=torch.float64).view(1, 1, 4, 4)
     # blocks [[0,1],[4,5]], [[2,3],[6,7]], [[8,9],[12,13]], [[10,11],[14,15]]: LL = sum / 2

@@ -333,6 +333,7 @@ def evaluate(
     landmarks: Optional[str] = typer.Option(None, help="Landmark judge: auto, toy, dlib, none."),
     fid: Optional[str] = typer.Option(None, help="FID/KID features: auto (the identity judge), identity, inception:PATH, none."),
     fid_reference: Optional[Path] = typer.Option(None, help="HQ folder to compute FID against (default: the test set's hq/)."),
+    frm: Optional[Path] = typer.Option(None, help="A Face Reward Model folder: adds its score as a column (no GT needed)."),
     lpips_backbone: Optional[Path] = typer.Option(None, help="LPIPS backbone weights (torchvision vgg16/alexnet layout)."),
     lpips_heads: Optional[Path] = typer.Option(None, help="LPIPS linear heads (lpips v0.1 vgg.pth/alex.pth layout)."),
     lpips_net: Optional[str] = typer.Option(None, help="vgg (default) or alex."),
@@ -349,7 +350,7 @@ def evaluate(
 
     cfg = load_config(EvaluateConfig, config, set_)
     given = {"testset": testset, "out_dir": out_dir, "steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size,
-             "identity": identity, "landmarks": landmarks, "fid": fid, "fid_reference": fid_reference,
+             "identity": identity, "landmarks": landmarks, "fid": fid, "fid_reference": fid_reference, "frm": frm,
              "lpips_backbone": lpips_backbone, "lpips_heads": lpips_heads, "lpips_net": lpips_net,
              "crop_border": crop_border, "device": device}
     for key, value in given.items():

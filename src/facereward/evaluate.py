@@ -50,6 +50,7 @@ class EvaluateConfig:
     landmarks: str = "auto"  # auto | toy | dlib | none
     fid: str = "auto"  # auto (the identity embedder's features) | identity | inception:PATH | none
     fid_reference: str | None = None  # HQ folder for FID/KID; default: the test set's hq/
+    frm: str | None = None  # a Face Reward Model folder: adds its score (no reference needed)
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     grid_rows: int = 8
@@ -195,8 +196,15 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
         lpips = LPIPS(config.lpips_net, config.lpips_backbone, config.lpips_heads).to(device)
     elif bool(config.lpips_backbone) != bool(config.lpips_heads):
         raise ValueError("LPIPS needs both lpips_backbone and lpips_heads")
+    frm = None
+    if config.frm:
+        from facereward.models.frm import FaceRewardModel
+
+        frm = FaceRewardModel.from_pretrained(config.frm).to(device)
+    frm_column = f"FRM ({Path(config.frm).name})" if config.frm else ""
     judges = {"identity": getattr(id_judge, "name", "none"), "landmarks": getattr(lmk_judge, "name", "none"),
-              "fid_features": getattr(fid_judge, "name", "none"), "lpips": f"lpips-{config.lpips_net}" if lpips else "none"}
+              "fid_features": getattr(fid_judge, "name", "none"), "lpips": f"lpips-{config.lpips_net}" if lpips else "none",
+              "frm": config.frm or "none"}
 
     per_image: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in methods}
     features: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
@@ -238,6 +246,9 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
                     from facereward.metrics.landmarks import landmark_distance
 
                     scores[f"LMD ({lmk_judge.name})"] += landmark_distance(lmk_judge.detect(out), gt_lmk).tolist()
+            if frm is not None:
+                with torch.no_grad():
+                    scores[frm_column] += frm.score(out, batch["caption"]).tolist()
             if fid_judge is not None:
                 features[method].append(torch.as_tensor(fid_judge.features(out)).double().cpu())
             if config.save_outputs and method != "LQ" and method not in config.images:
