@@ -60,7 +60,7 @@ def test_model_rows_stage1_and_saved_outputs(toy_testset, tmp_path, pixel_config
     again = evaluate(EvaluateConfig(testset=str(toy_testset), out_dir=str(tmp_path / "o2"), include_lq=False,
                                     images={"tiny": str(tmp_path / "o" / "outputs" / "tiny")}, identity="none",
                                     landmarks="none", fid="none", progress=False))
-    assert again.rows["tiny"]["PSNR"] == pytest.approx(result.rows["tiny"]["PSNR"], abs=1e-9)
+    assert again.rows["tiny"]["PSNR"] == pytest.approx(result.rows["tiny"]["PSNR"], abs=1e-3)  # PNG rounding (float32 vs 64)
 
 
 def test_fid_against_a_reference_without_gt(toy_testset, tmp_path):
