@@ -64,3 +64,25 @@ def test_train_frm_learns_the_preference_and_resumes(tmp_path, pairs_file):
 def test_train_frm_needs_pairs(tmp_path):
     with pytest.raises(ValueError, match="--pairs"):
         train_frm(TrainFRMConfig(run=RunConfig(output_dir=str(tmp_path / "r"), progress=False)))
+
+
+def test_shipped_toy_frm_scores_fall_with_degradation():
+    """The shipped toy FRM (scripts/toy_frm_experiment.py) on fresh held-out faces: Spearman <= -0.8 per face."""
+    from scipy.stats import spearmanr
+
+    from facereward.data.degradation import degrade
+    from facereward.data.toyfaces import ToyFaceWorld
+    from facereward.weights import WEIGHTS_DIR
+
+    frm = FaceRewardModel.from_pretrained(WEIGHTS_DIR / "toy-frm")
+    faces = ToyFaceWorld(seed=0, n_identities=200).sample(12, size=64, split="test", seed=99)
+    strengths = [0.0, 0.2, 0.4, 0.6, 0.8]
+    scores = np.zeros((len(faces), len(strengths)))
+    with torch.no_grad():
+        for j, s in enumerate(strengths):
+            batch = np.stack([degrade(f.image, "diffbir", seed=5, index=i, strength=s)[0] for i, f in enumerate(faces)])
+            scores[:, j] = frm.score(torch.from_numpy(batch.transpose(0, 3, 1, 2).copy())).numpy()
+    per_face = [spearmanr(strengths, row).statistic for row in scores]
+    assert np.mean(per_face) <= -0.8
+    result = json.loads((WEIGHTS_DIR / "toy-frm" / "result.json").read_text())
+    assert result["held_out_pairwise_accuracy"] >= 0.85
