@@ -95,7 +95,7 @@ def test_restore_missing_model_is_one_line(tmp_path):
     assert proc.stderr.strip() == f"error: {tmp_path / 'nope'}: no such model folder (restorers load from a local path only)"
 
 
-@pytest.mark.parametrize("command", ["degrade", "toyfaces", "train-base", "build-restorer", "restore", "demo"])
+@pytest.mark.parametrize("command", ["degrade", "toyfaces", "train-base", "build-restorer", "restore", "demo", "evaluate", "train-frm", "candidates", "annotate", "toy-preferences", "auto-label"])
 def test_every_command_has_help(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0
@@ -109,3 +109,21 @@ def test_degrade_command_writes_a_paired_set(tmp_path):
     result = runner.invoke(app, ["degrade", "--preset", "codeformer", "--seed", "3", "--no-progress", str(hq), str(tmp_path / "set")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "set" / "lq" / "a.png").is_file() and (tmp_path / "set" / "manifest.json").is_file()
+
+
+def test_candidates_command_lays_out_k_restorations(tmp_path, saved_pixel_model):
+    import json
+
+    testset = tmp_path / "set"
+    (testset / "lq").mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(testset / "lq" / f"{name}.png")
+    result = runner.invoke(app, ["candidates", str(testset), str(tmp_path / "c"), "--model", f"m={saved_pixel_model}", "--k", "3",
+                                 "--etas", "0,1", "--steps", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    items = json.loads((tmp_path / "c" / "candidates.json").read_text())["items"]
+    assert [len(it["candidates"]) for it in items] == [3, 3]
+    assert [c["eta"] for c in items[0]["candidates"]] == [0.0, 1.0, 0.0]
+    bad = runner.invoke(app, ["candidates", str(testset), str(tmp_path / "c2"), "--etas", "x"])
+    assert bad.exit_code == 2 and "--etas" in bad.output
