@@ -50,7 +50,7 @@ def _fake_heads(net: str, seed: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, _one_thread):
+def files(tmp_path_factory):
     """Per net: features-only .pth, full-model .pth (with a classifier), features-only .safetensors,
     heads .pth and .safetensors; plus the tensors themselves."""
     root = tmp_path_factory.mktemp("lpips")
