@@ -32,6 +32,15 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def staging_folder(folder: Path) -> Path:
+    """A fresh, empty sibling of `folder` to write into before `swap_in_folder`."""
+    tmp = folder.with_name(folder.name + ".tmp-save")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 def swap_in_folder(tmp: Path, folder: Path) -> None:
     """Move the completely written folder `tmp` to `folder`, replacing any old one."""
     if folder.exists():

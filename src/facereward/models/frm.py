@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from facereward.atomic import swap_in_folder
+from facereward.atomic import staging_folder, swap_in_folder
 from facereward.models.restorer import ModelFolderError
 
 FORMAT_VERSION = 1
@@ -437,10 +436,7 @@ class FaceRewardModel(nn.Module):
     def save_pretrained(self, folder: str | Path) -> None:
         """Write frm.json + model.safetensors (+ tokenizer/); written beside and moved in place, so a crash leaves no half folder."""
         folder = Path(folder)
-        tmp = folder.with_name(folder.name + ".tmp-save")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        tmp = staging_folder(folder)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, tmp / WEIGHTS_NAME)
         clip_config = json.loads(self.clip.config.to_json_string(use_diff=False)) if self.clip is not None else None
         if self.tokenizer is not None:

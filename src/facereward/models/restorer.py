@@ -12,7 +12,6 @@ A saved restorer is one folder: `facereward.json`, `cleaner/`, `scheduler/`, and
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from facereward.atomic import swap_in_folder
+from facereward.atomic import staging_folder, swap_in_folder
 from facereward.models.cleaner import build_cleaner
 from facereward.models.ddim import DDIMSchedule, Eta, make_scheduler, rollout
 
@@ -306,10 +305,7 @@ class Restorer(nn.Module):
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the restorer as one folder; written beside and moved in place, so a crash leaves no half folder."""
         folder = Path(folder)
-        tmp = folder.with_name(folder.name + ".tmp-save")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        tmp = staging_folder(folder)
         (tmp / "cleaner").mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in self.cleaner.state_dict().items()}, tmp / "cleaner" / "model.safetensors")
         self.scheduler.save_pretrained(tmp / "scheduler")
