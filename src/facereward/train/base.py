@@ -21,11 +21,11 @@ from facereward.models.restorer import Restorer, RestorerConfig
 from facereward.train.plumbing import (
     ProgressLog,
     RunConfig,
+    checkpoint_run,
     find_checkpoint,
     infinite_batches,
     load_checkpoint,
     make_accelerator,
-    save_checkpoint,
     write_run_config,
 )
 
@@ -169,7 +169,7 @@ def train_base(config: TrainBaseConfig) -> Path:
             step += 1
             log.step(step, {f"stage{stage}/loss": loss, f"stage{stage}/lr": sched.get_last_lr()[0]})
             if step % run.save_every == 0 or step == total:
-                _checkpoint(accelerator, run, step, epoch, modules, optimizers)
+                checkpoint_run(accelerator, run, step, modules, optimizers, {"epoch": epoch})
         _set_trainable(restorer, stage, accelerator.unwrap_model(wrapped))
         module.eval()
     log.close()
@@ -190,11 +190,3 @@ def _set_trainable(restorer: Restorer, stage: int, module: torch.nn.Module) -> N
     else:
         restorer.unet = module
 
-
-def _checkpoint(accelerator, run: RunConfig, step: int, epoch: int, modules, optimizers) -> None:
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = {k: accelerator.unwrap_model(m) for k, m in modules.items()}
-        state = {"epoch": epoch, "num_processes": accelerator.num_processes}
-        save_checkpoint(run.output_dir, step, unwrapped, optimizers, state, keep=run.keep_checkpoints)
-    accelerator.wait_for_everyone()

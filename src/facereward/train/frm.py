@@ -23,11 +23,11 @@ from facereward.models.frm import FaceRewardModel, FRMConfig, bradley_terry_loss
 from facereward.train.plumbing import (
     ProgressLog,
     RunConfig,
+    checkpoint_run,
     find_checkpoint,
     infinite_batches,
     load_checkpoint,
     make_accelerator,
-    save_checkpoint,
     write_run_config,
 )
 
@@ -168,10 +168,7 @@ def train_frm(config: TrainFRMConfig) -> Path:
                 frm.save_pretrained(out / "best")
         log.step(step, scalars)
         if step % run.save_every == 0 or step == config.steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(run.output_dir, step, {"frm": frm}, {"frm": optimizer}, {"epoch": epoch, "best_accuracy": best},
-                                keep=run.keep_checkpoints)
+            checkpoint_run(accelerator, run, step, {"frm": frm}, {"frm": optimizer}, {"epoch": epoch, "best_accuracy": best})
     log.close()
     if accelerator.is_main_process:
         frm.save_pretrained(out / "model")

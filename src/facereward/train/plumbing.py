@@ -120,6 +120,23 @@ def save_checkpoint(
     return final
 
 
+def checkpoint_run(
+    accelerator: Accelerator,
+    run: RunConfig,
+    step: int,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    state: dict[str, Any],
+) -> None:
+    """Save a checkpoint from the main process (unwrapped modules), with every process waiting for it."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = {k: accelerator.unwrap_model(m) for k, m in modules.items()}
+        full_state = {**state, "num_processes": accelerator.num_processes}
+        save_checkpoint(run.output_dir, step, unwrapped, optimizers, full_state, keep=run.keep_checkpoints)
+    accelerator.wait_for_everyone()
+
+
 def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
     """The folder `resume` names: "latest" (the newest complete one in OUTPUT) or an explicit path."""
     if resume != "latest":
