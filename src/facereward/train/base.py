@@ -69,14 +69,18 @@ def build_dataset(data: DataConfig) -> Dataset:
         raise ValueError("data: set exactly one of data.hq_dir (a folder of HQ faces) or data.toy_faces (a count)")
     if data.hq_dir is not None:
         return HQFolderDataset(data.hq_dir, size=data.size, preset=data.preset, seed=data.seed, random_flip=data.random_flip)
-    from facereward.data.toyfaces import ToyFaceWorld
-
-    n_ids = data.toy_identities or max(10, data.toy_faces // 10)
-    faces = ToyFaceWorld(seed=data.toy_seed, n_identities=n_ids).sample(data.toy_faces, size=data.size, split="train", seed=data.seed)
+    faces = toy_world(data).sample(data.toy_faces, size=data.size, split="train", seed=data.seed)
     return InMemoryHQDataset(
         [f.image for f in faces], [f.caption for f in faces], [f"toy{i:06d}" for i in range(len(faces))],
         preset=data.preset, seed=data.seed, random_flip=data.random_flip,
     )
+
+
+def toy_world(data: DataConfig):
+    """The procedural world `data.toy_faces` trains on (its test identities are the held-out faces)."""
+    from facereward.data.toyfaces import ToyFaceWorld
+
+    return ToyFaceWorld(seed=data.toy_seed, n_identities=data.toy_identities or max(10, data.toy_faces // 10))
 
 
 def stage1_loss(restorer: Restorer, batch: dict[str, Any]) -> torch.Tensor:

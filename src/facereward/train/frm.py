@@ -77,7 +77,7 @@ class PairImages(Dataset):
             raise ValueError(f"{pair.chosen}: size {w.shape[1]}x{w.shape[0]} differs from {pair.rejected.name}; set image_size")
         if self.random_flip and np.random.default_rng([self.seed, self.epoch, i]).random() < 0.5:
             w, l_ = w[:, ::-1], l_[:, ::-1]
-        to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))  # noqa: E731
+        to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
         return {"chosen": to_t(w), "rejected": to_t(l_), "caption": pair.caption or "", "tie": bool(pair.tie)}
 
 

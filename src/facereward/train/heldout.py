@@ -1,0 +1,111 @@
+"""Periodic held-out evaluation for the reward trainers: a fixed batch of LQ faces restored and scored.
+
+The held-out faces are the test identities of the training toy world (never trained on), or the first
+pairs of a paired test folder. Restoration uses per-image seeded noise, so two evaluations of the same
+model give the same numbers and a change between evaluations is the model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from facereward.data.datasets import PairedFolderDataset, collate_batch
+from facereward.data.degradation import degrade
+from facereward.metrics.fullref import psnr, ssim
+from facereward.metrics.identity import identity_similarity
+from facereward.models.frm import FaceRewardModel
+from facereward.models.restorer import Restorer
+from facereward.train.base import DataConfig, toy_world
+
+Scorer = Callable[[Tensor, Tensor, list[str]], Tensor]
+"""(restored [0, 1], hq [0, 1], captions) -> (B,) scores."""
+
+
+@dataclass
+class HeldOutConfig:
+    """What to evaluate on and how often; `every: 0` turns held-out evaluation off."""
+
+    every: int = 50
+    toy_faces: int = 16  # held-out toy faces (test identities of data's toy world), used when data.toy_faces > 0
+    testset: str | None = None  # a paired folder (lq/, hq/); used instead of toy faces when given
+    max_images: int = 16  # at most this many pairs of `testset`
+    steps: int = 10  # DDIM steps for the held-out restorations
+    eta: float = 0.0
+    batch_size: int = 16
+    seed: int = 1234
+    identity: str = "auto"  # identity judge: auto (toy for toy data, else none), toy, dlib, arcface:PATH, none
+
+
+def load_heldout_batch(config: HeldOutConfig, data: DataConfig, size: int) -> dict:
+    """The fixed held-out batch {"lq", "hq", "caption"} (CPU tensors in [0, 1])."""
+    if config.testset:
+        ds = PairedFolderDataset(config.testset, size=size)
+        if not ds.has_hq:
+            raise ValueError(f"held_out.testset {config.testset}: needs hq/ (held-out scores are full-reference)")
+        items = [ds[i] for i in range(min(len(ds), config.max_images))]
+        return collate_batch(items)
+    if data.toy_faces <= 0:
+        raise ValueError("held_out: set held_out.testset (a paired lq/ hq/ folder) or train on toy faces, or held_out.every=0")
+    faces = toy_world(data).sample(config.toy_faces, size=size, split="test", seed=config.seed)
+    hq = [f.image for f in faces]
+    lq = [degrade(img, data.preset, seed=config.seed, index=i)[0] for i, img in enumerate(hq)]
+    to_t = lambda images: torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy()).float()
+    return {"lq": to_t(lq), "hq": to_t(hq), "caption": [f.caption for f in faces]}
+
+
+class HeldOutEvaluator:
+    """`evaluator(restorer)` -> {"psnr", "ssim", ["ids"], "frm/NAME" per FRM, NAME per extra scorer}: means over the batch."""
+
+    def __init__(self, config: HeldOutConfig, data: DataConfig, size: int, device: torch.device | str,
+                 frms: dict[str, FaceRewardModel] | None = None, extra: dict[str, Scorer] | None = None):
+        self.config, self.device = config, torch.device(device)
+        self.batch = load_heldout_batch(config, data, size)
+        self.frms = frms or {}
+        self.extra = extra or {}
+        self.identity = self._identity_judge(config.identity, toy=not config.testset)
+
+    @staticmethod
+    def _identity_judge(spec: str, toy: bool):
+        from facereward.metrics.identity import get_identity_embedder
+
+        if spec == "none" or (spec == "auto" and not toy):
+            return None
+        if spec == "auto":
+            spec = "toy"
+        if spec.startswith("arcface:"):
+            return get_identity_embedder("arcface", path=spec.split(":", 1)[1])
+        return get_identity_embedder(spec)
+
+    @torch.no_grad()
+    def restore(self, restorer: Restorer) -> Tensor:
+        """The held-out restorations (CPU, [0, 1]), per-image seeded."""
+        from facereward.inference import restore_batch
+
+        was_training = restorer.training
+        restorer.eval()
+        out = []
+        n, bs = self.batch["lq"].shape[0], self.config.batch_size
+        for start in range(0, n, bs):
+            idx = list(range(start, min(n, start + bs)))
+            lq = self.batch["lq"][idx].to(self.device)
+            res = restore_batch(restorer, lq, idx, steps=self.config.steps, eta=self.config.eta, seed=self.config.seed)
+            out.append(res["restored"].float().cpu())
+        restorer.train(was_training)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def __call__(self, restorer: Restorer) -> dict[str, float]:
+        restored, hq, captions = self.restore(restorer), self.batch["hq"], self.batch["caption"]
+        scores = {"psnr": float(psnr(restored, hq).mean()), "ssim": float(ssim(restored, hq).mean())}
+        if self.identity is not None:
+            scores["ids"] = float(identity_similarity(self.identity.embed(restored), self.identity.embed(hq)).mean())
+        for name, frm in self.frms.items():
+            scores[f"frm/{name}"] = float(frm.score(restored.to(self.device), captions).float().mean())
+        for name, fn in self.extra.items():
+            scores[name] = float(fn(restored.to(self.device), hq.to(self.device), captions).float().mean())
+        return scores
