@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from facereward.metrics.wavelet import haar_lowpass, lowpass_l1
+from facereward.metrics.wavelet import dtcwt_lowpass, haar_lowpass, lowpass, lowpass_l1
 
 
 def test_one_level_haar_ll_by_hand():
@@ -75,3 +75,36 @@ def test_errors_are_clear():
         haar_lowpass(torch.rand(1, 3, 8, 8), levels=-1)
     with pytest.raises(ValueError, match="B, C, H, W"):
         haar_lowpass(torch.rand(3, 8, 8))
+
+
+# The DT-CWT low-pass (near_sym_b, qshift_b, 3 levels) of this 16x16 pattern, as pytorch_wavelets'
+# DTCWTForward computes it (float64), recorded once; our implementation is independent of that package.
+_DTCWT_REFERENCE = [1.392665, 0.162618, -0.544741, -0.259971, 0.351202, 0.983877, 1.954174, 2.639231,
+                    0.285688, 2.031154, 4.319928, 5.677716, 1.145745, 2.64185, 5.115438, 6.980971]
+
+
+def test_dtcwt_lowpass_matches_the_reference_transform():
+    i = torch.arange(16, dtype=torch.float64)
+    x = (torch.sin(i[:, None] * 0.7) * torch.cos(i[None, :] * 0.3) + 0.01 * i[:, None] * i[None, :]).view(1, 1, 16, 16)
+    low = dtcwt_lowpass(x, levels=3)
+    assert low.shape == (1, 1, 4, 4)
+    assert torch.allclose(low.flatten(), torch.tensor(_DTCWT_REFERENCE, dtype=torch.float64), atol=2e-6)
+
+
+def test_dtcwt_sizes_gain_and_normalise():
+    assert dtcwt_lowpass(torch.rand(2, 3, 64, 64), 3).shape == (2, 3, 16, 16)  # level 1 keeps the size
+    assert dtcwt_lowpass(torch.rand(1, 3, 33, 47), 2).shape == (1, 3, 18, 24)  # odd sizes extended
+    const = torch.full((1, 3, 32, 32), 0.5, dtype=torch.float64)
+    assert torch.allclose(dtcwt_lowpass(const, 3), torch.full((1, 3, 8, 8), 0.5 * 4, dtype=torch.float64))  # x2 per q-shift level
+    assert torch.allclose(lowpass(const, 3, "dtcwt", normalise=True), torch.full((1, 3, 8, 8), 0.5, dtype=torch.float64))
+
+
+def test_lowpass_l1_dtcwt_variant_and_unknown_wavelet():
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    gt = torch.rand(2, 3, 32, 32)
+    d = lowpass_l1(x, gt, wavelet="dtcwt")
+    d.sum().backward()
+    assert d.shape == (2,) and x.grad.abs().sum() > 0
+    assert lowpass_l1(gt, gt, wavelet="dtcwt").abs().max() == 0
+    with pytest.raises(ValueError, match="wavelet must be one of haar, dtcwt"):
+        lowpass_l1(x, gt, wavelet="db4")
