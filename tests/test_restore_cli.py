@@ -95,7 +95,7 @@ def test_restore_missing_model_is_one_line(tmp_path):
     assert proc.stderr.strip() == f"error: {tmp_path / 'nope'}: no such model folder (restorers load from a local path only)"
 
 
-@pytest.mark.parametrize("command", ["degrade", "toyfaces", "train-base", "build-restorer", "restore", "demo", "evaluate", "train-frm", "candidates", "annotate", "toy-preferences", "auto-label"])
+@pytest.mark.parametrize("command", ["degrade", "toyfaces", "train-base", "build-restorer", "restore", "demo", "evaluate", "train-frm", "candidates", "annotate", "toy-preferences", "auto-label", "refl"])
 def test_every_command_has_help(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 app = typer.Typer(
-    help="Reward-aligned blind face restoration: degradation, toy faces, base training, restoration, demo.",
+    help="Reward-aligned blind face restoration: degradation, toy faces, base and reward training (ReFL, LRPO), restoration, evaluation, demo.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -51,7 +50,7 @@ def _is_main_process() -> bool:
     return PartialState().is_main_process
 
 
-def _device(name: Optional[str]):
+def _device(name: str | None):
     import torch
 
     if name:
@@ -74,7 +73,7 @@ def degrade(
     out_dir: Path = typer.Argument(..., help="Writes OUT/lq, OUT/hq and OUT/manifest.json."),
     preset: str = typer.Option("diffbir", help="Degradation preset (diffbir, codeformer, gfpgan, difface, or a registered one)."),
     seed: int = typer.Option(0, help="Seed; (seed, image index) fixes each image's degradation."),
-    size: Optional[int] = typer.Option(None, help="Require this square size (a mismatch skips the file)."),
+    size: int | None = typer.Option(None, help="Require this square size (a mismatch skips the file)."),
     convert: bool = typer.Option(False, help="Accept grayscale/RGBA inputs by converting them to RGB."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
@@ -97,7 +96,7 @@ def toyfaces(
     n: int = typer.Option(2000, help="Number of faces in all."),
     size: int = typer.Option(64, help="Image size in pixels (square)."),
     seed: int = typer.Option(0, help="World seed."),
-    identities: Optional[int] = typer.Option(None, help="Number of identities (default n // 10, at least 10)."),
+    identities: int | None = typer.Option(None, help="Number of identities (default n // 10, at least 10)."),
     test_fraction: float = typer.Option(0.2, help="Fraction of identities held out for test."),
     workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Worker processes rendering in parallel (same files for any count)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -112,12 +111,12 @@ def toyfaces(
 
 @app.command("train-base")
 def train_base_cmd(
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (fields of TrainBaseConfig)."),
+    config: Path | None = typer.Option(None, "--config", help="YAML config (fields of TrainBaseConfig)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    hq_dir: Optional[Path] = typer.Option(None, help="Folder of HQ faces (sets data.hq_dir)."),
-    toy_faces: Optional[int] = typer.Option(None, help="Train on N procedural toy faces instead (sets data.toy_faces)."),
-    output_dir: Optional[Path] = typer.Option(None, help="Run folder (sets run.output_dir)."),
-    resume: Optional[str] = typer.Option(None, help="'latest' or a checkpoint folder (sets run.resume)."),
+    hq_dir: Path | None = typer.Option(None, help="Folder of HQ faces (sets data.hq_dir)."),
+    toy_faces: int | None = typer.Option(None, help="Train on N procedural toy faces instead (sets data.toy_faces)."),
+    output_dir: Path | None = typer.Option(None, help="Run folder (sets run.output_dir)."),
+    resume: str | None = typer.Option(None, help="'latest' or a checkpoint folder (sets run.resume)."),
 ) -> None:
     """Train the base restorer: stage 1 (cleaner, L1) then stage 2 (diffusion, epsilon loss)."""
     from facereward.config import load_config
@@ -140,12 +139,12 @@ def train_base_cmd(
 
 @app.command("train-frm")
 def train_frm_cmd(
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (fields of TrainFRMConfig)."),
+    config: Path | None = typer.Option(None, "--config", help="YAML config (fields of TrainFRMConfig)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    pairs: Optional[Path] = typer.Option(None, help="Preference JSONL (sets pairs)."),
-    eval_pairs: Optional[Path] = typer.Option(None, help="Held-out preference JSONL (default: a split of --pairs by LQ input)."),
-    output_dir: Optional[Path] = typer.Option(None, help="Run folder (sets run.output_dir)."),
-    resume: Optional[str] = typer.Option(None, help="'latest' or a checkpoint folder (sets run.resume)."),
+    pairs: Path | None = typer.Option(None, help="Preference JSONL (sets pairs)."),
+    eval_pairs: Path | None = typer.Option(None, help="Held-out preference JSONL (default: a split of --pairs by LQ input)."),
+    output_dir: Path | None = typer.Option(None, help="Run folder (sets run.output_dir)."),
+    resume: str | None = typer.Option(None, help="'latest' or a checkpoint folder (sets run.resume)."),
 ) -> None:
     """Train the Face Reward Model on preference pairs (Bradley-Terry with a learnable logit scale)."""
     from facereward.config import load_config
@@ -160,6 +159,41 @@ def train_frm_cmd(
         typer.echo(f"saved the best FRM (held-out accuracy) to {best}")
 
 
+@app.command("refl")
+def refl_cmd(
+    config: Path | None = typer.Option(None, "--config", help="YAML config (fields of ReFLConfig)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    init_from: Path | None = typer.Option(None, help="Restorer folder to fine-tune (default: the shipped toy restorer)."),
+    frm: Path | None = typer.Option(None, help="Face Reward Model folder (default: the shipped toy FRM)."),
+    hq_dir: Path | None = typer.Option(None, help="Folder of HQ faces (sets data.hq_dir)."),
+    toy_faces: int | None = typer.Option(None, help="Train on N procedural toy faces instead (sets data.toy_faces)."),
+    steps: int | None = typer.Option(None, help="Optimizer steps (sets steps)."),
+    lora_rank: int | None = typer.Option(None, help="Train LoRA adapters of this rank instead of the full network."),
+    output_dir: Path | None = typer.Option(None, help="Run folder (sets run.output_dir)."),
+    resume: str | None = typer.Option(None, help="'latest' or a checkpoint folder (sets run.resume)."),
+    no_reward: bool = typer.Option(False, "--no-reward", help="Ablation: drop the FRM reward term."),
+    no_regulariser: bool = typer.Option(False, "--no-regulariser", help="Ablation: drop the regulariser vs the initial network."),
+    no_structural: bool = typer.Option(False, "--no-structural", help="Ablation: drop the wavelet low-pass and LPIPS terms."),
+    no_dynamic_frm: bool = typer.Option(False, "--no-dynamic-frm", help="Ablation: keep the FRM fixed."),
+) -> None:
+    """DiffusionReward: Reward Feedback Learning with a dynamic Face Reward Model (METHODS.md 1.2)."""
+    from facereward.config import load_config
+    from facereward.train.refl import ReFLConfig, train_refl
+
+    overrides = list(set_)
+    for key, value in (("init_from", init_from), ("frm", frm), ("data.hq_dir", hq_dir), ("data.toy_faces", toy_faces),
+                       ("steps", steps), ("lora.rank", lora_rank), ("run.output_dir", output_dir), ("run.resume", resume)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    for flag, keys in ((no_reward, ["reward_weight"]), (no_regulariser, ["reg_weight"]),
+                       (no_structural, ["structural_weight", "lpips_weight"]), (no_dynamic_frm, ["dynamic_frm.every"])):
+        if flag:
+            overrides += [f"{k}=0" for k in keys]
+    model = train_refl(load_config(ReFLConfig, config, overrides))
+    if _is_main_process():
+        typer.echo(f"saved the ReFL restorer to {model} and the evolved FRM to {model.parent / 'frm'}")
+
+
 @app.command()
 def candidates(
     testset: Path = typer.Argument(..., help="Paired test set (lq/ and optionally hq/)."),
@@ -172,7 +206,7 @@ def candidates(
     include_lq: bool = typer.Option(False, help="Add the LQ input as a candidate."),
     include_gt: bool = typer.Option(False, help="Add the GT as a candidate (needs hq/)."),
     batch_size: int = typer.Option(8, help="Images per batch."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda."),
+    device: str | None = typer.Option(None, help="cpu or cuda."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """k restorations per LQ input (seeds, eta values, models), laid out for annotation."""
@@ -195,7 +229,7 @@ def toy_preferences(
     n_inputs: int = typer.Option(200, help="Toy faces (LQ inputs)."),
     k: int = typer.Option(3, help="Restorations per input (plus the LQ, graded degradations of the GT and the GT)."),
     split: str = typer.Option("train", help="Identities: train (FRM training data) or test (held-out pairs)."),
-    model: Optional[Path] = typer.Option(None, help="Restorer (default: the shipped toy restorer)."),
+    model: Path | None = typer.Option(None, help="Restorer (default: the shipped toy restorer)."),
     steps: int = typer.Option(20, help="DDIM steps."),
     noise: float = typer.Option(0.0, help="Oracle label noise (Bradley-Terry temperature); 0 is noiseless."),
     seed: int = typer.Option(0, help="Seed."),
@@ -240,11 +274,11 @@ def auto_label(
 @app.command()
 def annotate(
     folder: Path = typer.Argument(..., help="A candidates folder (candidates.json, lq/, gt/, candidates/) from `facereward candidates`."),
-    labels: Optional[Path] = typer.Option(None, help="Labels JSONL (default FOLDER/labels.jsonl); appended to at every label."),
+    labels: Path | None = typer.Option(None, help="Labels JSONL (default FOLDER/labels.jsonl); appended to at every label."),
     annotator: str = typer.Option("anonymous", help="Your name, stored with each label."),
     host: str = typer.Option("127.0.0.1", help="Bind address (loopback by default; anything else is reachable from the network)."),
     port: int = typer.Option(8765, help="Port (0: any free one)."),
-    pairs_per_item: Optional[int] = typer.Option(None, help="Pairs to label per LQ input (default: all k(k-1)/2)."),
+    pairs_per_item: int | None = typer.Option(None, help="Pairs to label per LQ input (default: all k(k-1)/2)."),
     seed: int = typer.Option(0, help="Seed of the pair order and left/right placement."),
 ) -> None:
     """A local web page to label preference pairs with the keyboard; every label is saved at once, restarts resume."""
@@ -256,9 +290,9 @@ def annotate(
 @app.command("build-restorer")
 def build_restorer(
     out_dir: Path = typer.Argument(..., help="Where to write the new restorer folder."),
-    from_sd: Optional[Path] = typer.Option(None, help="A local diffusers Stable Diffusion folder (e.g. SD 2.1 base): builds the latent DiffBIR-style restorer."),
+    from_sd: Path | None = typer.Option(None, help="A local diffusers Stable Diffusion folder (e.g. SD 2.1 base): builds the latent DiffBIR-style restorer."),
     size: int = typer.Option(512, help="Face size in pixels (with --from-sd)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML of RestorerConfig fields (without --from-sd: a random-init restorer)."),
+    config: Path | None = typer.Option(None, "--config", help="YAML of RestorerConfig fields (without --from-sd: a random-init restorer)."),
     set_: list[str] = typer.Option([], "--set", help="Override RestorerConfig fields, e.g. --set mode=latent."),
 ) -> None:
     """Create an untrained restorer folder to train with `train-base --set init_from=OUT`."""
@@ -276,7 +310,7 @@ def build_restorer(
 def restore(
     inputs: Path = typer.Argument(..., help="An aligned face image or a folder of them."),
     out_dir: Path = typer.Argument(..., help="Output folder (NAME.png per input)."),
-    model: Optional[Path] = typer.Option(None, help="Restorer folder (default: the shipped toy restorer)."),
+    model: Path | None = typer.Option(None, help="Restorer folder (default: the shipped toy restorer)."),
     steps: int = typer.Option(50, help="DDIM steps."),
     eta: str = typer.Option("0", help="DDIM eta: a number, or 'random' (redrawn per step)."),
     seed: int = typer.Option(0, help="Seed of the initial noise (per image, independent of batching)."),
@@ -284,7 +318,7 @@ def restore(
     convert: bool = typer.Option(False, help="Accept grayscale/RGBA inputs by converting them to RGB."),
     resize: bool = typer.Option(False, help="Resize inputs of another size to the model size."),
     save_stage1: bool = typer.Option(False, help="Also write the stage-1 (cleaner) output to OUT/stage1."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Restore aligned faces; bad files are reported by name and skipped."""
@@ -319,27 +353,27 @@ def _named_paths(values: list[str], option: str) -> dict[str, str]:
 
 @app.command()
 def evaluate(
-    testset: Optional[Path] = typer.Option(None, help="Paired test set: lq/ and (optionally) hq/ folders matched by name."),
+    testset: Path | None = typer.Option(None, help="Paired test set: lq/ and (optionally) hq/ folders matched by name."),
     model: list[str] = typer.Option([], "--model", help="NAME=DIR: a restorer to run on lq/ (repeatable)."),
     images: list[str] = typer.Option([], "--images", help="NAME=DIR: existing outputs named like lq/ (repeatable)."),
-    out_dir: Optional[Path] = typer.Option(None, help="Where results.md/.csv/.json and grid.png go (default eval_out)."),
+    out_dir: Path | None = typer.Option(None, help="Where results.md/.csv/.json and grid.png go (default eval_out)."),
     stage1: bool = typer.Option(False, "--stage1", help="Also evaluate each model's stage-1 (cleaner) output."),
     lq: bool = typer.Option(True, help="Include the LQ input as a row."),
-    steps: Optional[int] = typer.Option(None, help="DDIM steps (default 50)."),
-    eta: Optional[float] = typer.Option(None, help="DDIM eta (default 0)."),
-    seed: Optional[int] = typer.Option(None, help="Sampling seed (default 0)."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per batch (default 16)."),
-    identity: Optional[str] = typer.Option(None, help="Identity judge: auto, toy, dlib, arcface:PATH.onnx, none."),
-    landmarks: Optional[str] = typer.Option(None, help="Landmark judge: auto, toy, dlib, none."),
-    fid: Optional[str] = typer.Option(None, help="FID/KID features: auto (the identity judge), identity, inception:PATH, none."),
-    fid_reference: Optional[Path] = typer.Option(None, help="HQ folder to compute FID against (default: the test set's hq/)."),
-    frm: Optional[Path] = typer.Option(None, help="A Face Reward Model folder: adds its score as a column (no GT needed)."),
-    lpips_backbone: Optional[Path] = typer.Option(None, help="LPIPS backbone weights (torchvision vgg16/alexnet layout)."),
-    lpips_heads: Optional[Path] = typer.Option(None, help="LPIPS linear heads (lpips v0.1 vgg.pth/alex.pth layout)."),
-    lpips_net: Optional[str] = typer.Option(None, help="vgg (default) or alex."),
-    crop_border: Optional[int] = typer.Option(None, help="Pixels cropped from each border before PSNR/SSIM."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML of EvaluateConfig fields."),
+    steps: int | None = typer.Option(None, help="DDIM steps (default 50)."),
+    eta: float | None = typer.Option(None, help="DDIM eta (default 0)."),
+    seed: int | None = typer.Option(None, help="Sampling seed (default 0)."),
+    batch_size: int | None = typer.Option(None, help="Images per batch (default 16)."),
+    identity: str | None = typer.Option(None, help="Identity judge: auto, toy, dlib, arcface:PATH.onnx, none."),
+    landmarks: str | None = typer.Option(None, help="Landmark judge: auto, toy, dlib, none."),
+    fid: str | None = typer.Option(None, help="FID/KID features: auto (the identity judge), identity, inception:PATH, none."),
+    fid_reference: Path | None = typer.Option(None, help="HQ folder to compute FID against (default: the test set's hq/)."),
+    frm: Path | None = typer.Option(None, help="A Face Reward Model folder: adds its score as a column (no GT needed)."),
+    lpips_backbone: Path | None = typer.Option(None, help="LPIPS backbone weights (torchvision vgg16/alexnet layout)."),
+    lpips_heads: Path | None = typer.Option(None, help="LPIPS linear heads (lpips v0.1 vgg.pth/alex.pth layout)."),
+    lpips_net: str | None = typer.Option(None, help="vgg (default) or alex."),
+    crop_border: int | None = typer.Option(None, help="Pixels cropped from each border before PSNR/SSIM."),
+    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+    config: Path | None = typer.Option(None, "--config", help="YAML of EvaluateConfig fields."),
     set_: list[str] = typer.Option([], "--set", help="Override EvaluateConfig fields."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
@@ -372,10 +406,10 @@ def evaluate(
 def demo(
     out_dir: Path = typer.Option(Path("demo_out"), help="Output folder."),
     n: int = typer.Option(16, help="Held-out toy faces to restore."),
-    model: Optional[Path] = typer.Option(None, help="Restorer folder (default: the shipped toy restorer)."),
+    model: Path | None = typer.Option(None, help="Restorer folder (default: the shipped toy restorer)."),
     steps: int = typer.Option(50, help="DDIM steps."),
     seed: int = typer.Option(0, help="Degradation and sampling seed."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """End to end on the toy world: held-out faces, degraded, restored; a grid and the evaluate table."""

@@ -1,0 +1,370 @@
+"""`facereward refl`: DiffusionReward's Reward Feedback Learning with a dynamic Face Reward Model (METHODS.md 1.2).
+
+Per batch: DDIM from noise to a grad step k (no grad), the trainable network's step-k call with grad,
+x0_hat decoded to x_hat, and the generator loss
+    w_r * reward(s(x_hat)) + w_reg * sum_j mean((h_j - h_j_ref)^2) + w_dwt * DWT_L1(x_hat, x_gt) + w_lpips * LPIPS,
+the FRM frozen but differentiable. Every U generator steps the FRM takes one Bradley-Terry step preferring
+the GT over the detached restoration (optionally mixed with pairs of the original preference set).
+Setting a weight to 0 (or `dynamic_frm.every: 0`) turns that component off for ablations.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from facereward.data.datasets import collate_batch
+from facereward.models.ddim import DDIMSchedule, truncated_rollout
+from facereward.models.frm import FaceRewardModel, bradley_terry_loss
+from facereward.models.restorer import Restorer
+from facereward.train.base import DataConfig, build_dataset
+from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator
+from facereward.train.plumbing import (
+    ProgressLog,
+    RunConfig,
+    checkpoint_run,
+    find_checkpoint,
+    infinite_batches,
+    load_checkpoint,
+    make_accelerator,
+    write_run_config,
+)
+from facereward.train.trainable import (
+    LoraSettings,
+    adapters_disabled,
+    frozen_copy,
+    has_lora,
+    prepare_trainable,
+    save_restorer,
+    set_stage2,
+    trainable_parameters,
+)
+
+REWARD_FORMS = ("one_minus", "negative", "hinge")
+
+
+@dataclass
+class DynamicFRMConfig:
+    """The FRM's own Bradley-Terry updates during ReFL (METHODS.md 1.2 step 6); every: 0 keeps it fixed."""
+
+    every: int = 10  # U: one FRM step per U generator steps
+    lr: float = 2e-6
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    pairs: str | None = None  # the original preference JSONL, mixed in so the FRM does not forget it
+    pairs_per_update: int = 0  # preference pairs added to each update (0: none)
+    use_captions: bool = True
+
+
+@dataclass
+class ReFLConfig:
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/refl", save_every=500, log_every=10))
+    data: DataConfig = field(default_factory=DataConfig)
+    init_from: str | None = None  # the restorer folder to fine-tune (default: the shipped toy restorer)
+    frm: str | None = None  # the Face Reward Model folder (default: the shipped toy FRM)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    steps: int = 3500  # optimizer steps
+    batch_size: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 1e-2
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    sampling_steps: int = 50  # T DDIM steps
+    grad_window: int = 2  # the grad step is drawn from the last `grad_window` of the T steps
+    eta: float | str = "random"  # a number, or "random": redrawn from U(0, 1) every step (the original)
+    reward_weight: float = 0.005  # w_r
+    reward_form: str = "one_minus"  # one_minus: 1 - s; negative: -s; hinge: relu(margin - s)
+    reward_margin: float = 1.0
+    reg_weight: float = 1e-4  # w_reg, residuals vs the frozen initial network
+    structural_weight: float = 0.01  # w_dwt
+    wavelet: str = "dtcwt"  # low-pass band: dtcwt (the original's) or haar
+    wavelet_levels: int = 3
+    lpips_weight: float = 0.01  # used only when lpips_backbone and lpips_heads are given
+    lpips_net: str = "vgg"
+    lpips_backbone: str | None = None
+    lpips_heads: str | None = None
+    use_captions: bool = True  # pass captions to caption-scoring FRMs
+    dynamic_frm: DynamicFRMConfig = field(default_factory=DynamicFRMConfig)
+    held_out: HeldOutConfig = field(default_factory=HeldOutConfig)
+
+
+def reward_loss(scores: Tensor, form: str, margin: float = 1.0) -> Tensor:
+    """Per-image reward term to minimise (METHODS.md 1.2 step 4): 1 - s, -s, or relu(margin - s)."""
+    if form == "one_minus":
+        return 1 - scores
+    if form == "negative":
+        return -scores
+    if form == "hinge":
+        return F.relu(margin - scores)
+    raise ValueError(f"reward_form must be one of {', '.join(REWARD_FORMS)}, got {form!r}")
+
+
+def residual_regulariser(residuals: list[Tensor], reference: list[Tensor]) -> Tensor:
+    """sum_j mean((h_j - h_j_ref)^2) over the trainable network's outputs (METHODS.md 1.2 step 4)."""
+    if len(residuals) != len(reference):
+        raise ValueError(f"{len(residuals)} residuals but {len(reference)} reference residuals")
+    return sum(((h.float() - r.float()) ** 2).mean() for h, r in zip(residuals, reference))
+
+
+def frm_preference_step(frm: FaceRewardModel, optimizer: torch.optim.Optimizer, chosen: Tensor, rejected: Tensor,
+                        captions: list[str] | None, grad_clip: float, reduce=None) -> dict[str, Tensor]:
+    """One Bradley-Terry step of the FRM preferring `chosen` over `rejected` (METHODS.md 1.1, 1.2 step 6).
+
+    `reduce` (e.g. accelerator.reduce) averages the gradients over processes before the step.
+    """
+    frm.train()
+    scores = frm(torch.cat([chosen, rejected]), captions * 2 if captions else None)
+    s_w, s_l = scores.chunk(2)
+    loss = bradley_terry_loss(s_w, s_l, frm.logit_scale)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in frm.parameters() if p.requires_grad and p.grad is not None]
+    if reduce is not None:
+        for p in params:
+            p.grad = reduce(p.grad, reduction="mean")
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    frm.eval()
+    return {"frm/loss": loss.detach(), "frm/margin": (s_w - s_l).detach().mean()}
+
+
+@dataclass
+class ReFLOutput:
+    """One generator micro-step: the total loss (with grad), its logged parts, the detached restoration."""
+
+    loss: Tensor
+    parts: dict[str, Tensor]
+    restored: Tensor
+
+
+class ReFLStep:
+    """The ReFL generator loss for one batch (METHODS.md 1.2 steps 1-4), independent of the training loop."""
+
+    def __init__(self, config: ReFLConfig, restorer: Restorer, frm: FaceRewardModel, reference: nn.Module | None,
+                 lpips: nn.Module | None = None):
+        if config.reward_form not in REWARD_FORMS:
+            raise ValueError(f"reward_form must be one of {', '.join(REWARD_FORMS)}, got {config.reward_form!r}")
+        if not 1 <= config.grad_window <= config.sampling_steps:
+            raise ValueError(f"grad_window must be in [1, sampling_steps={config.sampling_steps}], got {config.grad_window}")
+        self.config, self.restorer, self.frm, self.reference, self.lpips = config, restorer, frm, reference, lpips
+        self.schedule = DDIMSchedule.from_scheduler(restorer.scheduler, config.sampling_steps, device=restorer.device)
+
+    def reference_residuals(self, x_t: Tensor, t: Tensor, cond: Tensor) -> list[Tensor]:
+        """The initial network's outputs at the same inputs: LoRA adapters off, or the frozen copy."""
+        restorer = self.restorer
+        with torch.no_grad():
+            if self.reference is None:
+                with adapters_disabled(restorer.stage2_trainable()):
+                    return restorer.predict_eps(x_t, t, cond, return_residuals=True)[1]
+            current = restorer.stage2_trainable()
+            set_stage2(restorer, self.reference)
+            try:
+                return restorer.predict_eps(x_t, t, cond, return_residuals=True)[1]
+            finally:
+                set_stage2(restorer, current)
+
+    def __call__(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> ReFLOutput:
+        cfg, restorer = self.config, self.restorer
+        lq, hq = batch["lq"], batch["hq"]
+        with torch.no_grad():
+            cond = restorer.condition(restorer.clean(lq))
+        b, _, h, w = lq.shape
+        x_T = torch.randn(restorer.latent_shape(b, h, w), generator=generator, device=lq.device, dtype=cond.dtype)
+        # step 1: k from the last `grad_window` steps
+        device = generator.device if generator is not None else "cpu"
+        k = cfg.sampling_steps - 1 - int(torch.randint(cfg.grad_window, (), generator=generator, device=device))
+        captured: dict[str, list[Tensor]] = {}
+
+        def eps_fn(x_t: Tensor, t: Tensor) -> Tensor:
+            eps, residuals = restorer.predict_eps(x_t, t, cond, return_residuals=True)
+            captured["residuals"] = residuals  # only the last call (step k, with grad) is used
+            return eps
+
+        # steps 2-3: no-grad rollout to k, then step k with grad and x0_hat
+        out = truncated_rollout(eps_fn, x_T, self.schedule, k, eta=cfg.eta, generator=generator)
+        x_hat = restorer.decode(out.pred_x0)
+        parts: dict[str, Tensor] = {}
+        loss = x_hat.new_zeros(())
+        captions = batch.get("caption") if cfg.use_captions else None
+        with self.frm.freeze_for_reward():
+            scores = self.frm(x_hat, captions)
+        parts["refl/score"] = scores.detach().mean()
+        if cfg.reward_weight > 0:
+            parts["refl/reward_loss"] = reward_loss(scores, cfg.reward_form, cfg.reward_margin).mean()
+            loss = loss + cfg.reward_weight * parts["refl/reward_loss"]
+        if cfg.reg_weight > 0:
+            reference = self.reference_residuals(out.x_t, out.t, cond)
+            parts["refl/reg_loss"] = residual_regulariser(captured["residuals"], reference)
+            loss = loss + cfg.reg_weight * parts["refl/reg_loss"]
+        if cfg.structural_weight > 0:
+            from facereward.metrics.wavelet import lowpass_l1
+
+            parts["refl/structural_loss"] = lowpass_l1(x_hat, hq, cfg.wavelet_levels, wavelet=cfg.wavelet).mean()
+            loss = loss + cfg.structural_weight * parts["refl/structural_loss"]
+        if self.lpips is not None and cfg.lpips_weight > 0:
+            parts["refl/lpips_loss"] = self.lpips(x_hat, hq).mean()
+            loss = loss + cfg.lpips_weight * parts["refl/lpips_loss"]
+        parts["refl/loss"] = loss.detach()
+        parts["refl/grad_step"] = torch.tensor(float(k))
+        return ReFLOutput(loss=loss, parts={k_: v.detach() for k_, v in parts.items()}, restored=x_hat.detach())
+
+
+def _resolve_defaults(config: ReFLConfig) -> tuple[str, str]:
+    from facereward.weights import WEIGHTS_DIR, default_restorer_path
+
+    restorer_path = config.init_from or str(default_restorer_path())
+    frm_path = config.frm or str(WEIGHTS_DIR / "toy-frm")
+    return restorer_path, frm_path
+
+
+def _load_lpips(config: ReFLConfig) -> nn.Module | None:
+    if config.lpips_weight <= 0 or not (config.lpips_backbone or config.lpips_heads):
+        return None
+    if not (config.lpips_backbone and config.lpips_heads):
+        raise ValueError("LPIPS needs both lpips_backbone and lpips_heads (or lpips_weight: 0)")
+    from facereward.metrics.lpips import load_lpips
+
+    return load_lpips(config.lpips_net, config.lpips_backbone, config.lpips_heads)
+
+
+def _preference_batches(config: DynamicFRMConfig, seed: int):
+    """An endless iterator of (chosen, rejected, captions) from the original preference set, or None."""
+    if not config.pairs or config.pairs_per_update <= 0:
+        return None
+    from facereward.data.preferences import load_pairs
+    from facereward.train.frm import PairImages, _collate
+
+    pairs = [p for p in load_pairs(config.pairs) if not p.tie]
+    if not pairs:
+        raise ValueError(f"{config.pairs}: no non-tie preference pairs to mix into the dynamic FRM updates")
+    loader = DataLoader(PairImages(pairs, random_flip=True, seed=seed), batch_size=config.pairs_per_update, shuffle=True,
+                        collate_fn=_collate, drop_last=len(pairs) >= config.pairs_per_update)
+    return (batch for _, batch in infinite_batches(loader))
+
+
+def _validate(config: ReFLConfig) -> None:
+    if config.steps < 1 or config.batch_size < 1:
+        raise ValueError("steps and batch_size must be >= 1")
+    if isinstance(config.eta, str) and config.eta != "random":
+        raise ValueError(f"eta must be a number or 'random', got {config.eta!r}")
+    if config.dynamic_frm.every < 0:
+        raise ValueError("dynamic_frm.every must be >= 0 (0: a fixed FRM)")
+    if config.wavelet not in ("haar", "dtcwt"):
+        raise ValueError(f"wavelet must be haar or dtcwt, got {config.wavelet!r}")
+
+
+def train_refl(config: ReFLConfig) -> Path:
+    """Run (or resume) ReFL; writes OUTPUT/model (restorer), OUTPUT/frm (the evolved FRM), OUTPUT/metrics.json."""
+    _validate(config)
+    run = config.run
+    restorer_path, frm_path = _resolve_defaults(config)
+    accelerator = make_accelerator(run, "refl")
+    write_run_config(config, run, accelerator)
+    device = accelerator.device
+    restorer = Restorer.from_pretrained(restorer_path).to(device)
+    if config.data.size != restorer.config.size:
+        raise ValueError(f"data.size {config.data.size} differs from the restorer's size {restorer.config.size} ({restorer_path})")
+    frm = FaceRewardModel.from_pretrained(frm_path).to(device)
+    initial_frm = copy.deepcopy(frm).requires_grad_(False).eval()  # frozen: held-out scores on a fixed scale
+    trainable = prepare_trainable(restorer, config.lora)
+    reference = None if has_lora(trainable) else (frozen_copy(trainable) if config.reg_weight > 0 else None)
+    params = trainable_parameters(trainable)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.adam_betas))
+    dyn = config.dynamic_frm
+    frm_params = [p for p in frm.parameters() if p.requires_grad]
+    frm_optimizer = torch.optim.AdamW(frm_params, lr=dyn.lr, weight_decay=dyn.weight_decay) if dyn.every > 0 and frm_params else None
+    if dyn.every > 0 and frm_optimizer is None:
+        raise ValueError(f"{frm_path}: the FRM has no trainable parameters for dynamic updates (set dynamic_frm.every: 0)")
+    modules: dict[str, nn.Module] = {"stage2": trainable, "frm": frm}
+    optimizers = {"restorer": optimizer, **({"frm": frm_optimizer} if frm_optimizer else {})}
+    step, epoch, history = 0, 0, []
+    if run.resume:
+        state = load_checkpoint(find_checkpoint(run.output_dir, run.resume), modules, optimizers)
+        step, epoch, history = state["step"], state["epoch"] + 1, state.get("history", [])
+    dataset = build_dataset(config.data)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, num_workers=config.data.num_workers,
+                        collate_fn=collate_batch, drop_last=len(dataset) >= config.batch_size)
+    wrapped, optimizer, loader = accelerator.prepare(trainable, optimizer, loader)
+    set_stage2(restorer, wrapped)
+    refl_step = ReFLStep(config, restorer, frm, reference, _load_lpips(config))
+    evaluator = None
+    if config.held_out.every > 0 and accelerator.is_main_process:
+        frms = {"initial": initial_frm, **({"live": frm} if frm_optimizer else {})}
+        evaluator = HeldOutEvaluator(config.held_out, config.data, restorer.config.size, device, frms)
+    preference_batches = _preference_batches(dyn, run.seed) if frm_optimizer else None
+    generator = torch.Generator(device=device).manual_seed(run.seed * 7919 + accelerator.process_index + 1000 * step)
+    batches = infinite_batches(loader, start_epoch=epoch)
+    log = ProgressLog(accelerator, config.steps, step, "refl", run.log_every, run.progress)
+    out_dir = Path(run.output_dir)
+
+    def held_out(at: int) -> None:
+        if evaluator is not None:
+            set_stage2(restorer, accelerator.unwrap_model(wrapped))  # no DDP collectives from one process
+            scores = evaluator(restorer)
+            set_stage2(restorer, wrapped)
+            history.append({"step": at, **scores})
+            accelerator.log({f"held_out/{k}": v for k, v in scores.items()}, step=at)
+            if not run.progress:
+                print(f"refl held-out step {at}: " + " ".join(f"{k}={v:.4g}" for k, v in scores.items()), flush=True)
+        accelerator.wait_for_everyone()
+
+    if step == 0 and not history:
+        held_out(0)
+    while step < config.steps:
+        wrapped.train()
+        epoch, batch = next(batches)
+        with accelerator.accumulate(wrapped):
+            with accelerator.autocast():
+                result = refl_step(batch, generator)
+            accelerator.backward(result.loss)
+            if accelerator.sync_gradients and config.grad_clip > 0:
+                accelerator.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        scalars = dict(result.parts)
+        if frm_optimizer is not None and step % dyn.every == 0:
+            scalars.update(_dynamic_frm_update(frm, frm_optimizer, dyn, batch, result.restored, preference_batches, accelerator))
+        log.step(step, scalars)
+        if config.held_out.every > 0 and (step % config.held_out.every == 0 or step == config.steps):
+            held_out(step)
+        if step % run.save_every == 0 or step == config.steps:
+            checkpoint_run(accelerator, run, step, modules, optimizers, {"epoch": epoch, "history": history})
+    log.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        set_stage2(restorer, accelerator.unwrap_model(wrapped))
+        save_restorer(restorer, out_dir / "model")
+        frm.save_pretrained(out_dir / "frm")
+        (out_dir / "metrics.json").write_text(json.dumps({"held_out": history, "train_log": log.history}, indent=2))
+    accelerator.end_training()
+    return out_dir / "model"
+
+
+def _dynamic_frm_update(frm: FaceRewardModel, optimizer: torch.optim.Optimizer, dyn: DynamicFRMConfig, batch: dict[str, Any],
+                        restored: Tensor, preference_batches, accelerator) -> dict[str, Tensor]:
+    """GT preferred over the detached restoration as the generator saw it, plus original preference pairs if configured (METHODS.md 1.2 step 6)."""
+    chosen, rejected = batch["hq"], restored.to(batch["hq"].dtype)
+    captions = list(batch["caption"]) if dyn.use_captions else None
+    if preference_batches is not None:
+        pref = next(preference_batches)
+        size = chosen.shape[-2:]
+        resize = (lambda x: x) if pref["chosen"].shape[-2:] == size else (
+            lambda x: F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False))
+        chosen = torch.cat([chosen, resize(pref["chosen"].to(chosen.device))])
+        rejected = torch.cat([rejected, resize(pref["rejected"].to(rejected.device))])
+        if captions is not None:
+            captions = captions + list(pref["caption"])
+    reduce = accelerator.reduce if accelerator.num_processes > 1 else None
+    return frm_preference_step(frm, optimizer, chosen, rejected, captions, dyn.grad_clip, reduce)

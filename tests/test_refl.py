@@ -1,0 +1,200 @@
+"""ReFL (METHODS.md 1.2): gradient routing, truncation, the regulariser, the dynamic FRM, a short run, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from facereward.models.frm import FaceRewardModel, FRMConfig
+from facereward.models.restorer import Restorer
+from facereward.train.base import DataConfig
+from facereward.train.heldout import HeldOutConfig
+from facereward.train.plumbing import RunConfig
+from facereward.train.refl import (
+    ReFLConfig,
+    ReFLStep,
+    frm_preference_step,
+    residual_regulariser,
+    reward_loss,
+    train_refl,
+)
+from facereward.train.trainable import LoraSettings, frozen_copy, prepare_trainable
+
+
+@pytest.fixture
+def tiny_frm():
+    torch.manual_seed(1)
+    return FaceRewardModel(FRMConfig(backbone="cnn", input_size=32, cnn_widths=[8, 16], cnn_depth=1)).eval()
+
+
+def _batch(size: int = 32, b: int = 2):
+    g = torch.Generator().manual_seed(3)
+    hq = torch.rand(b, 3, size, size, generator=g)
+    return {"lq": (hq + 0.2 * torch.rand(b, 3, size, size, generator=g)).clamp(0, 1), "hq": hq, "caption": ["a face"] * b}
+
+
+def _step(restorer, frm, lora_rank=0, **kw):
+    cfg = ReFLConfig(sampling_steps=kw.pop("sampling_steps", 4), reward_weight=1.0, reg_weight=1.0, structural_weight=1.0,
+                     lora=LoraSettings(rank=lora_rank), **kw)
+    trainable = prepare_trainable(restorer, cfg.lora)
+    reference = None if lora_rank else frozen_copy(trainable)
+    return ReFLStep(cfg, restorer, frm, reference), trainable
+
+
+def test_reward_forms_and_regulariser_by_hand():
+    s = torch.tensor([0.25, 2.0, -1.0])
+    assert torch.equal(reward_loss(s, "one_minus"), torch.tensor([0.75, -1.0, 2.0]))
+    assert torch.equal(reward_loss(s, "negative"), -s)
+    assert torch.equal(reward_loss(s, "hinge", margin=1.0), torch.tensor([0.75, 0.0, 2.0]))
+    with pytest.raises(ValueError, match="reward_form must be one of"):
+        reward_loss(s, "log")
+    h = [torch.ones(1, 2, 2), torch.zeros(1, 3)]
+    ref = [torch.zeros(1, 2, 2), torch.full((1, 3), 2.0)]
+    assert residual_regulariser(h, ref).item() == pytest.approx(1.0 + 4.0)  # sum over j of the mean squared difference
+
+
+@pytest.mark.parametrize("mode", ["pixel", "latent"])
+def test_gradients_reach_only_the_trainable_network(mode, pixel_restorer, latent_restorer, tiny_frm):
+    restorer = pixel_restorer if mode == "pixel" else latent_restorer
+    step, trainable = _step(restorer, tiny_frm)
+    out = step(_batch(), torch.Generator().manual_seed(0))
+    out.loss.backward()
+    trained = {id(p) for p in trainable.parameters()}
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.parameters())
+    for name, p in restorer.named_parameters():
+        if id(p) not in trained:
+            assert p.grad is None, f"{name} got a gradient"
+    assert all(p.grad is None for p in tiny_frm.parameters())  # frozen for the generator step, but differentiable
+    assert all(p.requires_grad for p in tiny_frm.parameters())  # ...and its flags are back afterwards
+    assert {"refl/reward_loss", "refl/reg_loss", "refl/structural_loss", "refl/loss", "refl/score"} <= set(out.parts)
+
+
+def _saved_tensors(step: ReFLStep, batch) -> int:
+    count = 0
+
+    def pack(t):
+        nonlocal count
+        count += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(batch, torch.Generator().manual_seed(0))
+    return count
+
+
+def test_no_graph_is_kept_for_the_no_grad_steps(pixel_restorer, tiny_frm):
+    """The autograd graph holds step k's forward only: the same size for 3 and 12 sampling steps."""
+    batch = _batch()
+    short, _ = _step(pixel_restorer, tiny_frm, sampling_steps=3, grad_window=1)
+    n_short = _saved_tensors(short, batch)
+    long, _ = _step(pixel_restorer, tiny_frm, sampling_steps=12, grad_window=1)
+    assert n_short > 0 and _saved_tensors(long, batch) == n_short
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_regulariser_is_exactly_zero_at_step_zero(lora_rank, latent_restorer, tiny_frm):
+    step, _ = _step(latent_restorer, tiny_frm, lora_rank=lora_rank)
+    out = step(_batch(), torch.Generator().manual_seed(0))
+    assert out.parts["refl/reg_loss"].item() == 0.0
+    assert out.parts["refl/reward_loss"].item() != 0.0
+
+
+def test_regulariser_grows_once_the_network_moves(pixel_restorer, tiny_frm):
+    step, trainable = _step(pixel_restorer, tiny_frm)
+    with torch.no_grad():
+        for p in trainable.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    assert step(_batch(), torch.Generator().manual_seed(0)).parts["refl/reg_loss"].item() > 0
+
+
+def test_one_dynamic_frm_update_prefers_the_gt(pixel_restorer, tiny_frm):
+    step, _ = _step(pixel_restorer, tiny_frm)
+    batch = _batch(b=4)
+    restored = step(batch, torch.Generator().manual_seed(0)).restored
+    with torch.no_grad():
+        before = (tiny_frm.score(batch["hq"]) - tiny_frm.score(restored)).mean()
+    opt = torch.optim.AdamW([p for p in tiny_frm.parameters() if p.requires_grad], lr=1e-3)
+    frm_preference_step(tiny_frm, opt, batch["hq"], restored, None, grad_clip=1.0)
+    with torch.no_grad():
+        after = (tiny_frm.score(batch["hq"]) - tiny_frm.score(restored)).mean()
+    assert after > before
+
+
+def _config(tmp_path, restorer_dir, frm_dir, **kw) -> ReFLConfig:
+    run = RunConfig(output_dir=str(tmp_path / "run"), progress=False, save_every=2, log_every=1)
+    defaults = dict(run=run, data=DataConfig(toy_faces=8, size=32), init_from=str(restorer_dir), frm=str(frm_dir), steps=4,
+                    batch_size=2, sampling_steps=3, eta=1.0, held_out=HeldOutConfig(every=2, toy_faces=2, steps=3, identity="none"))
+    defaults.update(kw)
+    return ReFLConfig(**defaults)
+
+
+@pytest.fixture
+def saved(tmp_path, pixel_restorer, tiny_frm):
+    pixel_restorer.save_pretrained(tmp_path / "restorer")
+    tiny_frm.save_pretrained(tmp_path / "frm")
+    return tmp_path / "restorer", tmp_path / "frm"
+
+
+def test_short_run_trains_saves_and_resumes(tmp_path, saved):
+    model = train_refl(_config(tmp_path, *saved, steps=2, lr=1e-3))
+    restored = Restorer.from_pretrained(model)
+    initial = Restorer.from_pretrained(saved[0])
+    assert any(not torch.equal(a, b) for a, b in zip(restored.unet.state_dict().values(), initial.unet.state_dict().values()))
+    assert FaceRewardModel.from_pretrained(tmp_path / "run" / "frm")
+    train_refl(_config(tmp_path, *saved, steps=4, lr=1e-3, run=RunConfig(output_dir=str(tmp_path / "run"), progress=False,
+                                                                          save_every=2, log_every=1, resume="latest")))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["held_out"]] == [0, 2, 4]  # the resumed run carries the history on
+    assert {"psnr", "ssim", "frm/initial", "frm/live"} <= set(metrics["held_out"][0])
+    assert (tmp_path / "run" / "checkpoints" / "step-00000004" / "frm.safetensors").is_file()
+
+
+def test_lora_run_saves_a_plain_restorer(tmp_path, saved):
+    model = train_refl(_config(tmp_path, *saved, steps=2, lr=1e-2, lora=LoraSettings(rank=2), held_out=HeldOutConfig(every=0)))
+    loaded = Restorer.from_pretrained(model)
+    assert not any("lora" in k for k in loaded.unet.state_dict())
+    initial = Restorer.from_pretrained(saved[0])
+    assert any(not torch.equal(a, b) for a, b in zip(loaded.unet.state_dict().values(), initial.unet.state_dict().values()))
+
+
+def test_short_run_on_toy_faces_raises_the_held_out_frm_score(tmp_path):
+    """The shipped toy restorer and FRM: a few ReFL steps (fixed FRM, reward only) raise the held-out score."""
+    cfg = ReFLConfig(
+        run=RunConfig(output_dir=str(tmp_path / "run"), progress=False, save_every=100, log_every=1),
+        data=DataConfig(toy_faces=16, toy_identities=200, size=64), steps=3, batch_size=2, sampling_steps=4, lr=1e-4,
+        reward_weight=0.01, reg_weight=0.0, structural_weight=0.0, dynamic_frm=ReFLConfig().dynamic_frm.__class__(every=0),
+        held_out=HeldOutConfig(every=3, toy_faces=4, steps=4, identity="none"),
+    )
+    train_refl(cfg)
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["held_out"]
+    assert history[-1]["frm/initial"] > history[0]["frm/initial"] + 0.5
+
+
+def test_bad_configs_fail_with_one_line(tmp_path, saved):
+    with pytest.raises(ValueError, match="eta must be a number or 'random'"):
+        train_refl(_config(tmp_path, *saved, eta="sometimes"))
+    with pytest.raises(ValueError, match="data.size 64 differs"):
+        train_refl(_config(tmp_path, *saved, data=DataConfig(toy_faces=4, size=64)))
+    with pytest.raises(ValueError, match="LPIPS needs both"):
+        train_refl(_config(tmp_path, *saved, lpips_backbone="vgg16.pth"))
+
+
+def test_cli_ablation_switches_and_bad_keys(tmp_path, saved):
+    import yaml
+    from typer.testing import CliRunner
+
+    from facereward.cli import app
+
+    out = tmp_path / "cli"
+    args = ["refl", "--init-from", str(saved[0]), "--frm", str(saved[1]), "--toy-faces", "4", "--steps", "1",
+            "--output-dir", str(out), "--set", "data.size=32", "--set", "sampling_steps=2", "--set", "held_out.every=0",
+            "--set", "batch_size=2", "--set", "run.progress=false"]
+    result = CliRunner().invoke(app, [*args, "--no-regulariser", "--no-dynamic-frm", "--no-structural"])
+    assert result.exit_code == 0, result.output
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["reg_weight"] == 0 and written["dynamic_frm"]["every"] == 0
+    assert written["structural_weight"] == 0 and written["lpips_weight"] == 0 and written["reward_weight"] > 0
+    bad = CliRunner().invoke(app, [*args, "--set", "reward_wieght=1"])
+    assert bad.exit_code != 0 and "unknown key 'reward_wieght'" in str(bad.exception or bad.output)
