@@ -1,0 +1,581 @@
+"""`facereward lrpo`: Likelihood-Regularized Policy Optimization, online RL for the restorer (METHODS.md 2).
+
+One epoch: sample `batches_per_epoch` group batches (each LQ input repeated G times, the same degraded
+image on every process that holds part of its group), roll out DDIM with eta = 1 recording every step,
+score the results with the composite reward, compute group advantages, then `inner_epochs` PPO-clip
+passes over the trained steps, with the GT-guided likelihood regulariser on the last K trained steps.
+
+Rollouts and updates run in micro-batches of `micro_batch` samples, and an update pass reuses the
+rollout's micro-batches (same samples, same order): a network's output on CPU and GPU can differ in the
+last bits with the batch's make-up, and with a clip range of 1e-4 such noise would clip. So in the first
+inner epoch, before any optimizer step, the ratio is exactly 1. Samples with zero advantage carry no
+loss; micro-batches made only of them are skipped. Only the stage-2 network (or its LoRA adapters) is
+trained; the restorer stays in eval mode (the networks have no dropout or batch statistics).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from facereward.data.datasets import collate_batch
+from facereward.models.ddim import (
+    DDIMSchedule,
+    ddim_step_with_logprob,
+    gaussian_log_prob,
+    q_sample,
+    rollout,
+)
+from facereward.models.restorer import Restorer
+from facereward.rewards import CompositeReward, RewardsConfig
+from facereward.train.base import DataConfig, build_dataset
+from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator
+from facereward.train.plumbing import (
+    ProgressLog,
+    RunConfig,
+    checkpoint_run,
+    find_checkpoint,
+    load_checkpoint,
+    make_accelerator,
+    write_run_config,
+)
+from facereward.train.trainable import (
+    LoraSettings,
+    adapters_disabled,
+    frozen_copy,
+    has_lora,
+    prepare_trainable,
+    save_restorer,
+    set_stage2,
+    trainable_parameters,
+)
+
+
+@dataclass
+class LRPOConfig:
+    """All LRPO settings; defaults are the original's (METHODS.md 2) except the run length."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/lrpo", save_every=10, log_every=1))
+    data: DataConfig = field(default_factory=DataConfig)
+    init_from: str | None = None  # the restorer folder to fine-tune (required)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    group_size: int = 9  # G candidates per LQ input
+    inputs_per_batch: int = 2  # LQ inputs per sampling batch, over all processes
+    batches_per_epoch: int = 12
+    epochs: int = 160
+    steps: int = 50  # DDIM sampling steps T
+    eta: float = 1.0
+    timestep_fraction: float = 0.99  # the first int(fraction * T) steps are trained (never the last, sigma 0)
+    inner_epochs: int = 1
+    clip_range: float = 1e-4
+    adv_std: Literal["global", "group"] = "global"
+    adv_weighting: Literal["noise_level", "uniform"] = "noise_level"
+    adv_clip: float = 5.0
+    kl_beta: float = 0.0
+    kl_reference: Literal["auto", "copy", "base"] = "auto"  # auto: the LoRA-free base with LoRA, else a frozen copy
+    reg_weight: float = 0.001  # 0 turns the likelihood regulariser off
+    reg_steps: int = 5  # K: the last K trained steps
+    reg_temperature: float = 40.0
+    reg_noising: Literal["closed_form", "compounding"] = "closed_form"
+    micro_batch: int = 6  # samples per network call, in rollouts and updates
+    train_batch_size: int = 0  # samples per optimizer step per process (0: one step per inner epoch)
+    lr: float = 1e-6
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    held_out: HeldOutConfig = field(default_factory=HeldOutConfig)
+
+
+def check_config(config: LRPOConfig) -> int:
+    """Validate `config` (ValueError naming the field); returns the number of trained steps."""
+    if not config.init_from:
+        raise ValueError("init_from: give the restorer folder to fine-tune")
+    positive = ("group_size", "inputs_per_batch", "batches_per_epoch", "steps", "inner_epochs", "micro_batch")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    for name in ("epochs", "train_batch_size", "reg_steps"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
+    for name in ("clip_range", "adv_clip", "reg_temperature", "lr"):
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(config, name)}")
+    for name in ("kl_beta", "reg_weight", "grad_clip", "weight_decay"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
+    if not 0 < config.eta:
+        raise ValueError(f"eta must be > 0 (the policy needs noise), got {config.eta}")
+    choices = {"adv_std": ("global", "group"), "adv_weighting": ("noise_level", "uniform"),
+               "kl_reference": ("auto", "copy", "base"), "reg_noising": ("closed_form", "compounding")}
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
+    if config.run.mixed_precision == "fp16":
+        raise ValueError("run.mixed_precision: lrpo supports 'no' or 'bf16' (fp16 loss scaling is not supported)")
+    n_train = min(int(config.timestep_fraction * config.steps), config.steps - 1)
+    if not 0 < config.timestep_fraction <= 1 or n_train < 1:
+        raise ValueError(f"timestep_fraction {config.timestep_fraction} of {config.steps} steps trains no step "
+                         "(the last step has sigma 0 and is never trained)")
+    if config.reg_weight > 0 and config.reg_steps > n_train:
+        raise ValueError(f"reg_steps {config.reg_steps} exceeds the {n_train} trained steps")
+    return n_train
+
+
+# ---- advantages ---------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: Tensor, group_ids: Tensor, std: str = "global", eps: float = 1e-4) -> Tensor:
+    """A_i = (R_i - mean_group(i) R) / (std R + eps), std over all samples or within the group (METHODS.md 2.3)."""
+    if std not in ("global", "group"):
+        raise ValueError(f"adv_std must be 'global' or 'group', got {std!r}")
+    rewards = rewards.double()
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(counts), dtype=rewards.dtype, device=rewards.device).index_add_(0, inverse, rewards)
+    centred = rewards - (sums / counts)[inverse]
+    if std == "global":
+        scale = rewards.std(unbiased=False) if rewards.numel() > 1 else torch.zeros((), dtype=rewards.dtype)
+        scale = scale.expand_as(rewards)
+    else:
+        sq = torch.zeros(len(counts), dtype=rewards.dtype, device=rewards.device).index_add_(0, inverse, centred**2)
+        scale = (sq / counts).sqrt()[inverse]
+    return (centred / (scale + eps)).float()
+
+
+def noise_level_weights(sigmas: Tensor) -> Tensor:
+    """w_k = sigma_k / mean_k' sigma_k' over the sampling steps, per sample: (B, T) -> (B, T) (METHODS.md 2.3)."""
+    return sigmas / sigmas.mean(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def step_advantages(advantages: Tensor, sigmas: Tensor, weighting: str = "noise_level", clip: float = 5.0) -> Tensor:
+    """A_{i,k} = clip(A_i w_k, -clip, clip), w_k noise-level weights or 1 (uniform): (B,), (B, T) -> (B, T)."""
+    if weighting == "noise_level":
+        weights = noise_level_weights(sigmas.float())
+    elif weighting == "uniform":
+        weights = torch.ones_like(sigmas, dtype=torch.float32)
+    else:
+        raise ValueError(f"adv_weighting must be 'noise_level' or 'uniform', got {weighting!r}")
+    return (advantages.float()[:, None] * weights).clamp(-clip, clip)
+
+
+# ---- the loss terms -------------------------------------------------------------------------------
+
+
+@dataclass
+class PPOTerms:
+    loss: Tensor  # (B,) per-sample clipped surrogate
+    ratio: Tensor  # (B,) exp(logp - logp_old)
+    clipped: Tensor  # (B,) bool: |ratio - 1| > clip_range
+
+
+def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float) -> PPOTerms:
+    """max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), rho = exp(logp - logp_old), per sample (METHODS.md 2.3)."""
+    ratio = torch.exp(log_prob.float() - old_log_prob.float())
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    return PPOTerms(torch.maximum(unclipped, clipped), ratio, (ratio - 1.0).abs() > clip_range)
+
+
+def likelihood_regulariser(mean: Tensor, std: Tensor, target: Tensor, temperature: float = 40.0) -> Tensor:
+    """1 - exp(mean_d log N(target; mean, std^2) / temperature), per sample (METHODS.md 2.3)."""
+    return 1.0 - torch.exp(gaussian_log_prob(target, mean, std) / temperature)
+
+
+def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
+    """KL(N(mean, std^2) || N(ref_mean, std^2)) averaged over elements, per sample (the optional KL term, METHODS.md 2.3)."""
+    diff = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)
+    return diff.flatten(1).mean(dim=1)
+
+
+def noised_gt_targets(z_gt: Tensor, schedule: DDIMSchedule, reg_steps: list[int], noise: Tensor,
+                      mode: str = "closed_form") -> Tensor:
+    """The GT latent noised to each regularised step's output level t_{k+1}: (K, B, ...) (METHODS.md 2.3).
+
+    `noise` is (T, B, ...), one draw per level. closed_form: q(z_{t_{k+1}} | z_gt). compounding (the
+    original's quirk): walk up from the lowest level applying q to the previous level's noised latent.
+    """
+    levels = [k + 1 for k in reg_steps]
+    if mode == "closed_form":
+        return torch.stack([q_sample(z_gt, noise[j], schedule.timesteps[j].expand(z_gt.shape[0]), schedule.alphas_cumprod)
+                            for j in levels])
+    if mode != "compounding":
+        raise ValueError(f"reg_noising must be 'closed_form' or 'compounding', got {mode!r}")
+    out, z = {}, z_gt
+    for j in range(schedule.num_steps - 1, min(levels) - 1, -1):
+        z = q_sample(z, noise[j], schedule.timesteps[j].expand(z_gt.shape[0]), schedule.alphas_cumprod)
+        out[j] = z
+    return torch.stack([out[j] for j in levels])
+
+
+# ---- group batches ------------------------------------------------------------------------------
+
+
+def epoch_input_indices(n_data: int, n_needed: int, seed: int, epoch: int) -> np.ndarray:
+    """The dataset indices of an epoch's LQ inputs: shuffled without repeats until the data runs out; same on every process."""
+    rng = np.random.default_rng([seed, epoch])
+    rounds = -(-n_needed // n_data)
+    return np.concatenate([rng.permutation(n_data) for _ in range(rounds)])[:n_needed]
+
+
+@dataclass
+class GroupBatch:
+    lq: Tensor  # (n, 3, H, W): this process's rows, each row its input's one degraded image
+    hq: Tensor
+    captions: list[str]
+    group_ids: Tensor  # (n,) long: the input's position in the epoch (the group)
+
+
+def group_batch(dataset: Dataset, input_indices: list[int], group_size: int, group_offset: int,
+                rank: int, world_size: int) -> GroupBatch:
+    """This process's share of `len(input_indices) * group_size` rows (input j on rows j*G .. j*G+G-1).
+
+    Every row of a group holds the same degraded image, on whichever process: it comes from
+    `dataset[index]` (the degradation is fixed by the dataset's seed and the index, never the rank).
+    """
+    total = len(input_indices) * group_size
+    if total % world_size:
+        raise ValueError(f"inputs_per_batch * group_size = {total} must divide among {world_size} processes")
+    per = total // world_size
+    rows = np.arange(rank * per, (rank + 1) * per)
+    inputs = rows // group_size
+    unique, inverse = np.unique(inputs, return_inverse=True)
+    items = collate_batch([dataset[int(input_indices[j])] for j in unique])
+    inv = torch.from_numpy(inverse)
+    return GroupBatch(lq=items["lq"][inv], hq=items["hq"][inv], captions=[items["caption"][i] for i in inverse],
+                      group_ids=torch.from_numpy(inputs + group_offset).long())
+
+
+# ---- rollouts -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Chunk:
+    """One micro-batch of recorded rollouts, kept with its make-up for the updates."""
+
+    samples: Tensor  # (n_train + 1, b, ...): x_{t_k} for the trained steps and the last one's output
+    log_probs: Tensor  # (b, n_train) recorded log-probs
+    sigmas: Tensor  # (b, T)
+    cond: Tensor
+    z_gt: Tensor
+    rows: slice  # the chunk's rows among this process's rows of the epoch
+    targets: Tensor | None = None  # (K, b, ...) noised GT for the regulariser
+    advantages: Tensor | None = None  # (b, n_train)
+    keep: Tensor | None = None  # (b,) bool: nonzero advantage
+
+
+@torch.no_grad()
+def rollout_group_batch(restorer: Restorer, batch: GroupBatch, schedule: DDIMSchedule, config: LRPOConfig,
+                        n_train: int, generator: torch.Generator, reward: CompositeReward, accelerator: Accelerator,
+                        row_offset: int) -> tuple[list[Chunk], dict[str, Tensor]]:
+    """Roll out every row of `batch` in micro-batches and score the results: (chunks, {"reward", "reward/NAME"})."""
+    device = accelerator.device
+    lq, hq = batch.lq.to(device), batch.hq.to(device)
+    n = lq.shape[0]
+    with accelerator.autocast():
+        cond = restorer.condition(restorer.clean(lq))
+        z_gt = restorer.encode(hq)
+    x_T = torch.randn(restorer.latent_shape(n, lq.shape[2], lq.shape[3]), generator=generator, device=device)
+    chunks, scores = [], {}
+    for start in range(0, n, config.micro_batch):
+        sl = slice(start, min(n, start + config.micro_batch))
+        with accelerator.autocast():
+            traj = rollout(restorer.eps_fn(cond[sl]), x_T[sl].to(cond.dtype), schedule, eta=config.eta, generator=generator)
+            images = restorer.decode(traj.final).clamp(0, 1)
+        out = reward(images.float(), hq[sl], batch.captions[sl])
+        for name, value in {"reward": out.total, **{f"reward/{k}": v for k, v in out.components.items()}}.items():
+            scores.setdefault(name, []).append(value.float())
+        chunks.append(Chunk(samples=traj.samples[: n_train + 1], log_probs=traj.log_probs[:, :n_train], sigmas=traj.sigmas,
+                            cond=cond[sl], z_gt=z_gt[sl], rows=slice(row_offset + sl.start, row_offset + sl.stop)))
+    return chunks, {k: torch.cat(v) for k, v in scores.items()}
+
+
+# ---- the update ---------------------------------------------------------------------------------
+
+
+class Reference:
+    """The reference policy's noise prediction for the KL term: the LoRA-free base, or a frozen copy."""
+
+    def __init__(self, restorer: Restorer, module: nn.Module, kind: str):
+        self.restorer, self.module = restorer, module
+        lora = has_lora(module)
+        if kind == "auto":
+            kind = "base" if lora else "copy"
+        if kind == "base" and not lora:
+            raise ValueError("kl_reference 'base' needs LoRA training (lora.rank > 0); use 'copy'")
+        self.kind = kind
+        self.copy = frozen_copy(module) if kind == "copy" else None
+
+    @torch.no_grad()
+    def eps(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        if self.copy is None:
+            with adapters_disabled(self.module):
+                return self.restorer.predict_eps(x_t, t, cond)
+        set_stage2(self.restorer, self.copy)
+        try:
+            return self.restorer.predict_eps(x_t, t, cond)
+        finally:
+            set_stage2(self.restorer, self.module)
+
+
+def all_reduce_gradients(params: list[nn.Parameter], accelerator: Accelerator) -> None:
+    """Sum the gradients of `params` over processes in one flat all-reduce (missing gradients count as 0)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def broadcast_parameters(module: nn.Module, accelerator: Accelerator) -> None:
+    """Make every process start from the main process's weights (LoRA initialisation is random)."""
+    if accelerator.num_processes > 1:
+        for tensor in module.state_dict().values():
+            torch.distributed.broadcast(tensor, 0)
+
+
+def _zero_stats(device: torch.device) -> dict[str, Tensor]:
+    keys = ("pg", "reg", "kl", "clipped", "approx_kl", "count", "reg_count", "grad_norm", "opt_steps")
+    stats = {k: torch.zeros((), device=device) for k in keys}
+    stats["ratio_dev_max"] = torch.zeros((), device=device)
+    return stats
+
+
+def update_chunk(restorer: Restorer, chunk: Chunk, schedule: DDIMSchedule, config: LRPOConfig, n_train: int,
+                 normaliser: Tensor, reference: Reference | None, accelerator: Accelerator, stats: dict[str, Tensor]) -> None:
+    """Backpropagate one micro-batch's PPO loss (+ regulariser, + KL) over the trained steps, one step at a time."""
+    keep = chunk.keep.float()
+    reg_from = n_train - config.reg_steps if config.reg_weight > 0 else n_train
+    for k in range(n_train):
+        x_t, x_prev = chunk.samples[k], chunk.samples[k + 1]
+        t = schedule.timesteps[k].expand(x_t.shape[0])
+        with accelerator.autocast():
+            eps = restorer.predict_eps(x_t, t, chunk.cond)
+        step = ddim_step_with_logprob(eps, t, x_t, schedule, config.eta, prev_sample=x_prev)
+        terms = ppo_clip_loss(step.log_prob, chunk.log_probs[:, k], chunk.advantages[:, k], config.clip_range)
+        loss = (keep * terms.loss).sum() / (normaliser * n_train)  # L_pg, METHODS.md 2.3
+        if k >= reg_from:
+            j = k - reg_from
+            reg = likelihood_regulariser(step.mean, step.std, chunk.targets[j], config.reg_temperature)
+            loss = loss + config.reg_weight * (keep * reg).sum() / (normaliser * config.reg_steps)  # + 0.001 L_reg
+            stats["reg"] += (keep * reg).sum().detach()
+            stats["reg_count"] += keep.sum()
+        if reference is not None:
+            with accelerator.autocast():
+                ref_eps = reference.eps(x_t, t, chunk.cond)
+            ref_mean = ddim_step_with_logprob(ref_eps, t, x_t, schedule, config.eta, prev_sample=x_prev).mean
+            kl = gaussian_kl(step.mean, ref_mean, step.std)
+            loss = loss + config.kl_beta * (keep * kl).sum() / (normaliser * n_train)
+            stats["kl"] += (keep * kl).sum().detach()
+        loss.backward()
+        diff = (step.log_prob.detach() - chunk.log_probs[:, k]).float()
+        stats["pg"] += (keep * terms.loss).sum().detach()
+        stats["clipped"] += (keep * terms.clipped.float()).sum()
+        stats["approx_kl"] += (keep * 0.5 * diff**2).sum()
+        stats["count"] += keep.sum()
+        dev = (keep * (terms.ratio.detach() - 1).abs()).max()
+        stats["ratio_dev_max"] = torch.maximum(stats["ratio_dev_max"], dev)
+
+
+def optimizer_step_parts(chunks: list[Chunk], n_rows: int, train_batch_size: int, generator: np.random.Generator) -> list[list[Chunk]]:
+    """Shuffle the chunks that hold a nonzero advantage and split them into the inner epoch's optimizer steps.
+
+    The number of steps depends only on the row count, so it is the same on every process (a process
+    whose part is empty contributes zero gradients to that step).
+    """
+    n_steps = 1 if train_batch_size == 0 else max(1, -(-n_rows // train_batch_size))
+    kept = [chunks[i] for i in generator.permutation(len(chunks)) if bool(chunks[i].keep.any())]
+    bounds = np.linspace(0, len(kept), n_steps + 1).round().astype(int)
+    return [kept[bounds[s]: bounds[s + 1]] for s in range(n_steps)]
+
+
+def update_epoch(restorer: Restorer, module: nn.Module, optimizer: torch.optim.Optimizer, chunks: list[Chunk],
+                 n_rows: int, schedule: DDIMSchedule, config: LRPOConfig, n_train: int, reference: Reference | None,
+                 accelerator: Accelerator, epoch: int) -> list[dict[str, Tensor]]:
+    """The `inner_epochs` PPO passes over this epoch's chunks; per inner epoch, summed statistics (tensors, no host sync)."""
+    params = trainable_parameters(module)
+    all_stats = []
+    for inner in range(config.inner_epochs):
+        rng = np.random.default_rng([config.run.seed, epoch, inner, accelerator.process_index, 7])
+        parts = optimizer_step_parts(chunks, n_rows, config.train_batch_size, rng)
+        counts = torch.tensor([float(sum(int(c.keep.sum()) for c in part)) for part in parts], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            torch.distributed.all_reduce(counts)  # the global number of kept samples of each optimizer step
+        stats = _zero_stats(accelerator.device)
+        for part, count in zip(parts, counts.tolist()):
+            if count == 0:
+                continue  # every process agrees: nothing to learn from in this step
+            optimizer.zero_grad(set_to_none=True)
+            normaliser = torch.tensor(count, device=accelerator.device)
+            for chunk in part:
+                update_chunk(restorer, chunk, schedule, config, n_train, normaliser, reference, accelerator, stats)
+            all_reduce_gradients(params, accelerator)
+            if config.grad_clip > 0:
+                stats["grad_norm"] += torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            stats["opt_steps"] += 1
+        all_stats.append(stats)
+    return all_stats
+
+
+# ---- one epoch ------------------------------------------------------------------------------------
+
+
+def _seed(*words: int) -> int:
+    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1)[0])
+
+
+@torch.no_grad()
+def sample_epoch(restorer: Restorer, dataset: Dataset, schedule: DDIMSchedule, config: LRPOConfig, n_train: int,
+                 reward: CompositeReward, accelerator: Accelerator, epoch: int) -> tuple[list[Chunk], dict[str, Tensor], Tensor]:
+    """All sampling batches of `epoch` on this process: (chunks, local scores, local group ids)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    indices = epoch_input_indices(len(dataset), config.batches_per_epoch * config.inputs_per_batch, config.run.seed, epoch)
+    chunks, scores, groups, rows = [], {}, [], 0
+    for b in range(config.batches_per_epoch):
+        inputs = indices[b * config.inputs_per_batch: (b + 1) * config.inputs_per_batch].tolist()
+        batch = group_batch(dataset, inputs, config.group_size, b * config.inputs_per_batch, rank, world)
+        generator = torch.Generator(device=accelerator.device).manual_seed(_seed(config.run.seed, epoch, b, rank))
+        new, batch_scores = rollout_group_batch(restorer, batch, schedule, config, n_train, generator, reward, accelerator, rows)
+        chunks += new
+        for k, v in batch_scores.items():
+            scores.setdefault(k, []).append(v)
+        groups.append(batch.group_ids.to(accelerator.device))
+        rows += batch.lq.shape[0]
+    return chunks, {k: torch.cat(v) for k, v in scores.items()}, torch.cat(groups)
+
+
+def assign_advantages(chunks: list[Chunk], rewards: Tensor, groups: Tensor, config: LRPOConfig, n_train: int,
+                      accelerator: Accelerator) -> tuple[Tensor, Tensor]:
+    """Group advantages over all processes' samples, spread over steps, set on each chunk; returns (all rewards, all advantages)."""
+    all_rewards, all_groups = accelerator.gather(rewards), accelerator.gather(groups)
+    advantages = group_advantages(all_rewards, all_groups, config.adv_std)
+    n = rewards.shape[0]
+    local = advantages[accelerator.process_index * n: (accelerator.process_index + 1) * n]
+    for chunk in chunks:
+        adv = local[chunk.rows]
+        chunk.keep = adv != 0  # METHODS.md 2.3: samples with exactly zero advantage are dropped
+        chunk.advantages = step_advantages(adv, chunk.sigmas, config.adv_weighting, config.adv_clip)[:, :n_train]
+    return all_rewards, advantages
+
+
+def set_regulariser_targets(chunks: list[Chunk], schedule: DDIMSchedule, config: LRPOConfig, n_train: int,
+                            generator: torch.Generator) -> None:
+    """Noise each chunk's GT latents to the regularised steps' levels, once per epoch."""
+    if config.reg_weight <= 0:
+        return
+    reg_steps = list(range(n_train - config.reg_steps, n_train))
+    for chunk in chunks:
+        noise = torch.randn((schedule.num_steps, *chunk.z_gt.shape), generator=generator, device=chunk.z_gt.device,
+                            dtype=chunk.z_gt.dtype)
+        chunk.targets = noised_gt_targets(chunk.z_gt, schedule, reg_steps, noise, config.reg_noising)
+
+
+def epoch_scalars(scores: dict[str, Tensor], advantages: Tensor, inner_stats: list[dict[str, Tensor]],
+                  accelerator: Accelerator) -> dict[str, float]:
+    """The epoch's logged numbers (one host sync): rewards, advantage stats and, per inner epoch, the PPO statistics."""
+    out: dict[str, Tensor] = {}
+    for name, value in scores.items():
+        out[name] = accelerator.gather(value).mean()
+    out["reward_std"] = accelerator.gather(scores["reward"]).std(unbiased=False)
+    out["adv/mean"] = advantages.mean()
+    out["adv/std"] = advantages.std(unbiased=False)
+    out["adv/abs_max"] = advantages.abs().max()
+    out["adv/kept_fraction"] = (advantages != 0).float().mean()
+    for i, stats in enumerate(inner_stats):
+        summed = {k: accelerator.reduce(v.clone(), "sum") for k, v in stats.items() if k != "ratio_dev_max"}
+        count = summed["count"].clamp_min(1)
+        prefix = "ppo/" if len(inner_stats) == 1 else f"ppo/inner{i}/"
+        out[prefix + "loss_pg"] = summed["pg"] / count
+        out[prefix + "clip_fraction"] = summed["clipped"] / count
+        out[prefix + "approx_kl"] = summed["approx_kl"] / count
+        dev_max = stats["ratio_dev_max"].clone()
+        if accelerator.num_processes > 1:
+            torch.distributed.all_reduce(dev_max, op=torch.distributed.ReduceOp.MAX)
+        out[prefix + "ratio_dev_max"] = dev_max
+        out[prefix + "regulariser"] = summed["reg"] / summed["reg_count"].clamp_min(1)
+        out[prefix + "kl"] = summed["kl"] / count
+        out[prefix + "grad_norm"] = summed["grad_norm"] / summed["opt_steps"].clamp_min(1) / accelerator.num_processes
+        out[prefix + "optimizer_steps"] = summed["opt_steps"] / accelerator.num_processes
+    values = torch.stack([v.float().reshape(()) for v in out.values()]).cpu().tolist()
+    return dict(zip(out, values))
+
+
+# ---- the trainer -----------------------------------------------------------------------------------
+
+
+def _held_out(config: LRPOConfig, reward: CompositeReward, size: int, device: torch.device) -> HeldOutEvaluator | None:
+    if config.held_out.every <= 0:
+        return None
+    return HeldOutEvaluator(config.held_out, config.data, size, device, extra=reward.scorers())
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"epochs": history}, indent=1))
+    tmp.replace(path)
+
+
+def train_lrpo(config: LRPOConfig) -> Path:
+    """Run LRPO (resuming if asked); writes OUTPUT/model (LoRA merged) and OUTPUT/metrics.json; returns the model folder."""
+    n_train = check_config(config)
+    run = config.run
+    accelerator = make_accelerator(run, "lrpo")
+    write_run_config(config, run, accelerator)
+    restorer = Restorer.from_pretrained(config.init_from)
+    if config.data.size != restorer.config.size:
+        raise ValueError(f"data.size {config.data.size} differs from the model size {restorer.config.size}")
+    restorer.to(accelerator.device)
+    module = prepare_trainable(restorer, config.lora)
+    broadcast_parameters(module, accelerator)
+    optimizer = torch.optim.AdamW(trainable_parameters(module), lr=config.lr, weight_decay=config.weight_decay)
+    reference = Reference(restorer, module, config.kl_reference) if config.kl_beta > 0 else None
+    reward = CompositeReward.from_config(config.rewards, accelerator.device)
+    dataset = build_dataset(config.data)
+    schedule = DDIMSchedule.from_scheduler(restorer.scheduler, config.steps, device=accelerator.device)
+    held_out = _held_out(config, reward, restorer.config.size, accelerator.device) if accelerator.is_main_process else None
+    start, history = 0, []
+    if run.resume:
+        state = load_checkpoint(find_checkpoint(run.output_dir, run.resume), {"stage2": module}, {"optimizer": optimizer})
+        if state.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
+            raise ValueError(f"run.resume: the checkpoint ran on {state['num_processes']} processes, this run on {accelerator.num_processes}")
+        start, history = int(state["step"]), list(state.get("history", []))
+    log = ProgressLog(accelerator, config.epochs, start, "lrpo", run.log_every, run.progress)
+    metrics_path = Path(run.output_dir) / "metrics.json"
+    for epoch in range(start, config.epochs):
+        chunks, scores, groups = sample_epoch(restorer, dataset, schedule, config, n_train, reward, accelerator, epoch)
+        _, advantages = assign_advantages(chunks, scores["reward"], groups, config, n_train, accelerator)
+        generator = torch.Generator(device=accelerator.device).manual_seed(_seed(run.seed, epoch, accelerator.process_index, 3))
+        set_regulariser_targets(chunks, schedule, config, n_train, generator)
+        n_rows = scores["reward"].shape[0]
+        inner = update_epoch(restorer, module, optimizer, chunks, n_rows, schedule, config, n_train, reference, accelerator, epoch)
+        del chunks
+        scalars = epoch_scalars(scores, advantages, inner, accelerator)
+        if held_out is not None and ((epoch + 1) % config.held_out.every == 0 or epoch + 1 == config.epochs):
+            scalars.update({f"held_out/{k}": v for k, v in held_out(restorer).items()})
+        history.append({"epoch": epoch + 1, **scalars})
+        log.step(epoch + 1, scalars)
+        if accelerator.is_main_process:
+            _write_metrics(metrics_path, history)
+        if (epoch + 1) % run.save_every == 0 or epoch + 1 == config.epochs:
+            checkpoint_run(accelerator, run, epoch + 1, {"stage2": module}, {"optimizer": optimizer}, {"history": history})
+    log.close()
+    out = Path(run.output_dir) / "model"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_restorer(restorer, out)
+        _write_metrics(metrics_path, history)
+    accelerator.end_training()
+    return out

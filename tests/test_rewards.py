@@ -1,0 +1,184 @@
+"""Rewards: the registry round trip, the composite's weights, and each built-in against its definition."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from facereward.metrics.fullref import psnr, ssim
+from facereward.metrics.wavelet import lowpass_l1
+from facereward.models.frm import FaceRewardModel
+from facereward.rewards import (
+    PAPER_WEIGHTS,
+    CompositeReward,
+    Reward,
+    RewardsConfig,
+    build_reward,
+    list_rewards,
+    register_reward,
+)
+from facereward.rewards.base import _REGISTRY
+from facereward.weights import WEIGHTS_DIR
+
+TOY_FRM = str(WEIGHTS_DIR / "toy-frm")
+
+
+def _images(seed: int = 0, n: int = 3, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    gt = torch.rand(n, 3, size, size, generator=g)
+    x = (gt + 0.1 * torch.randn(n, 3, size, size, generator=g)).clamp(0, 1)
+    return x, gt
+
+
+class Brightness:
+    """A user reward as the README shows it: a class with two flags and a call."""
+
+    differentiable = True
+    needs_gt = False
+
+    def __init__(self, gain: float = 1.0):
+        self.gain = gain
+
+    def __call__(self, images, gt=None, captions=None):
+        return self.gain * images.mean(dim=(1, 2, 3))
+
+
+@pytest.fixture
+def brightness():
+    register_reward("test-brightness", Brightness)
+    yield
+    _REGISTRY.unregister("test-brightness")
+
+
+def test_builtins_are_registered():
+    assert {"frm", "lpips", "wavelet", "identity", "psnr", "ssim"} <= set(list_rewards())
+    assert "clipiqa" in PAPER_WEIGHTS and "clipiqa" not in list_rewards()  # no offline CLIPIQA: users register one
+
+
+def test_registry_round_trip_through_a_config(brightness):
+    reward = build_reward("test-brightness", gain=2.0)
+    assert isinstance(reward, Reward)
+    x, _ = _images()
+    assert torch.allclose(reward(x), 2.0 * x.mean(dim=(1, 2, 3)))
+    composite = CompositeReward.from_config(RewardsConfig(weights={"test-brightness": 0.5}, options={"test-brightness": {"gain": 3.0}}))
+    out = composite(x)
+    assert torch.allclose(out.total, 0.5 * 3.0 * x.mean(dim=(1, 2, 3)))
+    with pytest.raises(ValueError, match="already registered"):
+        register_reward("test-brightness", Brightness)
+
+
+def test_reward_plugins_are_imported_from_a_file(tmp_path):
+    plugin = tmp_path / "my_rewards.py"
+    plugin.write_text(
+        "from facereward.rewards import register_reward\n"
+        "class Dark:\n    differentiable = False\n    needs_gt = False\n"
+        "    def __call__(self, images, gt=None, captions=None):\n        return 1 - images.mean(dim=(1, 2, 3))\n"
+        "register_reward('test-dark', Dark, overwrite=True)\n"
+    )
+    try:
+        composite = CompositeReward.from_config(RewardsConfig(weights={"test-dark": 1.0}, imports=[str(plugin)]))
+        x, _ = _images()
+        assert torch.allclose(composite(x).total, 1 - x.mean(dim=(1, 2, 3)))
+        assert not composite.differentiable
+    finally:
+        _REGISTRY.unregister("test-dark")
+    with pytest.raises(FileNotFoundError, match="rewards.imports"):
+        CompositeReward.from_config(RewardsConfig(weights={"ssim": 1.0}, imports=[str(tmp_path / "missing.py")]))
+
+
+def test_composite_total_is_the_weighted_sum_of_its_components():
+    x, gt = _images()
+    config = RewardsConfig(weights={"wavelet": 0.3, "ssim": 0.5, "psnr": 0.01})
+    composite = CompositeReward.from_config(config)
+    out = composite(x, gt)
+    assert set(out.components) == {"wavelet", "ssim", "psnr"}
+    by_hand = 0.3 * out.components["wavelet"] + 0.5 * out.components["ssim"] + 0.01 * out.components["psnr"]
+    assert torch.allclose(out.total, by_hand)
+    assert torch.allclose(out.components["ssim"], ssim(x, gt, quantize=False).float())
+    assert composite.needs_gt and composite.differentiable
+    scorers = composite.scorers()
+    assert torch.allclose(scorers["reward"](x, gt, None), out.total)
+    assert torch.allclose(scorers["reward/ssim"](x, gt, None), out.components["ssim"])
+    with pytest.raises(ValueError, match="need the ground truth"):
+        composite(x)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="rewards.weights.nosuch.*unknown reward"):
+        CompositeReward.from_config(RewardsConfig(weights={"nosuch": 1.0}))
+    with pytest.raises(ValueError, match="rewards.options.ssim"):
+        CompositeReward.from_config(RewardsConfig(weights={"psnr": 1.0}, options={"ssim": {}}))
+    with pytest.raises(ValueError, match="rewards.weights.frm.*path"):
+        CompositeReward.from_config(RewardsConfig(weights={"frm": 1.0}))
+    with pytest.raises(ValueError, match="rewards.weights.lpips.*backbone_path"):
+        CompositeReward.from_config(RewardsConfig(weights={"lpips": 1.0}))
+    with pytest.raises(ValueError, match="rewards.weights.psnr: expected a finite number"):
+        CompositeReward.from_config(RewardsConfig(weights={"psnr": float("nan")}))
+    with pytest.raises(ValueError, match="rewards.weights.ssim.*bad options"):
+        CompositeReward.from_config(RewardsConfig(weights={"ssim": 1.0}, options={"ssim": {"nosuch": 1}}))
+
+
+def test_wavelet_reward_is_exp_of_minus_c_times_lowpass_l1():
+    x, gt = _images()
+    reward = build_reward("wavelet", c=15.0)
+    expected = torch.exp(-15.0 * lowpass_l1(x, gt, levels=3, normalise=True))
+    assert torch.allclose(reward(x, gt), expected)
+    assert torch.allclose(reward(gt, gt), torch.ones(3))
+    assert (reward(x, gt) < 1).all()
+    dtcwt = build_reward("wavelet", wavelet="dtcwt")
+    assert torch.allclose(dtcwt(gt, gt), torch.ones(3)) and (dtcwt(x, gt) < 1).all()
+    with pytest.raises(ValueError, match="wavelet"):
+        build_reward("wavelet", wavelet="db4")
+
+
+def test_psnr_and_ssim_rewards_follow_the_metrics():
+    x, gt = _images()
+    assert torch.allclose(build_reward("psnr")(x, gt), psnr(x, gt, quantize=False).float())
+    assert torch.allclose(build_reward("psnr", max_db=40.0)(gt, gt), torch.full((3,), 40.0))
+    assert torch.allclose(build_reward("ssim")(gt, gt), torch.ones(3), atol=1e-6)
+
+
+def test_identity_reward_is_the_cosine_of_toy_embeddings_and_differentiable():
+    x, gt = _images(size=64)
+    reward = build_reward("identity")
+    assert reward.differentiable
+    judge = reward.judge
+    expected = (judge.embed(x) * judge.embed(gt)).sum(-1)
+    assert torch.allclose(reward(x, gt), expected, atol=1e-5)
+    assert torch.allclose(reward(gt, gt), torch.ones(3), atol=1e-5)
+    x.requires_grad_(True)
+    reward(x, gt).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_frm_reward_scores_like_the_model_and_passes_gradients():
+    x, _ = _images(size=64)
+    reward = build_reward("frm", path=TOY_FRM, scale=0.5)
+    model = FaceRewardModel.from_pretrained(TOY_FRM)
+    assert torch.allclose(reward(x), 0.5 * model.score(x), atol=1e-5)
+    assert not any(p.requires_grad for p in reward.parameters())
+    x.requires_grad_(True)
+    reward(x).sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_lpips_reward_is_one_minus_lpips(tmp_path):
+    from facereward.metrics.lpips import LPIPS
+
+    g = torch.Generator().manual_seed(0)
+    convs = [(0, 64, 3, 11), (3, 192, 64, 5), (6, 384, 192, 3), (8, 256, 384, 3), (10, 256, 256, 3)]
+    feats = {}
+    for i, cout, cin, k in convs:
+        feats[f"{i}.weight"] = torch.randn(cout, cin, k, k, generator=g) * math.sqrt(2.0 / (cin * k * k))
+        feats[f"{i}.bias"] = torch.zeros(cout)
+    heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for k, c in enumerate([64, 192, 384, 256, 256])}
+    save_file(feats, tmp_path / "alex.safetensors")
+    save_file(heads, tmp_path / "heads.safetensors")
+    reward = build_reward("lpips", backbone_path=str(tmp_path / "alex.safetensors"), heads_path=str(tmp_path / "heads.safetensors"), net="alex")
+    x, gt = _images(size=64)
+    lpips = LPIPS("alex", tmp_path / "alex.safetensors", tmp_path / "heads.safetensors")
+    assert torch.allclose(reward(x, gt), 1 - lpips(x, gt), atol=1e-6)
+    assert torch.allclose(reward(gt, gt), torch.ones(3), atol=1e-6)
