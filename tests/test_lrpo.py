@@ -1,0 +1,332 @@
+"""LRPO (METHODS.md 2): advantages, noise-level weights, PPO-clip, the regulariser, group batches, runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from facereward.data.datasets import InMemoryHQDataset
+from facereward.models.ddim import DDIMSchedule, q_sample
+from facereward.models.restorer import Restorer
+from facereward.train.lrpo import (
+    Chunk,
+    LRPOConfig,
+    assign_advantages,
+    check_config,
+    group_advantages,
+    group_batch,
+    likelihood_regulariser,
+    noise_level_weights,
+    noised_gt_targets,
+    optimizer_step_parts,
+    ppo_clip_loss,
+    step_advantages,
+    train_lrpo,
+)
+from facereward.weights import WEIGHTS_DIR
+
+TOY_FRM = str(WEIGHTS_DIR / "toy-frm")
+
+
+# ---- advantages ---------------------------------------------------------------------------------
+
+
+def test_group_advantages_have_zero_mean_per_group_and_the_global_std():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(12, generator=g) * 3 + 1
+    groups = torch.tensor([5, 5, 5, 2, 2, 2, 9, 9, 9, 7, 7, 7])
+    adv = group_advantages(rewards, groups, "global")
+    for gid in groups.unique():
+        assert abs(float(adv[groups == gid].mean())) < 1e-6
+    means = {int(gid): rewards[groups == gid].mean() for gid in groups.unique()}
+    by_hand = torch.stack([(r - means[int(gid)]) / (rewards.std(unbiased=False) + 1e-4) for r, gid in zip(rewards, groups)])
+    assert torch.allclose(adv, by_hand, atol=1e-5)
+    per_group = group_advantages(rewards, groups, "group")
+    for gid in groups.unique():
+        sel = groups == gid
+        assert abs(float(per_group[sel].mean())) < 1e-6
+        assert torch.allclose(per_group[sel], (rewards[sel] - rewards[sel].mean()) / (rewards[sel].std(unbiased=False) + 1e-4), atol=1e-5)
+
+
+def test_a_group_with_equal_rewards_gets_exactly_zero_advantage_and_is_dropped():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.2, 0.5, 0.9])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    adv = group_advantages(rewards, groups)
+    assert (adv[:3] == 0).all() and (adv[3:] != 0).all()
+
+    class OneProcess:
+        process_index, num_processes = 0, 1
+
+        def gather(self, x):
+            return x
+
+    config = LRPOConfig(init_from="x")
+    chunks = [Chunk(samples=torch.zeros(3, 3, 1), log_probs=torch.zeros(3, 2), sigmas=torch.ones(3, 3), cond=torch.zeros(3),
+                    z_gt=torch.zeros(3), rows=slice(0, 3)),
+              Chunk(samples=torch.zeros(3, 3, 1), log_probs=torch.zeros(3, 2), sigmas=torch.ones(3, 3), cond=torch.zeros(3),
+                    z_gt=torch.zeros(3), rows=slice(3, 6))]
+    assign_advantages(chunks, rewards, groups, config, 2, OneProcess())
+    assert not chunks[0].keep.any() and chunks[1].keep.all()
+    parts = optimizer_step_parts(chunks, 6, 0, np.random.default_rng(0))
+    assert parts == [[chunks[1]]]  # the all-zero micro-batch is skipped
+    parts = optimizer_step_parts(chunks, 6, 3, np.random.default_rng(0))
+    assert len(parts) == 2 and sum(len(p) for p in parts) == 1  # the step count depends on the rows only
+
+
+def test_noise_level_weights_are_sigma_over_its_mean_and_advantages_are_clipped():
+    sigmas = torch.tensor([[0.4, 0.3, 0.2, 0.1, 0.0], [0.8, 0.6, 0.4, 0.2, 0.0]])
+    w = noise_level_weights(sigmas)
+    assert torch.allclose(w, sigmas / sigmas.mean(dim=1, keepdim=True))
+    assert torch.allclose(w[0], torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0]))
+    adv = torch.tensor([1.0, -4.0])
+    per_step = step_advantages(adv, sigmas, "noise_level", clip=5.0)
+    assert torch.allclose(per_step[0], torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0]))
+    assert torch.allclose(per_step[1], torch.tensor([-5.0, -5.0, -4.0, -2.0, 0.0]))  # -8 and -6 clipped to -5
+    uniform = step_advantages(torch.tensor([7.0, -1.0]), sigmas, "uniform", clip=5.0)
+    assert torch.allclose(uniform, torch.tensor([[5.0] * 5, [-1.0] * 5]))
+
+
+# ---- loss terms ---------------------------------------------------------------------------------
+
+
+def test_ppo_clip_loss_matches_the_definition():
+    old = torch.tensor([-1.0, -1.0, -1.0, -1.0])
+    new = old + torch.tensor([0.0, 1e-3, -1e-3, 5e-5])
+    adv = torch.tensor([1.0, 1.0, -2.0, 3.0])
+    terms = ppo_clip_loss(new, old, adv, clip_range=1e-4)
+    ratio = torch.exp(new - old)
+    expected = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - 1e-4, 1 + 1e-4))
+    assert torch.allclose(terms.loss, expected)
+    assert terms.clipped.tolist() == [False, True, True, False]
+    same = ppo_clip_loss(old, old, adv, 1e-4)
+    assert (same.ratio == 1).all() and not same.clipped.any() and torch.equal(same.loss, -adv)
+
+
+def test_likelihood_regulariser_matches_a_hand_computation():
+    g = torch.Generator().manual_seed(1)
+    mean, target = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    std = torch.tensor([0.5, 2.0]).view(2, 1, 1, 1)
+    got = likelihood_regulariser(mean, std, target, temperature=40.0)
+    for i in range(2):
+        s = float(std[i])
+        elems = [-((float(x) - float(m)) ** 2) / (2 * s * s) - math.log(s) - 0.5 * math.log(2 * math.pi)
+                 for x, m in zip(target[i].flatten(), mean[i].flatten())]
+        assert abs(float(got[i]) - (1 - math.exp(sum(elems) / len(elems) / 40.0))) < 1e-6
+
+
+def test_gt_targets_closed_form_and_compounding(pixel_restorer):
+    schedule = DDIMSchedule.from_scheduler(pixel_restorer.scheduler, 6)
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(2, 3, 8, 8, generator=g)
+    noise = torch.randn(6, 2, 3, 8, 8, generator=g)
+    reg_steps = [3, 4]  # the last two of 5 trained steps: targets at levels t_4 and t_5
+    closed = noised_gt_targets(z, schedule, reg_steps, noise, "closed_form")
+    for i, j in enumerate([4, 5]):
+        t = schedule.timesteps[j].expand(2)
+        assert torch.allclose(closed[i], q_sample(z, noise[j], t, schedule.alphas_cumprod))
+    comp = noised_gt_targets(z, schedule, reg_steps, noise, "compounding")
+    z5 = q_sample(z, noise[5], schedule.timesteps[5].expand(2), schedule.alphas_cumprod)
+    z4 = q_sample(z5, noise[4], schedule.timesteps[4].expand(2), schedule.alphas_cumprod)
+    assert torch.allclose(comp[1], z5) and torch.allclose(comp[0], z4)
+
+
+# ---- group batches ------------------------------------------------------------------------------
+
+
+def _dataset(n: int = 4, size: int = 32) -> InMemoryHQDataset:
+    rng = np.random.default_rng(0)
+    return InMemoryHQDataset([rng.random((size, size, 3), dtype=np.float32) for _ in range(n)], preset="diffbir", seed=3)
+
+
+def test_group_batch_rows_of_a_group_share_one_degraded_input():
+    ds = _dataset()
+    whole = group_batch(ds, [2, 0], 3, group_offset=10, rank=0, world_size=1)
+    assert whole.group_ids.tolist() == [10, 10, 10, 11, 11, 11]
+    assert all(torch.equal(whole.lq[0], whole.lq[i]) for i in (1, 2))
+    assert torch.equal(whole.lq[3], ds[0]["lq"]) and not torch.equal(whole.lq[0], whole.lq[3])
+    halves = [group_batch(ds, [2, 0], 3, 10, rank, 2) for rank in (0, 1)]  # one group per process
+    assert torch.equal(torch.cat([h.lq for h in halves]), whole.lq)
+    split = [group_batch(ds, [1], 4, 0, rank, 2) for rank in (0, 1)]  # one group of 4 over 2 processes
+    assert all(torch.equal(h.lq[i], ds[1]["lq"]) for h in split for i in range(2))
+    assert [h.group_ids.tolist() for h in split] == [[0, 0], [0, 0]]
+    with pytest.raises(ValueError, match="divide among 4 processes"):
+        group_batch(ds, [2, 0], 3, 0, 0, 4)
+
+
+TWO_PROCESS_SCRIPT = """
+import json, sys
+import numpy as np
+import torch
+from accelerate import PartialState
+from facereward.data.datasets import InMemoryHQDataset
+from facereward.train.lrpo import group_batch
+state = PartialState(cpu=True)
+rng = np.random.default_rng(0)
+ds = InMemoryHQDataset([rng.random((32, 32, 3), dtype=np.float32) for _ in range(3)], preset="diffbir", seed=3)
+ds.set_epoch(1)
+batch = group_batch(ds, [1], 4, 0, state.process_index, state.num_processes)  # one group of 4, 2 rows per process
+from accelerate.utils import gather
+lq = gather(batch.lq.contiguous())
+if state.is_main_process:
+    same = all(torch.equal(lq[0], lq[i]) for i in range(4))
+    json.dump({"world": state.num_processes, "rows": lq.shape[0], "same": same,
+               "matches_dataset": torch.equal(lq[0], ds[1]["lq"])}, open(sys.argv[1], "w"))
+
+# a short run: 1 input x G=4 per batch, so every group is split over the two processes
+from facereward.config import load_config
+from facereward.train.lrpo import LRPOConfig, train_lrpo
+import facereward.train.lrpo as lrpo
+seen = []
+original = lrpo.update_epoch
+def spy(restorer, module, *args, **kwargs):
+    out = original(restorer, module, *args, **kwargs)
+    weights = gather(torch.cat([p.detach().flatten() for p in module.parameters()])[None])
+    seen.append(torch.equal(weights[0], weights[1]))
+    return out
+lrpo.update_epoch = spy
+train_lrpo(load_config(LRPOConfig, sys.argv[2]))
+if state.is_main_process:
+    json.dump({"same_weights": seen}, open(sys.argv[3], "w"))
+"""
+
+
+def _launch(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_a_group_split_over_two_processes_gets_one_degraded_input(tmp_path, pixel_dir):
+    """Launched as 2 gloo processes: the split group's rows hold one LQ; a short run keeps both processes in step."""
+    import yaml
+
+    from facereward.config import config_to_dict
+
+    script = tmp_path / "split.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    config = _config(tmp_path, pixel_dir, group_size=4, inputs_per_batch=1, micro_batch=2, lr=1e-3, epochs=2)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config_to_dict(config)))
+    proc = _launch([str(script), str(tmp_path / "out.json"), str(tmp_path / "c.yaml"), str(tmp_path / "weights.json")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result == {"world": 2, "rows": 4, "same": True, "matches_dataset": True}
+    assert json.loads((tmp_path / "weights.json").read_text()) == {"same_weights": [True, True]}
+    history = _history(tmp_path / "run")
+    assert len(history) == 2 and history[0]["ppo/ratio_dev_max"] == 0.0
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "state.json").read_text())
+    assert state["num_processes"] == 2
+
+
+# ---- runs ---------------------------------------------------------------------------------------
+
+
+def _config(tmp_path, model_dir, name: str = "run", **fields) -> LRPOConfig:
+    from facereward.train.base import DataConfig
+    from facereward.train.heldout import HeldOutConfig
+    from facereward.train.plumbing import RunConfig
+
+    config = LRPOConfig(
+        run=RunConfig(output_dir=str(tmp_path / name), save_every=1, log_every=1, progress=False),
+        data=DataConfig(toy_faces=6, size=32, toy_identities=10),
+        init_from=str(model_dir),
+        group_size=3, inputs_per_batch=2, batches_per_epoch=1, epochs=1, steps=4, micro_batch=3, reg_steps=2,
+        lr=1e-4, held_out=HeldOutConfig(every=0),
+    )
+    config.rewards.weights = {"wavelet": 0.5, "ssim": 0.5}
+    for key, value in fields.items():
+        setattr(config, key, value)
+    return config
+
+
+@pytest.fixture
+def pixel_dir(tmp_path, pixel_restorer):
+    pixel_restorer.save_pretrained(tmp_path / "pixel")
+    return tmp_path / "pixel"
+
+
+def _history(run_dir) -> list[dict]:
+    return json.loads((run_dir / "metrics.json").read_text())["epochs"]
+
+
+def test_pixel_run_first_inner_epoch_has_ratio_one_then_learns(tmp_path, pixel_dir):
+    config = _config(tmp_path, pixel_dir, inner_epochs=2, lr=1e-3)
+    out = train_lrpo(config)
+    (epoch,) = _history(tmp_path / "run")
+    assert epoch["ppo/inner0/ratio_dev_max"] == 0.0 and epoch["ppo/inner0/clip_fraction"] == 0.0
+    assert epoch["ppo/inner0/approx_kl"] == 0.0
+    assert epoch["ppo/inner1/ratio_dev_max"] > 0  # the optimizer step moved the policy
+    assert epoch["ppo/inner0/optimizer_steps"] == 1.0
+    assert abs(epoch["adv/mean"]) < 1e-5 and epoch["adv/kept_fraction"] == 1.0
+    for key in ("reward", "reward/wavelet", "reward/ssim", "reward_std", "ppo/inner0/regulariser", "ppo/inner0/grad_norm"):
+        assert math.isfinite(epoch[key]), key
+    trained = Restorer.from_pretrained(out)
+    base = Restorer.from_pretrained(pixel_dir)
+    moved = [not torch.equal(a, b) for a, b in zip(trained.unet.state_dict().values(), base.unet.state_dict().values())]
+    assert any(moved)
+    assert all(torch.equal(a, b) for a, b in zip(trained.cleaner.state_dict().values(), base.cleaner.state_dict().values()))
+
+
+def test_resume_continues_the_same_run(tmp_path, pixel_dir):
+    straight = train_lrpo(_config(tmp_path, pixel_dir, "straight", epochs=2, train_batch_size=3))
+    train_lrpo(_config(tmp_path, pixel_dir, "resumed", epochs=1, train_batch_size=3))
+    config = _config(tmp_path, pixel_dir, "resumed", epochs=2, train_batch_size=3)
+    config.run.resume = "latest"
+    resumed = train_lrpo(config)
+    a, b = _history(tmp_path / "straight"), _history(tmp_path / "resumed")
+    assert [e["epoch"] for e in b] == [1, 2] and b[1]["ppo/optimizer_steps"] == 2.0
+    assert a[1]["reward"] == pytest.approx(b[1]["reward"], abs=1e-6)
+    sa, sb = Restorer.from_pretrained(straight).unet.state_dict(), Restorer.from_pretrained(resumed).unet.state_dict()
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-7) for k in sa)
+
+
+def test_lora_run_with_kl_to_the_base_and_uniform_advantages(tmp_path, pixel_dir):
+    from facereward.train.trainable import LoraSettings
+
+    config = _config(tmp_path, pixel_dir, lora=LoraSettings(rank=2, target_modules=["conv1", "conv2"]), kl_beta=0.1,
+                     adv_weighting="uniform", adv_std="group", reg_noising="compounding", lr=1e-2, inner_epochs=2)
+    out = train_lrpo(config)
+    (epoch,) = _history(tmp_path / "run")
+    assert epoch["ppo/inner0/kl"] == 0.0 and epoch["ppo/inner1/kl"] > 0  # the base is the reference
+    assert epoch["ppo/inner0/ratio_dev_max"] == 0.0
+    trained = Restorer.from_pretrained(out)  # LoRA merged into a plain folder
+    assert not any("lora" in k for k in trained.unet.state_dict())
+
+
+def test_latent_run_with_frm_reward_kl_to_a_copy_and_held_out(tmp_path, latent_restorer):
+    from facereward.train.heldout import HeldOutConfig
+
+    latent_restorer.save_pretrained(tmp_path / "latent")
+    config = _config(tmp_path, tmp_path / "latent", kl_beta=0.05, reg_steps=2,
+                     held_out=HeldOutConfig(every=1, toy_faces=2, steps=2, identity="none"))
+    config.rewards.weights = {"frm": 0.1, "wavelet": 0.3}
+    config.rewards.options = {"frm": {"path": TOY_FRM}}
+    out = train_lrpo(config)
+    (epoch,) = _history(tmp_path / "run")
+    assert epoch["ppo/ratio_dev_max"] == 0.0 and epoch["ppo/clip_fraction"] == 0.0 and math.isfinite(epoch["reward/frm"])
+    assert {"held_out/psnr", "held_out/reward", "held_out/reward/frm", "held_out/reward/wavelet"} <= set(epoch)
+    trained = Restorer.from_pretrained(out)
+    assert trained.mode == "latent"
+    base = Restorer.from_pretrained(tmp_path / "latent")
+    assert all(torch.equal(a, b) for a, b in zip(trained.unet.state_dict().values(), base.unet.state_dict().values()))
+
+
+def test_bad_config_names_the_field(tmp_path, pixel_dir):
+    for fields, message in (({"init_from": None}, "init_from"), ({"group_size": 0}, "group_size"),
+                            ({"adv_std": "batch"}, "adv_std"), ({"timestep_fraction": 0.1}, "timestep_fraction"),
+                            ({"reg_steps": 4}, "reg_steps"), ({"clip_range": 0.0}, "clip_range"),
+                            ({"eta": 0.0}, "eta")):
+        with pytest.raises(ValueError, match=message):
+            check_config(_config(tmp_path, pixel_dir, **fields))
+    assert check_config(_config(tmp_path, pixel_dir, steps=50)) == 49
+    config = _config(tmp_path, pixel_dir, group_size=3, inputs_per_batch=1)
+    with pytest.raises(ValueError, match="kl_reference 'base' needs LoRA"):
+        train_lrpo(_config(tmp_path, pixel_dir, kl_beta=0.1, kl_reference="base"))
+    assert config.group_size == 3
