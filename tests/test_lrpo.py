@@ -319,7 +319,7 @@ def test_latent_run_with_frm_reward_kl_to_a_copy_and_held_out(tmp_path, latent_r
 
 
 def test_bad_config_names_the_field(tmp_path, pixel_dir):
-    for fields, message in (({"init_from": None}, "init_from"), ({"group_size": 0}, "group_size"),
+    for fields, message in (({"micro_batch": 0}, "micro_batch"), ({"group_size": 0}, "group_size"),
                             ({"adv_std": "batch"}, "adv_std"), ({"timestep_fraction": 0.1}, "timestep_fraction"),
                             ({"reg_steps": 4}, "reg_steps"), ({"clip_range": 0.0}, "clip_range"),
                             ({"eta": 0.0}, "eta")):
@@ -330,3 +330,25 @@ def test_bad_config_names_the_field(tmp_path, pixel_dir):
     with pytest.raises(ValueError, match="kl_reference 'base' needs LoRA"):
         train_lrpo(_config(tmp_path, pixel_dir, kl_beta=0.1, kl_reference="base"))
     assert config.group_size == 3
+
+
+def test_cli_lrpo_runs_an_ablation_and_reports_bad_rewards(tmp_path, pixel_dir):
+    from typer.testing import CliRunner
+
+    from facereward.cli import app
+
+    tiny = ["--set", "data.size=32", "--set", "data.toy_identities=10", "--set", "group_size=2", "--set", "inputs_per_batch=2",
+            "--set", "batches_per_epoch=1", "--set", "steps=3", "--set", "micro_batch=4", "--set", "held_out.every=0",
+            "--set", "run.progress=false"]
+    args = ["lrpo", "--init-from", str(pixel_dir), "--toy-faces", "4", "--epochs", "1", "--output-dir", str(tmp_path / "cli"),
+            "--reward", "wavelet=0.7", "--reward", "psnr=0.01", "--no-regulariser", "--uniform-advantages", *tiny]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "saved the LRPO restorer" in result.output
+    saved = (tmp_path / "cli" / "config.yaml").read_text()
+    assert "reg_weight: 0.0" in saved and "adv_weighting: uniform" in saved
+    (epoch,) = _history(tmp_path / "cli")
+    assert {k for k in epoch if k.startswith("reward/")} == {"reward/wavelet", "reward/psnr"}
+    assert epoch["ppo/regulariser"] == 0.0
+    bad = CliRunner().invoke(app, ["lrpo", "--reward", "wavelet"])
+    assert bad.exit_code == 2 and "NAME=WEIGHT" in bad.output

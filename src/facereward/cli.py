@@ -402,6 +402,51 @@ def evaluate(
     typer.echo(f"\nwrote {result.out_dir}/results.md, results.csv, results.json and grid.png")
 
 
+@app.command("lrpo")
+def lrpo_cmd(
+    config: Path | None = typer.Option(None, "--config", help="YAML config (fields of LRPOConfig)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    init_from: Path | None = typer.Option(None, help="Restorer folder to fine-tune (default: the shipped toy restorer)."),
+    hq_dir: Path | None = typer.Option(None, help="Folder of HQ faces (sets data.hq_dir)."),
+    toy_faces: int | None = typer.Option(None, help="Train on N procedural toy faces instead (sets data.toy_faces)."),
+    reward: list[str] = typer.Option([], "--reward", help="NAME=WEIGHT: the composite reward's terms (repeatable; replaces the default)."),
+    frm: Path | None = typer.Option(None, help="Face Reward Model folder for the frm reward (default: the shipped toy FRM)."),
+    reward_module: list[str] = typer.Option([], "--reward-module", help="Module or .py file that registers custom rewards (repeatable)."),
+    epochs: int | None = typer.Option(None, help="Epochs (sets epochs)."),
+    lora_rank: int | None = typer.Option(None, help="Train LoRA adapters of this rank instead of the full network."),
+    output_dir: Path | None = typer.Option(None, help="Run folder (sets run.output_dir)."),
+    resume: str | None = typer.Option(None, help="'latest' or a checkpoint folder (sets run.resume)."),
+    no_regulariser: bool = typer.Option(False, "--no-regulariser", help="Ablation: drop the GT-guided likelihood regulariser."),
+    uniform_advantages: bool = typer.Option(False, "--uniform-advantages", help="Ablation: the same advantage at every step."),
+) -> None:
+    """LRPO: online RL with group sampling, a composite reward and GT-guided likelihood regularisation (METHODS.md 2)."""
+    from facereward.config import load_config
+    from facereward.train.lrpo import LRPOConfig, train_lrpo
+
+    overrides = list(set_)
+    if reward:
+        overrides.append("rewards.weights={}")
+        for item in reward:
+            name, sep, weight = item.partition("=")
+            if not sep or not name:
+                _fail(f"--reward expects NAME=WEIGHT, got {item!r}")
+            overrides.append(f"rewards.weights.{name}={weight}")
+    if reward_module:
+        overrides.append(f"rewards.imports=[{', '.join(repr(m) for m in reward_module)}]")
+    for key, value in (("init_from", init_from), ("rewards.options.frm.path", frm), ("data.hq_dir", hq_dir),
+                       ("data.toy_faces", toy_faces), ("epochs", epochs), ("lora.rank", lora_rank),
+                       ("run.output_dir", output_dir), ("run.resume", resume)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if no_regulariser:
+        overrides.append("reg_weight=0")
+    if uniform_advantages:
+        overrides.append("adv_weighting=uniform")
+    model = train_lrpo(load_config(LRPOConfig, config, overrides))
+    if _is_main_process():
+        typer.echo(f"saved the LRPO restorer to {model} (reward curve: {model.parent / 'metrics.json'})")
+
+
 @app.command()
 def demo(
     out_dir: Path = typer.Option(Path("demo_out"), help="Output folder."),

@@ -57,6 +57,7 @@ from facereward.train.trainable import (
     set_stage2,
     trainable_parameters,
 )
+from facereward.weights import WEIGHTS_DIR, default_restorer_path
 
 
 @dataclass
@@ -65,9 +66,9 @@ class LRPOConfig:
 
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/lrpo", save_every=10, log_every=1))
     data: DataConfig = field(default_factory=DataConfig)
-    init_from: str | None = None  # the restorer folder to fine-tune (required)
+    init_from: str | None = None  # the restorer folder to fine-tune (default: the shipped toy restorer)
     lora: LoraSettings = field(default_factory=LoraSettings)
-    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)  # frm without options.frm.path: the shipped toy FRM
     group_size: int = 9  # G candidates per LQ input
     inputs_per_batch: int = 2  # LQ inputs per sampling batch, over all processes
     batches_per_epoch: int = 12
@@ -96,8 +97,6 @@ class LRPOConfig:
 
 def check_config(config: LRPOConfig) -> int:
     """Validate `config` (ValueError naming the field); returns the number of trained steps."""
-    if not config.init_from:
-        raise ValueError("init_from: give the restorer folder to fine-tune")
     positive = ("group_size", "inputs_per_batch", "batches_per_epoch", "steps", "inner_epochs", "micro_batch")
     for name in positive:
         if getattr(config, name) < 1:
@@ -516,6 +515,14 @@ def epoch_scalars(scores: dict[str, Tensor], advantages: Tensor, inner_stats: li
 # ---- the trainer -----------------------------------------------------------------------------------
 
 
+def rewards_with_defaults(rewards: RewardsConfig) -> RewardsConfig:
+    """A copy of `rewards` where an frm reward without a path scores with the shipped toy FRM (as `refl` does)."""
+    options = {k: dict(v) for k, v in rewards.options.items()}
+    if "frm" in rewards.weights and not options.get("frm", {}).get("path"):
+        options.setdefault("frm", {})["path"] = str(WEIGHTS_DIR / "toy-frm")
+    return RewardsConfig(weights=dict(rewards.weights), options=options, imports=list(rewards.imports))
+
+
 def _held_out(config: LRPOConfig, reward: CompositeReward, size: int, device: torch.device) -> HeldOutEvaluator | None:
     if config.held_out.every <= 0:
         return None
@@ -534,7 +541,7 @@ def train_lrpo(config: LRPOConfig) -> Path:
     run = config.run
     accelerator = make_accelerator(run, "lrpo")
     write_run_config(config, run, accelerator)
-    restorer = Restorer.from_pretrained(config.init_from)
+    restorer = Restorer.from_pretrained(config.init_from or default_restorer_path())
     if config.data.size != restorer.config.size:
         raise ValueError(f"data.size {config.data.size} differs from the model size {restorer.config.size}")
     restorer.to(accelerator.device)
@@ -542,7 +549,7 @@ def train_lrpo(config: LRPOConfig) -> Path:
     broadcast_parameters(module, accelerator)
     optimizer = torch.optim.AdamW(trainable_parameters(module), lr=config.lr, weight_decay=config.weight_decay)
     reference = Reference(restorer, module, config.kl_reference) if config.kl_beta > 0 else None
-    reward = CompositeReward.from_config(config.rewards, accelerator.device)
+    reward = CompositeReward.from_config(rewards_with_defaults(config.rewards), accelerator.device)
     dataset = build_dataset(config.data)
     schedule = DDIMSchedule.from_scheduler(restorer.scheduler, config.steps, device=accelerator.device)
     held_out = _held_out(config, reward, restorer.config.size, accelerator.device) if accelerator.is_main_process else None
