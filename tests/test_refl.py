@@ -198,3 +198,30 @@ def test_cli_ablation_switches_and_bad_keys(tmp_path, saved):
     assert written["structural_weight"] == 0 and written["lpips_weight"] == 0 and written["reward_weight"] > 0
     bad = CliRunner().invoke(app, [*args, "--set", "reward_wieght=1"])
     assert bad.exit_code != 0 and "unknown key 'reward_wieght'" in str(bad.exception or bad.output)
+
+
+def test_dynamic_frm_mixes_in_the_original_pairs_with_gradient_accumulation(tmp_path, saved, monkeypatch):
+    import numpy as np
+
+    from facereward.data.imageio import write_image
+    from facereward.data.preferences import append_pair
+    from facereward.train import refl as refl_module
+
+    rng = np.random.default_rng(0)
+    pairs = tmp_path / "pairs.jsonl"
+    for i in range(3):
+        write_image(tmp_path / f"img/{i}_w.png", rng.random((48, 48, 3)).astype(np.float32))  # another size: resized
+        write_image(tmp_path / f"img/{i}_l.png", rng.random((48, 48, 3)).astype(np.float32))
+        append_pair(pairs, {"chosen": f"img/{i}_w.png", "rejected": f"img/{i}_l.png", "source": "test"})
+    seen = []
+    real_step = refl_module.frm_preference_step
+
+    def spy(frm, optimizer, chosen, rejected, captions, grad_clip, reduce=None):
+        seen.append(chosen.shape[0])
+        return real_step(frm, optimizer, chosen, rejected, captions, grad_clip, reduce)
+
+    monkeypatch.setattr(refl_module, "frm_preference_step", spy)
+    run = RunConfig(output_dir=str(tmp_path / "mix"), progress=False, save_every=100, gradient_accumulation_steps=2)
+    dyn = refl_module.DynamicFRMConfig(every=1, lr=1e-3, pairs=str(pairs), pairs_per_update=2)
+    train_refl(_config(tmp_path, *saved, steps=2, run=run, dynamic_frm=dyn, held_out=HeldOutConfig(every=0)))
+    assert seen == [2 + 2, 2 + 2]  # one update per optimizer step (not per micro-batch): the batch's GTs + 2 pairs
