@@ -13,6 +13,7 @@ from facereward.train.base import DataConfig
 from facereward.train.heldout import HeldOutConfig
 from facereward.train.plumbing import RunConfig
 from facereward.train.refl import (
+    DynamicFRMConfig,
     ReFLConfig,
     ReFLStep,
     frm_preference_step,
@@ -164,7 +165,7 @@ def test_short_run_on_toy_faces_raises_the_held_out_frm_score(tmp_path):
     cfg = ReFLConfig(
         run=RunConfig(output_dir=str(tmp_path / "run"), progress=False, save_every=100, log_every=1),
         data=DataConfig(toy_faces=16, toy_identities=200, size=64), steps=3, batch_size=2, sampling_steps=4, lr=1e-4,
-        reward_weight=0.01, reg_weight=0.0, structural_weight=0.0, dynamic_frm=ReFLConfig().dynamic_frm.__class__(every=0),
+        reward_weight=0.01, reg_weight=0.0, structural_weight=0.0, dynamic_frm=DynamicFRMConfig(every=0),
         held_out=HeldOutConfig(every=3, toy_faces=4, steps=4, identity="none"),
     )
     train_refl(cfg)

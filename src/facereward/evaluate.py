@@ -86,7 +86,8 @@ def _is_toy(testset: Path) -> bool:
     return (testset / TOY_MARKER).is_file()
 
 
-def _identity_judge(spec: str, toy: bool):
+def identity_judge(spec: str, toy: bool):
+    """The identity embedder a spec names: auto (toy judge on toy sets, else dlib), toy, dlib, arcface:PATH, or none."""
     from facereward.metrics.identity import get_identity_embedder
 
     if spec == "none":
@@ -186,9 +187,9 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
     if not methods:
         raise ValueError("nothing to evaluate: give --model NAME=DIR or --images NAME=DIR (or keep the LQ row)")
 
-    id_judge = _identity_judge(config.identity, toy) if has_gt else None
+    id_judge = identity_judge(config.identity, toy) if has_gt else None
     lmk_judge = _landmark_judge(config.landmarks, toy) if has_gt else None
-    fid_judge = _fid_extractor(config.fid, id_judge if has_gt else _identity_judge(config.identity, toy))
+    fid_judge = _fid_extractor(config.fid, id_judge if has_gt else identity_judge(config.identity, toy))
     lpips = None
     if has_gt and config.lpips_backbone and config.lpips_heads:
         from facereward.metrics.lpips import LPIPS

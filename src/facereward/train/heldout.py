@@ -16,6 +16,7 @@ from torch import Tensor
 
 from facereward.data.datasets import PairedFolderDataset, collate_batch
 from facereward.data.degradation import degrade
+from facereward.evaluate import identity_judge
 from facereward.metrics.fullref import psnr, ssim
 from facereward.metrics.identity import identity_similarity
 from facereward.models.frm import FaceRewardModel
@@ -67,19 +68,9 @@ class HeldOutEvaluator:
         self.batch = load_heldout_batch(config, data, size)
         self.frms = frms or {}
         self.extra = extra or {}
-        self.identity = self._identity_judge(config.identity, toy=not config.testset)
-
-    @staticmethod
-    def _identity_judge(spec: str, toy: bool):
-        from facereward.metrics.identity import get_identity_embedder
-
-        if spec == "none" or (spec == "auto" and not toy):
-            return None
-        if spec == "auto":
-            spec = "toy"
-        if spec.startswith("arcface:"):
-            return get_identity_embedder("arcface", path=spec.split(":", 1)[1])
-        return get_identity_embedder(spec)
+        toy = not config.testset
+        # "auto" on a real test folder means no judge here: dlib per held-out step is slow and may miss faces
+        self.identity = None if config.identity == "auto" and not toy else identity_judge(config.identity, toy)
 
     @torch.no_grad()
     def restore(self, restorer: Restorer) -> Tensor:

@@ -236,8 +236,8 @@ def _load_lpips(config: ReFLConfig) -> nn.Module | None:
     return load_lpips(config.lpips_net, config.lpips_backbone, config.lpips_heads)
 
 
-def _preference_batches(config: DynamicFRMConfig, seed: int):
-    """An endless iterator of (chosen, rejected, captions) from the original preference set, or None."""
+def _preference_batches(config: DynamicFRMConfig, seed: int, size: int):
+    """An endless iterator of pair batches from the original preference set (resized to `size`), or None."""
     if not config.pairs or config.pairs_per_update <= 0:
         return None
     from facereward.data.preferences import load_pairs
@@ -246,7 +246,7 @@ def _preference_batches(config: DynamicFRMConfig, seed: int):
     pairs = [p for p in load_pairs(config.pairs) if not p.tie]
     if not pairs:
         raise ValueError(f"{config.pairs}: no non-tie preference pairs to mix into the dynamic FRM updates")
-    loader = DataLoader(PairImages(pairs, random_flip=True, seed=seed), batch_size=config.pairs_per_update, shuffle=True,
+    loader = DataLoader(PairImages(pairs, image_size=size, random_flip=True, seed=seed), batch_size=config.pairs_per_update, shuffle=True,
                         collate_fn=_collate, drop_last=len(pairs) >= config.pairs_per_update)
     return (batch for _, batch in infinite_batches(loader))
 
@@ -300,7 +300,7 @@ def train_refl(config: ReFLConfig) -> Path:
     if config.held_out.every > 0 and accelerator.is_main_process:
         frms = {"initial": initial_frm, **({"live": frm} if frm_optimizer else {})}
         evaluator = HeldOutEvaluator(config.held_out, config.data, restorer.config.size, device, frms)
-    preference_batches = _preference_batches(dyn, run.seed) if frm_optimizer else None
+    preference_batches = _preference_batches(dyn, run.seed, restorer.config.size) if frm_optimizer else None
     generator = torch.Generator(device=device).manual_seed(run.seed * 7919 + accelerator.process_index + 1000 * step)
     batches = infinite_batches(loader, start_epoch=epoch)
     log = ProgressLog(accelerator, config.steps, step, "refl", run.log_every, run.progress)
@@ -359,11 +359,8 @@ def _dynamic_frm_update(frm: FaceRewardModel, optimizer: torch.optim.Optimizer, 
     captions = list(batch["caption"]) if dyn.use_captions else None
     if preference_batches is not None:
         pref = next(preference_batches)
-        size = chosen.shape[-2:]
-        resize = (lambda x: x) if pref["chosen"].shape[-2:] == size else (
-            lambda x: F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False))
-        chosen = torch.cat([chosen, resize(pref["chosen"].to(chosen.device))])
-        rejected = torch.cat([rejected, resize(pref["rejected"].to(rejected.device))])
+        chosen = torch.cat([chosen, pref["chosen"].to(chosen.device)])
+        rejected = torch.cat([rejected, pref["rejected"].to(rejected.device)])
         if captions is not None:
             captions = captions + list(pref["caption"])
     reduce = accelerator.reduce if accelerator.num_processes > 1 else None
