@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -58,3 +59,20 @@ def latent_restorer(latent_config):
 
     torch.manual_seed(0)
     return Restorer.build(latent_config)
+
+
+@pytest.fixture(scope="session")
+def make_clip_tokenizer(tmp_path_factory):
+    """`make(vocab, merges=(), model_max_length=77)` -> a CLIPTokenizer built from vocab.json and merges.txt files.
+
+    The file constructor is the one transformers 4 (vocab_file, merges_file) and 5 share; 5's `vocab=` dicts are not in 4.
+    """
+    from transformers import CLIPTokenizer
+
+    def make(vocab: dict[str, int], merges=(), model_max_length: int = 77):
+        folder = tmp_path_factory.mktemp("clip-tokenizer")
+        (folder / "vocab.json").write_text(json.dumps(vocab))
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length)
+
+    return make

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from facereward.models.restorer import ModelFolderError, Restorer
 
 
 @pytest.fixture
-def tiny_sd(tmp_path):
+def tiny_sd(tmp_path, make_clip_tokenizer):
     folder = tmp_path / "sd"
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "face</w>": 3}
-    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=6).save_pretrained(folder / "tokenizer")
+    make_clip_tokenizer(vocab, model_max_length=6).save_pretrained(folder / "tokenizer")
     torch.manual_seed(0)
     CLIPTextModel(CLIPTextConfig(vocab_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                  max_position_embeddings=6, bos_token_id=0, eos_token_id=1, pad_token_id=1)).save_pretrained(folder / "text_encoder")
