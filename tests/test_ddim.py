@@ -1,4 +1,4 @@
-"""DDIM as a Gaussian policy (METHODS 2.1), rollouts and ReFL truncation (METHODS 1.2)."""
+"""DDIM as a Gaussian policy (docs/methods.md 2.1), rollouts and ReFL truncation (docs/methods.md 1.2)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _sigma(abar_t: float, abar_prev: float, eta: float) -> float:
 
 
 def _hand_step(x_t, eps, t: int, eta: float, schedule):
-    """mu and sigma of METHODS 2.1, in float64."""
+    """mu and sigma of docs/methods.md 2.1, in float64."""
     at, ap = _abars(schedule, t)
     s = _sigma(at, ap, eta)
     x_t, eps = x_t.double(), eps.double()

@@ -1,4 +1,4 @@
-"""Degradation pipeline: determinism, preset ranges (METHODS.md section 0), registry, severity."""
+"""Degradation pipeline: determinism, preset ranges (docs/methods.md section 0), registry, severity."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from facereward.data.degradation import (
     register_degradation,
 )
 
-# METHODS.md section 0, copied here on purpose: the test must fail if the code drifts from the spec.
+# docs/methods.md section 0, copied here on purpose: the test must fail if the code drifts from the spec.
 SPEC = {
     "diffbir": dict(sigma=(0.1, 12), down=(1, 12), noise=(0, 15), jpeg=(30, 100), jitter=0.0, gray=0.0),
     "codeformer": dict(sigma=(1, 15), down=(4, 30), noise=(0, 20), jpeg=(30, 80), jitter=0.0, gray=0.0),

@@ -1,4 +1,4 @@
-"""FID / KID and the pytorch-fid Inception-v3 re-implementation (METHODS.md section 3).
+"""FID / KID and the pytorch-fid Inception-v3 re-implementation (docs/methods.md section 3).
 
 References used:
 

@@ -1,4 +1,4 @@
-"""The Face Reward Model (METHODS 1.1): Bradley-Terry loss, scoring, freezing, save/load, OpenCLIP conversion, errors."""
+"""The Face Reward Model (docs/methods.md 1.1): Bradley-Terry loss, scoring, freezing, save/load, OpenCLIP conversion, errors."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _vit(**kw) -> FaceRewardModel:
     return FaceRewardModel(FRMConfig(backbone="vit", vit_patch=16, vit_dim=32, vit_depth=2, vit_heads=2, **kw))
 
 
-# ---- Bradley-Terry (METHODS 1.1) -------------------------------------------------------------------
+# ---- Bradley-Terry (docs/methods.md 1.1) -------------------------------------------------------------------
 
 
 def test_bt_loss_matches_hand_computation():
@@ -143,12 +143,12 @@ def test_freeze_blocks_cnn_and_vit_freeze_exactly_the_first_n():
 
 
 @pytest.fixture
-def tiny_clip(tmp_path):
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+def tiny_clip(tmp_path, make_clip_tokenizer):
+    from transformers import CLIPConfig, CLIPModel
 
     folder = tmp_path / "clip"
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "face</w>": 3}
-    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=8).save_pretrained(folder)
+    make_clip_tokenizer(vocab, model_max_length=8).save_pretrained(folder)
     config = CLIPConfig(
         text_config={"vocab_size": 4, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
                      "max_position_embeddings": 8, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
@@ -313,14 +313,12 @@ def _ref_text(sd: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture
-def openclip_tokenizer(tmp_path):
+def openclip_tokenizer(tmp_path, make_clip_tokenizer):
     """A 50-token CLIP BPE tokenizer whose end-of-text token has the highest id (49), as in OpenCLIP's vocabulary."""
-    from transformers import CLIPTokenizer
-
     vocab = {"a</w>": 0, "face</w>": 1, "f": 2, "a": 3, "c": 4, "e</w>": 5, "fa": 6, "fac": 7}
     vocab.update({f"x{i}</w>": i for i in range(8, VOCAB - 2)})
     vocab.update({"<|startoftext|>": VOCAB - 2, "<|endoftext|>": VOCAB - 1})
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[("f", "a"), ("fa", "c"), ("fac", "e</w>")], model_max_length=CONTEXT)
+    tokenizer = make_clip_tokenizer(vocab, [("f", "a"), ("fa", "c"), ("fac", "e</w>")], model_max_length=CONTEXT)
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     return tmp_path / "tokenizer"
 

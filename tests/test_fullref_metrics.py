@@ -1,4 +1,4 @@
-"""Full-reference PSNR / SSIM as BasicSR computes them (METHODS.md section 3).
+"""Full-reference PSNR / SSIM as BasicSR computes them (docs/methods.md section 3).
 
 References used:
 

@@ -1,4 +1,4 @@
-"""LRPO (METHODS.md 2): advantages, noise-level weights, PPO-clip, the regulariser, group batches, runs."""
+"""LRPO (docs/methods.md 2): advantages, noise-level weights, PPO-clip, the regulariser, group batches, runs."""
 
 from __future__ import annotations
 
@@ -15,21 +15,25 @@ import torch
 from facereward.data.datasets import InMemoryHQDataset
 from facereward.models.ddim import DDIMSchedule, q_sample
 from facereward.models.restorer import Restorer
+from facereward.models.ddim import ddim_step_with_logprob, gaussian_log_prob, make_scheduler
 from facereward.train.lrpo import (
-    Chunk,
+    EpochBuffer,
     LRPOConfig,
     assign_advantages,
     check_config,
     group_advantages,
     group_batch,
     likelihood_regulariser,
+    minibatches,
     noise_level_weights,
     noised_gt_targets,
-    optimizer_step_parts,
+    pad_zero_advantage,
     ppo_clip_loss,
     step_advantages,
+    step_loss,
     train_lrpo,
 )
+from facereward.train.lrpo import _zero_stats as zero_stats
 from facereward.weights import WEIGHTS_DIR
 
 TOY_FRM = str(WEIGHTS_DIR / "toy-frm")
@@ -61,23 +65,81 @@ def test_a_group_with_equal_rewards_gets_exactly_zero_advantage_and_is_dropped()
     adv = group_advantages(rewards, groups)
     assert (adv[:3] == 0).all() and (adv[3:] != 0).all()
 
-    class OneProcess:
-        process_index, num_processes = 0, 1
-
-        def gather(self, x):
-            return x
-
     config = LRPOConfig(init_from="x")
-    chunks = [Chunk(samples=torch.zeros(3, 3, 1), log_probs=torch.zeros(3, 2), sigmas=torch.ones(3, 3), cond=torch.zeros(3),
-                    z_gt=torch.zeros(3), rows=slice(0, 3)),
-              Chunk(samples=torch.zeros(3, 3, 1), log_probs=torch.zeros(3, 2), sigmas=torch.ones(3, 3), cond=torch.zeros(3),
-                    z_gt=torch.zeros(3), rows=slice(3, 6))]
-    assign_advantages(chunks, rewards, groups, config, 2, OneProcess())
-    assert not chunks[0].keep.any() and chunks[1].keep.all()
-    parts = optimizer_step_parts(chunks, 6, 0, np.random.default_rng(0))
-    assert parts == [[chunks[1]]]  # the all-zero micro-batch is skipped
-    parts = optimizer_step_parts(chunks, 6, 3, np.random.default_rng(0))
-    assert len(parts) == 2 and sum(len(p) for p in parts) == 1  # the step count depends on the rows only
+    buffer = _buffer(6, n_train=2, groups=groups)
+    assign_advantages(buffer, rewards, config, 2, OneProcess())
+    assert not buffer.keep[:3].any() and buffer.keep[3:].all()
+    assert buffer.advantages.shape == (6, 2) and (buffer.advantages[:3] == 0).all()
+    config.zero_advantage, config.batches_per_epoch = "pad", 4  # the original pads to a multiple of its sampling batches
+    assign_advantages(buffer, rewards, config, 2, OneProcess())
+    assert int(buffer.keep.sum()) == 4 and buffer.keep[3:].all()
+
+
+class OneProcess:
+    process_index, num_processes = 0, 1
+
+    def gather(self, x):
+        return x
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def _buffer(n: int, n_train: int, groups=None, seed: int = 0) -> EpochBuffer:
+    g = torch.Generator().manual_seed(seed)
+    return EpochBuffer(samples=torch.randn(n_train + 1, n, 2, 4, 4, generator=g), log_probs=torch.randn(n, n_train, generator=g),
+                       sigmas=torch.rand(n, n_train + 1, generator=g) + 0.1, cond=torch.randn(n, 2, 4, 4, generator=g),
+                       z_gt=torch.randn(n, 2, 4, 4, generator=g), group_ids=groups if groups is not None else torch.arange(n))
+
+
+def test_pad_zero_advantage_and_minibatches():
+    keep = torch.tensor([True, False, True, False, False, True, True])
+    padded = pad_zero_advantage(keep, 3, np.random.default_rng(0))
+    assert int(padded.sum()) == 6 and padded[keep].all()
+    assert torch.equal(pad_zero_advantage(keep, 4, np.random.default_rng(0)), keep)  # 4 kept: already a multiple
+    order = torch.tensor([4, 0, 3, 1, 2])
+    assert [m.tolist() for m in minibatches(5, 2, order)] == [[4, 0], [3, 1], [2]]
+    assert [m.tolist() for m in minibatches(5, 0, order)] == [[4, 0, 3, 1, 2]]
+
+
+class FakeRestorer:
+    """eps = 0.3 x_t + cond: enough to exercise the step loss without a network."""
+
+    def predict_eps(self, x_t, t, cond):
+        return 0.3 * x_t + cond
+
+
+def test_step_loss_is_the_originals_per_step_scale():
+    """At a regularised step j: mean_b pg_j + 0.001 mean_b reg_j over the kept samples (docs/methods.md 2.3), by hand."""
+    schedule = DDIMSchedule.from_scheduler(make_scheduler(), 4)
+    n_train, n = 3, 5
+    buffer = _buffer(n, n_train, seed=1)
+    buffer.samples[1:] = buffer.samples[1:] * 0.1 + buffer.samples[:-1] * 0.9  # plausible next samples
+    buffer.advantages = torch.randn(n, n_train, generator=torch.Generator().manual_seed(2))
+    buffer.keep = torch.tensor([True, True, False, True, True])
+    buffer.targets = torch.randn(2, n, 2, 4, 4, generator=torch.Generator().manual_seed(3))  # reg_steps = 2: steps 1, 2
+    config = LRPOConfig(init_from="x", steps=4, reg_steps=2, clip_range=0.2)
+    k, rows = 2, torch.arange(n)
+    stats = zero_stats(torch.device("cpu"))
+    got = step_loss(FakeRestorer(), buffer, rows, k, schedule, config, n_train, 4.0, None, OneProcess(), stats, True)
+    x_t, x_prev, t = buffer.samples[k], buffer.samples[k + 1], schedule.timesteps[k].expand(n)
+    step = ddim_step_with_logprob(0.3 * x_t + buffer.cond, t, x_t, schedule, 1.0, prev_sample=x_prev)
+    ratio = torch.exp(step.log_prob - buffer.log_probs[:, k])
+    a = buffer.advantages[:, k]
+    pg = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2))
+    reg = 1 - torch.exp(gaussian_log_prob(buffer.targets[1], step.mean, step.std) / 40)
+    kept = buffer.keep
+    assert torch.allclose(got, pg[kept].mean() + 0.001 * reg[kept].mean(), rtol=1e-5)
+    # an unregularised step is the policy term alone, on the same scale
+    got0 = step_loss(FakeRestorer(), buffer, rows, 0, schedule, config, n_train, 4.0, None, OneProcess(), stats, False)
+    step0 = ddim_step_with_logprob(0.3 * buffer.samples[0] + buffer.cond, schedule.timesteps[0].expand(n), buffer.samples[0],
+                                   schedule, 1.0, prev_sample=buffer.samples[1])
+    r0 = torch.exp(step0.log_prob - buffer.log_probs[:, 0])
+    a0 = buffer.advantages[:, 0]
+    assert torch.allclose(got0, torch.maximum(-a0 * r0, -a0 * r0.clamp(0.8, 1.2))[kept].mean(), rtol=1e-5)
+    assert float(stats["count"]) == 8.0 and float(stats["reg_count"]) == 4.0
 
 
 def test_noise_level_weights_are_sigma_over_its_mean_and_advantages_are_clipped():
@@ -220,7 +282,7 @@ def test_a_group_split_over_two_processes_gets_one_degraded_input(tmp_path, pixe
     assert result == {"world": 2, "rows": 4, "same": True, "matches_dataset": True}
     assert json.loads((tmp_path / "weights.json").read_text()) == {"same_weights": [True, True]}
     history = _history(tmp_path / "run")
-    assert len(history) == 2 and history[0]["ppo/ratio_dev_max"] == 0.0
+    assert len(history) == 2 and history[0]["ppo/ratio_dev_first"] == 0.0
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "state.json").read_text())
     assert state["num_processes"] == 2
 
@@ -256,8 +318,24 @@ def _history(run_dir) -> list[dict]:
     return json.loads((run_dir / "metrics.json").read_text())["epochs"]
 
 
+def test_default_stepping_is_one_step_per_minibatch_and_timestep_and_the_clip_acts(tmp_path, pixel_dir):
+    """The original's stepping: 6 samples in minibatches of 3, 3 trained steps -> 6 optimizer steps per epoch."""
+    config = _config(tmp_path, pixel_dir, lr=1e-3, train_batch_size=3)
+    assert config.stepping == "per_timestep" and check_config(config) == 3
+    train_lrpo(config)
+    (epoch,) = _history(tmp_path / "run")
+    assert epoch["ppo/optimizer_steps"] == 6.0
+    assert epoch["ppo/ratio_dev_first"] == 0.0  # the first minibatch's first timestep: nothing has stepped yet
+    assert epoch["ppo/clip_fraction"] > 0 and epoch["ppo/ratio_dev_max"] > config.clip_range
+    config = _config(tmp_path, pixel_dir, "accumulated", lr=1e-3, train_batch_size=3, stepping="per_minibatch")
+    train_lrpo(config)
+    (epoch,) = _history(tmp_path / "accumulated")
+    assert epoch["ppo/optimizer_steps"] == 2.0 and epoch["ppo/ratio_dev_first"] == 0.0
+
+
 def test_pixel_run_first_inner_epoch_has_ratio_one_then_learns(tmp_path, pixel_dir):
-    config = _config(tmp_path, pixel_dir, inner_epochs=2, lr=1e-3)
+    """The accumulated variant over all samples: one step per inner epoch, so the first inner epoch has ratio 1 throughout."""
+    config = _config(tmp_path, pixel_dir, inner_epochs=2, lr=1e-3, stepping="per_minibatch", train_batch_size=0)
     out = train_lrpo(config)
     (epoch,) = _history(tmp_path / "run")
     assert epoch["ppo/inner0/ratio_dev_max"] == 0.0 and epoch["ppo/inner0/clip_fraction"] == 0.0
@@ -281,7 +359,7 @@ def test_resume_continues_the_same_run(tmp_path, pixel_dir):
     config.run.resume = "latest"
     resumed = train_lrpo(config)
     a, b = _history(tmp_path / "straight"), _history(tmp_path / "resumed")
-    assert [e["epoch"] for e in b] == [1, 2] and b[1]["ppo/optimizer_steps"] == 2.0
+    assert [e["epoch"] for e in b] == [1, 2] and b[1]["ppo/optimizer_steps"] == 6.0  # 2 minibatches x 3 steps
     assert a[1]["reward"] == pytest.approx(b[1]["reward"], abs=1e-6)
     sa, sb = Restorer.from_pretrained(straight).unet.state_dict(), Restorer.from_pretrained(resumed).unet.state_dict()
     assert all(torch.allclose(sa[k], sb[k], atol=1e-7) for k in sa)
@@ -291,7 +369,8 @@ def test_lora_run_with_kl_to_the_base_and_uniform_advantages(tmp_path, pixel_dir
     from facereward.train.trainable import LoraSettings
 
     config = _config(tmp_path, pixel_dir, lora=LoraSettings(rank=2, target_modules=["conv1", "conv2"]), kl_beta=0.1,
-                     adv_weighting="uniform", adv_std="group", reg_noising="compounding", lr=1e-2, inner_epochs=2)
+                     adv_weighting="uniform", adv_std="group", reg_noising="compounding", lr=1e-2, inner_epochs=2,
+                     stepping="per_minibatch", train_batch_size=0)
     out = train_lrpo(config)
     (epoch,) = _history(tmp_path / "run")
     assert epoch["ppo/inner0/kl"] == 0.0 and epoch["ppo/inner1/kl"] > 0  # the base is the reference
@@ -310,7 +389,7 @@ def test_latent_run_with_frm_reward_kl_to_a_copy_and_held_out(tmp_path, latent_r
     config.rewards.options = {"frm": {"path": TOY_FRM}}
     out = train_lrpo(config)
     (epoch,) = _history(tmp_path / "run")
-    assert epoch["ppo/ratio_dev_max"] == 0.0 and epoch["ppo/clip_fraction"] == 0.0 and math.isfinite(epoch["reward/frm"])
+    assert epoch["ppo/ratio_dev_first"] == 0.0 and math.isfinite(epoch["reward/frm"])
     assert {"held_out/psnr", "held_out/reward", "held_out/reward/frm", "held_out/reward/wavelet"} <= set(epoch)
     trained = Restorer.from_pretrained(out)
     assert trained.mode == "latent"

@@ -1,4 +1,4 @@
-"""ReFL (METHODS.md 1.2): gradient routing, truncation, the regulariser, the dynamic FRM, a short run, resume."""
+"""ReFL (docs/methods.md 1.2): gradient routing, truncation, the regulariser, the dynamic FRM, a short run, resume."""
 
 from __future__ import annotations
 

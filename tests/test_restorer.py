@@ -1,4 +1,4 @@
-"""The DiffBIR-shaped restorer (METHODS 0): build, restore, save/load, gradients, the cleaner."""
+"""The DiffBIR-shaped restorer (docs/methods.md 0): build, restore, save/load, gradients, the cleaner."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Haar low-pass band and DWT_L1 (METHODS.md 1.2): hand-checked values, padding, gradients."""
+"""Haar low-pass band and DWT_L1 (docs/methods.md 1.2): hand-checked values, padding, gradients."""
 
 from __future__ import annotations
 

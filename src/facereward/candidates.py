@@ -1,4 +1,4 @@
-"""Candidate restorations for preference annotation (METHODS.md 1.1): k restorations per LQ input.
+"""Candidate restorations for preference annotation (docs/methods.md 1.1): k restorations per LQ input.
 
 `make_candidates` writes, for a paired test set (ROOT/lq, optional ROOT/hq):
 

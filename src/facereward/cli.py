@@ -176,7 +176,7 @@ def refl_cmd(
     no_structural: bool = typer.Option(False, "--no-structural", help="Ablation: drop the wavelet low-pass and LPIPS terms."),
     no_dynamic_frm: bool = typer.Option(False, "--no-dynamic-frm", help="Ablation: keep the FRM fixed."),
 ) -> None:
-    """DiffusionReward: Reward Feedback Learning with a dynamic Face Reward Model (METHODS.md 1.2)."""
+    """DiffusionReward: Reward Feedback Learning with a dynamic Face Reward Model (docs/methods.md 1.2)."""
     from facereward.config import load_config
     from facereward.train.refl import ReFLConfig, train_refl
 
@@ -368,6 +368,7 @@ def evaluate(
     fid: str | None = typer.Option(None, help="FID/KID features: auto (the identity judge), identity, inception:PATH, none."),
     fid_reference: Path | None = typer.Option(None, help="HQ folder to compute FID against (default: the test set's hq/)."),
     frm: Path | None = typer.Option(None, help="A Face Reward Model folder: adds its score as a column (no GT needed)."),
+    clipiqa: Path | None = typer.Option(None, help="A local CLIP folder (or OpenCLIP checkpoint): adds CLIPIQA as a column (no GT needed)."),
     lpips_backbone: Path | None = typer.Option(None, help="LPIPS backbone weights (torchvision vgg16/alexnet layout)."),
     lpips_heads: Path | None = typer.Option(None, help="LPIPS linear heads (lpips v0.1 vgg.pth/alex.pth layout)."),
     lpips_net: str | None = typer.Option(None, help="vgg (default) or alex."),
@@ -385,7 +386,7 @@ def evaluate(
     cfg = load_config(EvaluateConfig, config, set_)
     given = {"testset": testset, "out_dir": out_dir, "steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size,
              "identity": identity, "landmarks": landmarks, "fid": fid, "fid_reference": fid_reference, "frm": frm,
-             "lpips_backbone": lpips_backbone, "lpips_heads": lpips_heads, "lpips_net": lpips_net,
+             "clipiqa": clipiqa, "lpips_backbone": lpips_backbone, "lpips_heads": lpips_heads, "lpips_net": lpips_net,
              "crop_border": crop_border, "device": device}
     for key, value in given.items():
         if value is not None:
@@ -419,7 +420,7 @@ def lrpo_cmd(
     no_regulariser: bool = typer.Option(False, "--no-regulariser", help="Ablation: drop the GT-guided likelihood regulariser."),
     uniform_advantages: bool = typer.Option(False, "--uniform-advantages", help="Ablation: the same advantage at every step."),
 ) -> None:
-    """LRPO: online RL with group sampling, a composite reward and GT-guided likelihood regularisation (METHODS.md 2)."""
+    """LRPO: online RL with group sampling, a composite reward and GT-guided likelihood regularisation (docs/methods.md 2)."""
     from facereward.config import load_config
     from facereward.train.lrpo import LRPOConfig, train_lrpo
 

@@ -1,9 +1,10 @@
-"""`facereward evaluate`: the BFR benchmark table (METHODS.md section 3) for several methods side by side.
+"""`facereward evaluate`: the BFR benchmark table (docs/methods.md section 3) for several methods side by side.
 
 Methods are restorers run on the test set's LQ images (`models`), folders of existing outputs matched
 by name (`images`), and the LQ input itself. With GT: PSNR/SSIM (RGB and Y), LPIPS (when its weights
 are given), identity (IDS, Deg), landmark distance (LMD) and FID/KID against the GT set. Without GT:
-FID/KID against a reference folder only. Judges are named in the column headers.
+FID/KID against a reference folder only. The FRM score and CLIPIQA (docs/methods.md 3), when given, need no GT.
+Judges are named in the column headers.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class EvaluateConfig:
     fid: str = "auto"  # auto (the identity embedder's features) | identity | inception:PATH | none
     fid_reference: str | None = None  # HQ folder for FID/KID; default: the test set's hq/
     frm: str | None = None  # a Face Reward Model folder: adds its score (no reference needed)
+    clipiqa: str | None = None  # a local CLIP folder (or OpenCLIP checkpoint): adds CLIPIQA (no reference needed)
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     grid_rows: int = 8
@@ -203,9 +205,16 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
 
         frm = FaceRewardModel.from_pretrained(config.frm).to(device)
     frm_column = f"FRM ({Path(config.frm).name})" if config.frm else ""
+    clipiqa = None
+    if config.clipiqa:
+        from facereward.metrics.clipiqa import CLIPIQA
+
+        clipiqa = CLIPIQA.from_pretrained(config.clipiqa, option="--clipiqa PATH",
+                                          tokenizer_hint="put the CLIP tokenizer files beside the checkpoint").to(device)
+    clipiqa_column = f"CLIPIQA ({Path(config.clipiqa).name})" if config.clipiqa else ""
     judges = {"identity": getattr(id_judge, "name", "none"), "landmarks": getattr(lmk_judge, "name", "none"),
               "fid_features": getattr(fid_judge, "name", "none"), "lpips": f"lpips-{config.lpips_net}" if lpips else "none",
-              "frm": config.frm or "none"}
+              "frm": config.frm or "none", "clipiqa": config.clipiqa or "none"}
 
     per_image: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in methods}
     features: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
@@ -250,6 +259,9 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
             if frm is not None:
                 with torch.no_grad():
                     scores[frm_column] += frm.score(out, batch["caption"]).tolist()
+            if clipiqa is not None:
+                with torch.no_grad():
+                    scores[clipiqa_column] += clipiqa(out).tolist()
             if fid_judge is not None:
                 features[method].append(torch.as_tensor(fid_judge.features(out)).double().cpu())
             if config.save_outputs and method != "LQ" and method not in config.images:

@@ -1,4 +1,4 @@
-"""Human preference annotation (METHODS.md 1.1): a local web page that labels candidate pairs.
+"""Human preference annotation (docs/methods.md 1.1): a local web page that labels candidate pairs.
 
 `AnnotationSession` turns a candidates folder (DIR/candidates.json, written by `facereward
 candidates`) into a deterministic list of pairs and records decisions: labels go to a preference

@@ -1,11 +1,11 @@
-"""Synthetic blind-face-restoration degradation (METHODS.md section 0), numpy + OpenCV.
+"""Synthetic blind-face-restoration degradation (docs/methods.md section 0), numpy + OpenCV.
 
 Images are float32 HWC RGB in [0, 1]. The pipeline, in this order:
 
     blur (Gaussian kernel, isotropic or anisotropic) -> bilinear downsample -> Gaussian noise
     -> JPEG -> bilinear resize back to the HQ size -> [colour jitter] -> [gray] -> round to 8 bit
 
-Presets (METHODS.md section 0; noise sigma on the 0..255 scale):
+Presets (docs/methods.md section 0; noise sigma on the 0..255 scale):
 
     preset      blur sigma   downsample   noise     JPEG       colour jitter  gray
     diffbir     [0.1, 12]    [1, 12]      [0, 15]   [30, 100]  -              -

@@ -1,4 +1,4 @@
-"""Preference data (METHODS.md 1.1) as JSONL: one labelled pair, or one ranking, per line.
+"""Preference data (docs/methods.md 1.1) as JSONL: one labelled pair, or one ranking, per line.
 
 A pair line::
 

@@ -1,4 +1,4 @@
-"""Preference labelling (METHODS.md 1.1): the toy oracle (labels with no person) and the automatic labeller."""
+"""Preference labelling (docs/methods.md 1.1): the toy oracle (labels with no person) and the automatic labeller."""
 
 from facereward.labelling.auto import (
     AutoLabeller,

@@ -1,4 +1,4 @@
-"""The automatic labeller paired with human labels (METHODS.md 1.1): a linear SVM (or logistic regression) on GT-referenced features.
+"""The automatic labeller paired with human labels (docs/methods.md 1.1): a linear SVM (or logistic regression) on GT-referenced features.
 
 Each candidate gets full-reference features against its GT (`FullReferenceFeatures`: PSNR, SSIM,
 low-frequency Haar wavelet L1, identity similarity, optionally LPIPS and a detail ratio). A pair
@@ -198,7 +198,7 @@ class AutoLabeller:
         self.mean_ = both.mean(axis=0)
         std = both.std(axis=0)
         self.std_ = np.where(std > 1e-12, std, 1.0)
-        d = (fa - fb) / self.std_  # METHODS.md 1.1 (auto labeller): standardised feat(chosen) - feat(rejected)
+        d = (fa - fb) / self.std_  # docs/methods.md 1.1 (auto labeller): standardised feat(chosen) - feat(rejected)
         x = np.concatenate([d, -d])
         y = np.concatenate([np.ones(len(d), int), np.zeros(len(d), int)])
         if self.kind == "logreg":

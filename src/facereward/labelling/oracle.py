@@ -1,4 +1,4 @@
-"""The toy oracle: preference labels from hidden, GT-referenced quality, so the demo needs no person (METHODS.md 1.1).
+"""The toy oracle: preference labels from hidden, GT-referenced quality, so the demo needs no person (docs/methods.md 1.1).
 
 `toy_quality` scores restorations of toy faces against their ground truth with the shipped toy
 judges; `oracle_label` compares two images (optionally with Bradley-Terry label noise, to mimic

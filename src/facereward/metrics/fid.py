@@ -1,4 +1,4 @@
-"""FID and KID with a pluggable feature extractor (METHODS.md section 3).
+"""FID and KID with a pluggable feature extractor (docs/methods.md section 3).
 
 What is computed, and how it matches the reference implementations:
 

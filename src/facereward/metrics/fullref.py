@@ -1,4 +1,4 @@
-"""Full-reference metrics (PSNR, SSIM) as BasicSR computes them (METHODS.md section 3).
+"""Full-reference metrics (PSNR, SSIM) as BasicSR computes them (docs/methods.md section 3).
 
 Reproduces ``basicsr/metrics/psnr_ssim.py`` (``calculate_psnr``, ``calculate_ssim``, ``_ssim``) and
 ``basicsr/utils/matlab_functions.py`` (``bgr2ycbcr(..., y_only=True)`` via ``to_y_channel``), batched
@@ -79,7 +79,7 @@ def _prepare(img: Tensor, crop_border: int, y_channel: bool, quantize: bool) -> 
 def rgb_to_y(img_255: Tensor) -> Tensor:
     """RGB ``(B, 3, H, W)`` on [0, 255] -> Y ``(B, 1, H, W)`` on [0, 255] (range [16, 235]).
 
-    BasicSR's ``bgr2ycbcr(y_only=True)`` as used by ``to_y_channel`` (METHODS.md section 3):
+    BasicSR's ``bgr2ycbcr(y_only=True)`` as used by ``to_y_channel`` (docs/methods.md section 3):
     ``Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255`` for R, G, B on [0, 255]. Computed in float64.
     """
     if not isinstance(img_255, Tensor) or img_255.ndim != 4 or img_255.shape[1] != 3:
@@ -96,7 +96,7 @@ def psnr(
 ) -> Tensor:
     """Per-image PSNR (dB) of [0,1] ``(B, C, H, W)`` tensors on the [0,255] scale -> ``(B,)`` float64.
 
-    As BasicSR computes it (METHODS.md section 3): crop, optional Y channel, mse over all pixels and
+    As BasicSR computes it (docs/methods.md section 3): crop, optional Y channel, mse over all pixels and
     channels, ``10*log10(255^2/mse)``; ``inf`` for identical images.
     """
     _check_pair(pred, target, crop_border, 1, "psnr")
@@ -119,7 +119,7 @@ def ssim(
 ) -> Tensor:
     """Per-image SSIM of [0,1] ``(B, C, H, W)`` tensors on the [0,255] scale -> ``(B,)`` float64.
 
-    As BasicSR computes it (METHODS.md section 3): 11x11 Gaussian (sigma 1.5) 'valid' filtering,
+    As BasicSR computes it (docs/methods.md section 3): 11x11 Gaussian (sigma 1.5) 'valid' filtering,
     C1=(0.01*255)^2, C2=(0.03*255)^2, SSIM map mean per channel, then mean over channels.
     """
     _check_pair(pred, target, crop_border, _WIN, "ssim")

@@ -1,4 +1,4 @@
-"""Identity metrics IDS and Deg (METHODS.md section 3) and the face embedders behind them.
+"""Identity metrics IDS and Deg (docs/methods.md section 3) and the face embedders behind them.
 
 An `IdentityEmbedder` maps BCHW RGB images in [0, 1] to L2-normalised ``(B, D)`` embeddings; its
 `name` goes into result tables as is, so a table says which network measured identity:

@@ -1,4 +1,4 @@
-"""Facial landmarks and the landmark distance LMD (METHODS.md section 3).
+"""Facial landmarks and the landmark distance LMD (docs/methods.md section 3).
 
 A `LandmarkDetector` maps BCHW RGB images in [0, 1] to ``(B, 68, 2)`` pixel ``(x, y)`` coordinates
 in the iBUG 68-point order. The built-in one is dlib's HOG face detector plus its 68-point shape
@@ -147,7 +147,7 @@ def landmark_distance(pred_pts: Tensor, ref_pts: Tensor) -> Tensor:
             f"landmark_distance: expected two (B, N, 2) tensors of the same shape, "
             f"got {tuple(pred_pts.shape)} and {tuple(ref_pts.shape)}"
         )
-    # METHODS.md section 3: LMD = mean_k || p_k - r_k ||_2
+    # docs/methods.md section 3: LMD = mean_k || p_k - r_k ||_2
     return (pred_pts.to(torch.float64) - ref_pts.to(torch.float64)).norm(dim=-1).mean(dim=-1)
 
 

@@ -1,4 +1,4 @@
-"""LPIPS perceptual distance (Zhang et al. 2018, ``lpips`` package v0.1) in plain torch (METHODS.md section 3).
+"""LPIPS perceptual distance (Zhang et al. 2018, ``lpips`` package v0.1) in plain torch (docs/methods.md section 3).
 
 No torchvision and no ``lpips`` package: the VGG16 / AlexNet feature extractors are rebuilt here with
 torchvision's exact module layout, so the original weight files load unchanged. Nothing is downloaded;

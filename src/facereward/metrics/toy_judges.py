@@ -1,7 +1,7 @@
 """Small judges trained on the procedural face world (`data.toyfaces`), shipped with the package.
 
 They stand in for ArcFace and a landmark detector when the demo reports IDS/Deg and LMD on toy
-faces (METHODS.md section 3); `scripts/train_toy_judges.py` retrains both from scratch and writes
+faces (docs/methods.md section 3); `scripts/train_toy_judges.py` retrains both from scratch and writes
 the weights plus `metrics.json` (their accuracy on held-out identities) to the default folder:
 
 * ``ToyIdentityEmbedder`` ("toy-id"): BCHW RGB [0, 1] -> L2-normalised (B, 128) embeddings

@@ -1,4 +1,4 @@
-"""Low-pass wavelet bands and the structural-consistency distance "DWT_L1" (METHODS.md 1.2 and 2.2).
+"""Low-pass wavelet bands and the structural-consistency distance "DWT_L1" (docs/methods.md 1.2 and 2.2).
 
 The original DiffusionReward / LRPO code takes the low-pass band of a 3-level *dual-tree complex*
 wavelet transform. Here the transform is the orthonormal 2D Haar DWT (no extra dependency, exact,
@@ -60,7 +60,7 @@ def haar_lowpass(x: Tensor, levels: int = 3, normalise: bool = False) -> Tensor:
     if int(levels) != levels or levels < 0:
         raise ValueError(f"haar_lowpass: levels must be a non-negative integer, got {levels!r}")
     for _ in range(int(levels)):
-        # METHODS.md 1.2 (LL band), Haar variant: LL = (a + b + c + d) / 2 = 2 * mean of the 2x2 block.
+        # docs/methods.md 1.2 (LL band), Haar variant: LL = (a + b + c + d) / 2 = 2 * mean of the 2x2 block.
         x = F.avg_pool2d(_pad_even(x), kernel_size=2, stride=2) * 2.0
     return x / 2.0 ** int(levels) if normalise else x
 
@@ -140,7 +140,7 @@ def lowpass(x: Tensor, levels: int = 3, wavelet: str = "haar", normalise: bool =
 
 
 def lowpass_l1(x: Tensor, gt: Tensor, levels: int = 3, normalise: bool = False, wavelet: str = "haar") -> Tensor:
-    """DWT_L1 (METHODS.md 1.2, 2.2): per-image mean |LL(x) - LL(gt)| -> (B,), LL from `lowpass`.
+    """DWT_L1 (docs/methods.md 1.2, 2.2): per-image mean |LL(x) - LL(gt)| -> (B,), LL from `lowpass`.
 
     Inputs are images of the same shape (facereward uses [0, 1]); differentiable in both.
     """

@@ -1,4 +1,4 @@
-"""Stage 1: the regression cleaner `C(lq)` (METHODS.md 0), a small residual CNN by default.
+"""Stage 1: the regression cleaner `C(lq)` (docs/methods.md 0), a small residual CNN by default.
 
 Any nn.Module mapping a [0, 1] image batch to a [0, 1] image batch of the same shape works;
 register a builder with `register_cleaner` so it saves and loads by name.

@@ -1,4 +1,4 @@
-"""DDIM with per-step Gaussian log-probabilities (METHODS.md 2.1), rollouts and ReFL truncation (1.2).
+"""DDIM with per-step Gaussian log-probabilities (docs/methods.md 2.1), rollouts and ReFL truncation (1.2).
 
 The schedule is a diffusers `DDIMScheduler` (so it saves and loads as a diffusers folder); the
 step maths is ours, batched, with timesteps and eta given per sample, and no host syncs.
@@ -17,7 +17,7 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """A denoiser with its condition bound: eps = fn(x_t, t), t a (B,) long tensor."""
 
 Eta = Union[float, Literal["random"]]
-"""A fixed eta, or "random": redrawn from U(0, 1) at every step (the DiffusionReward quirk, METHODS 1.2)."""
+"""A fixed eta, or "random": redrawn from U(0, 1) at every step (the DiffusionReward quirk, docs/methods.md 1.2)."""
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -77,7 +77,7 @@ class DDIMSchedule:
         return abar_t, abar_prev
 
     def sigmas(self, t: torch.Tensor, eta: float | torch.Tensor = 1.0) -> torch.Tensor:
-        """DDIM sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev) (METHODS 2.1), float64."""
+        """DDIM sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev) (docs/methods.md 2.1), float64."""
         abar_t, abar_prev = self.alpha_bars(t)
         return eta * torch.sqrt((1 - abar_prev) / (1 - abar_t)) * torch.sqrt((1 - abar_t / abar_prev).clamp(min=0))
 
@@ -95,7 +95,7 @@ class StepOutput:
 
 
 def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
-    """x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (METHODS 1.2 step 3)."""
+    """x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (docs/methods.md 1.2 step 3)."""
     abar = abar_t.to(x_t.dtype)
     return (x_t - torch.sqrt(1 - abar) * eps) / torch.sqrt(abar)
 
@@ -121,7 +121,7 @@ def ddim_step_with_logprob(
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> StepOutput:
-    """One DDIM step as a Gaussian policy (METHODS 2.1).
+    """One DDIM step as a Gaussian policy (docs/methods.md 2.1).
 
     `t` and `eta` are scalars or per-sample (B,). With `prev_sample` given, its log-prob is
     computed instead of drawing a new sample (to recompute the log-prob of a recorded step).
@@ -135,7 +135,7 @@ def ddim_step_with_logprob(
     abar_prev = abar_prev.reshape(batch, *([1] * (ndim - 1)))
     std = schedule.sigmas(t, torch.as_tensor(eta, dtype=torch.float64, device=x_t.device)).reshape(batch, *([1] * (ndim - 1)))
     pred_x0 = predict_x0(x_t, eps, abar_t)
-    # mu = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps   (METHODS 2.1)
+    # mu = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps   (docs/methods.md 2.1)
     dir_coef = torch.sqrt((1 - abar_prev - std**2).clamp(min=0))
     mean = torch.sqrt(abar_prev).to(x_t.dtype) * pred_x0 + dir_coef.to(x_t.dtype) * eps
     std_x = std.to(x_t.dtype)
@@ -219,7 +219,7 @@ def truncated_rollout(
     eta: Eta = 1.0,
     generator: torch.Generator | None = None,
 ) -> TruncatedOutput:
-    """Run steps 0..k-1 without grad, then step k's model call with grad; k = `grad_step` (METHODS 1.2)."""
+    """Run steps 0..k-1 without grad, then step k's model call with grad; k = `grad_step` (docs/methods.md 1.2)."""
     if not 0 <= grad_step < schedule.num_steps:
         raise ValueError(f"grad_step must be in [0, {schedule.num_steps - 1}], got {grad_step}")
     batch = x_T.shape[0]

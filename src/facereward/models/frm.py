@@ -1,4 +1,4 @@
-"""The Face Reward Model (FRM, METHODS.md 1.1): one scalar per face image, trained with a pairwise Bradley-Terry loss.
+"""The Face Reward Model (FRM, docs/methods.md 1.1): one scalar per face image, trained with a pairwise Bradley-Terry loss.
 
 Backbones:
 - `cnn` / `vit`: small networks trained from scratch (the toy default: a 4-stage CNN that trains on CPU in minutes at
@@ -17,6 +17,7 @@ so a clip folder is self-contained) and `tokenizer/` when the model scores capti
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 from collections.abc import Sequence
@@ -75,7 +76,7 @@ def bradley_terry_loss(
 ) -> torch.Tensor:
     """Mean pairwise Bradley-Terry loss; ties (bool per pair) use target 1/2.
 
-    METHODS.md 1.1: -log sigmoid(tau * (s(x_w) - s(x_l))), tau = exp(logit_scale) clamped to <= 100; written as binary
+    docs/methods.md 1.1: -log sigmoid(tau * (s(x_w) - s(x_l))), tau = exp(logit_scale) clamped to <= 100; written as binary
     cross-entropy with logits tau * (s_w - s_l) against target 1 (or 0.5 for a tie), which is the same for target 1.
     """
     scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=s_chosen.device)
@@ -201,6 +202,11 @@ def build_clip_towers(clip_config: Any, use_text: bool) -> CLIPTowers:
     """Uninitialised CLIP towers of `clip_config` (a transformers CLIPConfig), to be filled by `load_state_dict`."""
     from transformers import CLIPTextModel, CLIPVisionModel
 
+    clip_config = copy.deepcopy(clip_config)
+    for sub in (clip_config, clip_config.vision_config, clip_config.text_config):
+        # one attention kernel whichever way the config came (built, or read back from a saved FRM): transformers 4
+        # picks eager or sdpa by how the model is made, and the two differ in the last bits
+        sub._attn_implementation = "sdpa"
     with _no_init():
         vision = CLIPVisionModel(clip_config.vision_config)
         vision = getattr(vision, "vision_model", vision)  # transformers 4 wraps the transformer; 5 does not
@@ -218,13 +224,25 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else err.__class__.__name__
 
 
-def _load_clip_folder(path: str | Path, use_text: bool) -> tuple[CLIPTowers, Any, float]:
-    """(towers, tokenizer or None, the folder's logit_scale) from a local transformers CLIP folder."""
+def has_tokenizer_files(folder: str | Path) -> bool:
+    """Whether `folder` holds a tokenizer vocabulary (tokenizer.json or vocab.json).
+
+    transformers 5 builds an empty two-token CLIP tokenizer from a folder with only config.json, silently.
+    """
+    return any((Path(folder) / name).is_file() for name in ("tokenizer.json", "vocab.json"))
+
+
+def load_clip_folder(path: str | Path, use_text: bool, option: str = "clip_path",
+                     tokenizer_for: str = "use_text") -> tuple[CLIPTowers, Any, float]:
+    """(towers, tokenizer or None, the folder's logit_scale) from a local transformers CLIP folder.
+
+    `option` (the setting the path came from) and `tokenizer_for` (what needs the text side) word the one-line errors.
+    """
     from transformers import AutoTokenizer, CLIPModel
 
     folder = Path(path)
     if not folder.is_dir():
-        raise ModelFolderError(f"{folder}: no such CLIP folder (clip_path loads from a local path only)")
+        raise ModelFolderError(f"{folder}: no such CLIP folder ({option} loads from a local path only)")
     if not (folder / "config.json").is_file():
         raise ModelFolderError(f"{folder}: not a transformers CLIP folder (no config.json)")
     try:
@@ -236,12 +254,12 @@ def _load_clip_folder(path: str | Path, use_text: bool) -> tuple[CLIPTowers, Any
         raise ModelFolderError(f"{folder}: CLIP weights incomplete, missing {', '.join(sorted(missing)[:5])}")
     tokenizer = None
     if use_text:
-        for candidate in (folder, folder / TOKENIZER_DIR):
+        for candidate in (c for c in (folder, folder / TOKENIZER_DIR) if has_tokenizer_files(c)):
             with contextlib.suppress(OSError, ValueError, TypeError):
                 tokenizer = AutoTokenizer.from_pretrained(candidate, local_files_only=True)
                 break
         if tokenizer is None:
-            raise ModelFolderError(f"{folder}: use_text needs the CLIP tokenizer files (in the folder or its tokenizer/)")
+            raise ModelFolderError(f"{folder}: {tokenizer_for} needs the CLIP tokenizer files (in the folder or its tokenizer/)")
     towers = CLIPTowers(clip.config, clip.vision_model, clip.visual_projection,
                         clip.text_model if use_text else None, clip.text_projection if use_text else None)
     return towers, tokenizer, float(clip.logit_scale.detach())
@@ -290,7 +308,7 @@ class _RewardFreeze:
 
 
 class FaceRewardModel(nn.Module):
-    """s(x[, c]): one scalar per face image (higher = better), differentiable wrt the images (METHODS.md 1.1)."""
+    """s(x[, c]): one scalar per face image (higher = better), differentiable wrt the images (docs/methods.md 1.1)."""
 
     def __init__(self, config: FRMConfig, clip: CLIPTowers | None = None, tokenizer: Any = None):
         """Build from `config`; the clip backbone loads `config.clip_path` unless `clip` (and `tokenizer`) are given."""
@@ -317,7 +335,7 @@ class FaceRewardModel(nn.Module):
             if clip is None:
                 if not config.clip_path:
                     raise ValueError("the clip backbone needs clip_path (a local transformers CLIP folder)")
-                clip, tokenizer, init_scale = _load_clip_folder(config.clip_path, config.use_text)
+                clip, tokenizer, init_scale = load_clip_folder(config.clip_path, config.use_text)
             if config.use_text and (clip.text_model is None or tokenizer is None):
                 raise ValueError("use_text needs CLIP towers with a text model and a tokenizer")
             self.clip = clip
@@ -331,7 +349,7 @@ class FaceRewardModel(nn.Module):
             raise ValueError(f"backbone must be 'cnn', 'vit' or 'clip', got {config.backbone!r}")
         if config.init_logit_scale is not None:
             init_scale = config.init_logit_scale
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_scale)))  # log(tau), METHODS.md 1.1
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_scale)))  # log(tau), docs/methods.md 1.1
         self._freeze_blocks(config.freeze_blocks)
 
     # ---- freezing ------------------------------------------------------------------------------
@@ -413,7 +431,7 @@ class FaceRewardModel(nn.Module):
         if self.config.use_text:
             img = self.embed_images(images)
             txt = self.embed_texts(captions, images.shape[0])
-            return (img * txt.to(img.dtype)).sum(dim=-1).float()  # HPSv2 score, METHODS.md 1.1
+            return (img * txt.to(img.dtype)).sum(dim=-1).float()  # HPSv2 score, docs/methods.md 1.1
         if self.clip is not None:
             features = self.embed_images(images)
         else:
@@ -425,7 +443,7 @@ class FaceRewardModel(nn.Module):
         return self.score(images, captions)
 
     def bt_logits(self, s_chosen: torch.Tensor, s_rejected: torch.Tensor) -> torch.Tensor:
-        """tau * (s_w - s_l), the Bradley-Terry logit of preferring the first (METHODS.md 1.1)."""
+        """tau * (s_w - s_l), the Bradley-Terry logit of preferring the first (docs/methods.md 1.1)."""
         return self.tau * (s_chosen - s_rejected)
 
     def loss(self, s_chosen: torch.Tensor, s_rejected: torch.Tensor, tie: torch.Tensor | None = None) -> torch.Tensor:

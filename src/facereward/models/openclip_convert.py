@@ -1,4 +1,4 @@
-"""Load the original DiffusionReward FRM (an OpenCLIP ViT-H/14 state_dict, HPSv2-style) into facereward (METHODS.md 1.1).
+"""Load the original DiffusionReward FRM (an OpenCLIP ViT-H/14 state_dict, HPSv2-style) into facereward (docs/methods.md 1.1).
 
 OpenCLIP keys (`visual.conv1.weight`, `visual.transformer.resblocks.{i}.attn.in_proj_weight`, `token_embedding.weight`,
 `text_projection`, `logit_scale`, ...) are renamed into the transformers `CLIPModel` layout; fused q/k/v projections are
@@ -209,25 +209,21 @@ def read_openclip_state_dict(checkpoint_path: str | Path) -> dict[str, torch.Ten
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_openclip_frm(
+def load_openclip_towers(
     checkpoint_path: str | Path,
     tokenizer_path: str | Path | None = None,
     vision_heads: int | None = None,
     text_heads: int | None = None,
+    tokenizer_hint: str = "pass tokenizer_path: a local folder with the CLIP tokenizer files",
 ):
-    """The DiffusionReward FRM as a clip-backbone, use_text=True `FaceRewardModel`: score = <f_img, f_txt> (METHODS.md 1.1).
+    """(CLIPTowers with both towers, its tokenizer, the checkpoint's logit_scale) of an OpenCLIP ViT CLIP checkpoint.
 
-    `tokenizer_path`: a local folder with CLIP tokenizer files (e.g. those of laion/CLIP-ViT-H-14); without it the
-    checkpoint's own folder is tried. The Bradley-Terry logit scale starts at the checkpoint's `logit_scale`.
+    `tokenizer_path`: a local folder with the CLIP tokenizer files; without it the checkpoint's own folder is tried
+    (the text side needs it: the end-of-text id sets the pooling); `tokenizer_hint` ends that error without it.
     """
     from transformers import AutoTokenizer
 
-    from facereward.models.frm import (
-        FaceRewardModel,
-        FRMConfig,
-        build_clip_towers,
-        check_state_dict_fits,
-    )
+    from facereward.models.frm import build_clip_towers, check_state_dict_fits, has_tokenizer_files
 
     path = Path(checkpoint_path)
     sd = read_openclip_state_dict(path)
@@ -235,9 +231,11 @@ def load_openclip_frm(
     if not tok_folder.is_dir():
         raise ModelFolderError(f"{tok_folder}: no such tokenizer folder")
     try:
+        if not has_tokenizer_files(tok_folder):
+            raise OSError("no tokenizer.json or vocab.json")
         tokenizer = AutoTokenizer.from_pretrained(tok_folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as err:
-        hint = "" if tokenizer_path is not None else " (pass tokenizer_path: a local folder with the CLIP tokenizer files)"
+        hint = "" if tokenizer_path is not None else f" ({tokenizer_hint})"
         first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
         raise ModelFolderError(f"{tok_folder}: no usable CLIP tokenizer ({first}){hint}") from None
     clip_config = clip_config_from_openclip_state_dict(sd, vision_heads, text_heads, eos_token_id=tokenizer.eos_token_id)
@@ -248,5 +246,22 @@ def load_openclip_frm(
     if problem:
         raise OpenCLIPCheckpointError(f"{path}: converted weights do not fit the CLIP model ({problem})")
     towers.load_state_dict(converted)
-    config = FRMConfig(backbone="clip", input_size=int(clip_config.vision_config.image_size), use_text=True, init_logit_scale=logit_scale)
+    return towers, tokenizer, logit_scale
+
+
+def load_openclip_frm(
+    checkpoint_path: str | Path,
+    tokenizer_path: str | Path | None = None,
+    vision_heads: int | None = None,
+    text_heads: int | None = None,
+):
+    """The DiffusionReward FRM as a clip-backbone, use_text=True `FaceRewardModel`: score = <f_img, f_txt> (docs/methods.md 1.1).
+
+    `tokenizer_path`: a local folder with CLIP tokenizer files (e.g. those of laion/CLIP-ViT-H-14); without it the
+    checkpoint's own folder is tried. The Bradley-Terry logit scale starts at the checkpoint's `logit_scale`.
+    """
+    from facereward.models.frm import FaceRewardModel, FRMConfig
+
+    towers, tokenizer, logit_scale = load_openclip_towers(checkpoint_path, tokenizer_path, vision_heads, text_heads)
+    config = FRMConfig(backbone="clip", input_size=towers.image_size, use_text=True, init_logit_scale=logit_scale)
     return FaceRewardModel(config, clip=towers, tokenizer=tokenizer).eval()

@@ -1,4 +1,4 @@
-"""The DiffBIR-shaped restorer (METHODS.md 0): stage-1 cleaner + conditional diffusion.
+"""The DiffBIR-shaped restorer (docs/methods.md 0): stage-1 cleaner + conditional diffusion.
 
 Modes:
 - `pixel`: a UNet2DModel on [x_t, 2 C(lq) - 1] (concatenated channels) predicts eps in pixel space.
@@ -234,12 +234,13 @@ class Restorer(nn.Module):
         return self.controlnet if self.mode == "latent" else self.unet
 
     # ---- spaces --------------------------------------------------------------------------
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """[0, 1] images -> the diffusion space (pixels in [-1, 1], or scaled VAE latent means)."""
+    def encode(self, image: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[0, 1] images -> the diffusion space (pixels in [-1, 1], or scaled VAE latents: the posterior mean, or a sample)."""
         x = image * 2 - 1
         if self.mode == "pixel":
             return x
-        latent = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean
+        dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
+        latent = dist.sample(generator) if sample else dist.mean
         return latent * self.vae.config.scaling_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

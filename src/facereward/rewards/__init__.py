@@ -2,9 +2,8 @@
 
 A reward maps restored images in [0, 1] (B, 3, H, W), the ground truth (or None) and captions to one
 score per image, (B,) float32, higher is better. Built-ins: ``frm``, ``lpips`` (1 - LPIPS),
-``wavelet`` (exp(-c * DWT_L1)), ``identity`` (embedding cosine), ``psnr``, ``ssim``. CLIPIQA, one of
-the original LRPO terms (METHODS.md 2.2), needs pyiqa/open_clip, which this project cannot depend on
-offline; register your own no-reference scorer under that name to use the paper's weights.
+``wavelet`` (exp(-c * DWT_L1)), ``clipiqa`` (CLIPIQA from a local CLIP folder, docs/methods.md 3),
+``identity`` (embedding cosine), ``psnr``, ``ssim``.
 """
 
 from facereward.rewards.base import (
@@ -18,6 +17,7 @@ from facereward.rewards.base import (
     register_reward,
 )
 from facereward.rewards.builtin import (
+    CLIPIQAReward,
     FRMReward,
     IdentityReward,
     LPIPSReward,
@@ -28,6 +28,7 @@ from facereward.rewards.builtin import (
 
 __all__ = [
     "PAPER_WEIGHTS",
+    "CLIPIQAReward",
     "CompositeReward",
     "FRMReward",
     "IdentityReward",

@@ -1,4 +1,4 @@
-"""The reward protocol, the registry of rewards by name, and the weighted composite (METHODS.md 2.2)."""
+"""The reward protocol, the registry of rewards by name, and the weighted composite (docs/methods.md 2.2)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from facereward.registry import Registry
 
 Captions = str | Sequence[str | None] | None
 
-# METHODS.md 2.2: the original LRPO composite. "clipiqa" is not built in (no offline CLIPIQA): register your own.
+# docs/methods.md 2.2: the original LRPO composite. "clipiqa" needs rewards.options.clipiqa.path (a local CLIP folder).
 PAPER_WEIGHTS: dict[str, float] = {"frm": 0.3, "lpips": 0.3, "clipiqa": 0.1, "wavelet": 0.3}
 
 
@@ -103,7 +103,7 @@ def import_reward_plugins(imports: Sequence[str]) -> None:
 
 
 class CompositeReward:
-    """R = sum_j w_j r_j (METHODS.md 2.2); returns the total and every unweighted component."""
+    """R = sum_j w_j r_j (docs/methods.md 2.2); returns the total and every unweighted component."""
 
     def __init__(self, rewards: dict[str, Reward], weights: dict[str, float]):
         if not rewards:

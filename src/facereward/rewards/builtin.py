@@ -1,4 +1,4 @@
-"""Built-in rewards: FRM, 1 - LPIPS, exp(-c DWT_L1), identity cosine, PSNR, SSIM (METHODS.md 2.2).
+"""Built-in rewards: FRM, 1 - LPIPS, exp(-c DWT_L1), CLIPIQA, identity cosine, PSNR, SSIM (docs/methods.md 2.2).
 
 Each is an nn.Module (so a composite moves it to a device), frozen, with `differentiable` and `needs_gt`.
 """
@@ -40,8 +40,33 @@ class FRMReward(nn.Module):
         return self.model.score(images, captions) * self.scale
 
 
+class CLIPIQAReward(nn.Module):
+    """CLIPIQA(x) in [0, 1] from a local CLIP folder or OpenCLIP checkpoint (docs/methods.md 3; no GT, gradients reach the images).
+
+    Options as `facereward.metrics.clipiqa.CLIPIQA`: `prompts` ("pyiqa", LRPO's; "paper"; or pairs), `scale` (None: CLIP's
+    exp(logit_scale); torchmetrics: 100), `resize` ("native" or "clip"), `tokenizer_path` (OpenCLIP checkpoints).
+    """
+
+    differentiable = True
+    needs_gt = False
+
+    def __init__(self, path: str | None = None, tokenizer_path: str | None = None, prompts: Any = "pyiqa",
+                 scale: float | None = None, resize: str = "native"):
+        super().__init__()
+        from facereward.metrics.clipiqa import CLIPIQA
+
+        if not path:
+            raise ValueError("the clipiqa reward needs path=<local CLIP folder> (set rewards.options.clipiqa.path)")
+        self.model = CLIPIQA.from_pretrained(
+            path, tokenizer_path, prompts=prompts, scale=scale, resize=resize, option="rewards.options.clipiqa.path",
+            tokenizer_hint="set rewards.options.clipiqa.tokenizer_path to a local folder with the CLIP tokenizer files")
+
+    def forward(self, images: Tensor, gt: Tensor | None = None, captions: Captions = None) -> Tensor:
+        return self.model(images)
+
+
 class LPIPSReward(nn.Module):
-    """1 - LPIPS(x, gt) from local weight files (METHODS.md 2.2)."""
+    """1 - LPIPS(x, gt) from local weight files (docs/methods.md 2.2)."""
 
     differentiable = True
     needs_gt = True
@@ -59,7 +84,7 @@ class LPIPSReward(nn.Module):
 
 
 class WaveletReward(nn.Module):
-    """exp(-c * DWT_L1(x, gt)), DWT_L1 the low-pass L1 of a `levels`-level wavelet transform (METHODS.md 2.2, c = 15).
+    """exp(-c * DWT_L1(x, gt)), DWT_L1 the low-pass L1 of a `levels`-level wavelet transform (docs/methods.md 2.2, c = 15).
 
     `wavelet`: "haar" (default) or "dtcwt" (the original's dual-tree complex wavelets).
 
@@ -82,7 +107,7 @@ class WaveletReward(nn.Module):
         from facereward.metrics.wavelet import lowpass_l1
 
         dist = lowpass_l1(images, _need_gt("wavelet", gt), levels=self.levels, normalise=self.normalise, wavelet=self.wavelet)
-        return torch.exp(-self.c * dist.float())  # METHODS.md 2.2
+        return torch.exp(-self.c * dist.float())  # docs/methods.md 2.2
 
 
 class IdentityReward(nn.Module):
@@ -151,11 +176,11 @@ class SSIMReward(nn.Module):
 
 
 def _register_builtins() -> None:
-    for name, factory in (("frm", FRMReward), ("lpips", LPIPSReward), ("wavelet", WaveletReward),
+    for name, factory in (("frm", FRMReward), ("lpips", LPIPSReward), ("wavelet", WaveletReward), ("clipiqa", CLIPIQAReward),
                           ("identity", IdentityReward), ("psnr", PSNRReward), ("ssim", SSIMReward)):
         register_reward(name, factory, overwrite=True)
 
 
 _register_builtins()
 
-__all__ = ["FRMReward", "IdentityReward", "LPIPSReward", "PSNRReward", "SSIMReward", "WaveletReward"]
+__all__ = ["CLIPIQAReward", "FRMReward", "IdentityReward", "LPIPSReward", "PSNRReward", "SSIMReward", "WaveletReward"]

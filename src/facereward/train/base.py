@@ -1,4 +1,4 @@
-"""`facereward train-base`: the base restorer, stage 1 (L1) then stage 2 (epsilon prediction), METHODS.md 0.
+"""`facereward train-base`: the base restorer, stage 1 (L1) then stage 2 (epsilon prediction), docs/methods.md 0.
 
 Stage 1 trains the cleaner C on (LQ, HQ) with L1. Stage 2 freezes C and trains the stage-2 network
 (the pixel UNet, or the ControlNet in latent mode) with `||eps - eps_theta(x_t, t, cond(C(lq)))||^2`.

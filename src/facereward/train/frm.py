@@ -1,4 +1,4 @@
-"""`facereward train-frm`: the Face Reward Model on preference pairs (METHODS.md 1.1).
+"""`facereward train-frm`: the Face Reward Model on preference pairs (docs/methods.md 1.1).
 
 Loss: Bradley-Terry, -log sigmoid(tau (s(x_w) - s(x_l))) with a learnable logit scale tau; ties use
 target 1/2. Held-out pairwise accuracy (s(x_w) > s(x_l)) every `eval_every` steps; the best model by

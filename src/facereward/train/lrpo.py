@@ -1,16 +1,23 @@
-"""`facereward lrpo`: Likelihood-Regularized Policy Optimization, online RL for the restorer (METHODS.md 2).
+"""`facereward lrpo`: Likelihood-Regularized Policy Optimization, online RL for the restorer (docs/methods.md 2).
 
 One epoch: sample `batches_per_epoch` group batches (each LQ input repeated G times, the same degraded
 image on every process that holds part of its group), roll out DDIM with eta = 1 recording every step,
 score the results with the composite reward, compute group advantages, then `inner_epochs` PPO-clip
-passes over the trained steps, with the GT-guided likelihood regulariser on the last K trained steps.
+passes with the GT-guided likelihood regulariser on the last K trained steps.
 
-Rollouts and updates run in micro-batches of `micro_batch` samples, and an update pass reuses the
-rollout's micro-batches (same samples, same order): a network's output on CPU and GPU can differ in the
-last bits with the batch's make-up, and with a clip range of 1e-4 such noise would clip. So in the first
-inner epoch, before any optimizer step, the ratio is exactly 1. Samples with zero advantage carry no
-loss; micro-batches made only of them are skipped. Only the stage-2 network (or its LoRA adapters) is
-trained; the restorer stays in eval mode (the networks have no dropout or batch statistics).
+Optimizer stepping (docs/methods.md 2.3): by default one step per (minibatch of `train_batch_size` samples,
+trained timestep), minibatches drawn from all of the epoch's samples, shuffled: the original's 588 steps
+per epoch. `stepping: per_minibatch` accumulates a minibatch's timesteps into one step instead (with
+`train_batch_size: 0`, one step per inner epoch). The loss of one (minibatch, step j) is
+`mean pg_j + reg_weight * mean reg_j` over the minibatch's kept samples, the original's scale.
+
+Rollouts run in micro-batches of `micro_batch` samples, in the order of the first inner epoch's shuffle,
+and an update computes its forwards in the same micro-batches: a network's output on CPU and GPU can differ
+in the last bits with the batch's make-up, and with a clip range of 1e-4 such noise would clip. So before
+the epoch's first optimizer step (the first minibatch's first timestep, when `train_batch_size` is a
+multiple of `micro_batch`) the ratio is exactly 1. Samples with zero advantage carry no loss (or, with
+`zero_advantage: pad`, some are re-admitted as the original does). Only the stage-2 network (or its LoRA
+adapters) is trained; the restorer stays in eval mode (the networks have no dropout or batch statistics).
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ from facereward.weights import WEIGHTS_DIR, default_restorer_path
 
 @dataclass
 class LRPOConfig:
-    """All LRPO settings; defaults are the original's (METHODS.md 2) except the run length."""
+    """All LRPO settings; defaults are the original's (docs/methods.md 2) except the run length."""
 
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/lrpo", save_every=10, log_every=1))
     data: DataConfig = field(default_factory=DataConfig)
@@ -88,9 +95,12 @@ class LRPOConfig:
     reg_temperature: float = 40.0
     reg_noising: Literal["closed_form", "compounding"] = "closed_form"
     micro_batch: int = 6  # samples per network call, in rollouts and updates
-    train_batch_size: int = 0  # samples per optimizer step per process (0: one step per inner epoch)
+    train_batch_size: int = 6  # samples per minibatch per process (0: all of the process's samples of the epoch)
+    stepping: Literal["per_timestep", "per_minibatch"] = "per_timestep"  # one optimizer step per (minibatch, step) or per minibatch
+    zero_advantage: Literal["drop", "pad"] = "drop"  # pad: re-admit zero-advantage samples as the original does
+    gt_latent: Literal["mean", "sample"] = "mean"  # the GT latent for the regulariser: VAE posterior mean or a sample (original)
     lr: float = 1e-6
-    weight_decay: float = 1e-4
+    weight_decay: float = 0.01  # AdamW's default, which the original keeps
     grad_clip: float = 1.0
     held_out: HeldOutConfig = field(default_factory=HeldOutConfig)
 
@@ -113,7 +123,8 @@ def check_config(config: LRPOConfig) -> int:
     if not 0 < config.eta:
         raise ValueError(f"eta must be > 0 (the policy needs noise), got {config.eta}")
     choices = {"adv_std": ("global", "group"), "adv_weighting": ("noise_level", "uniform"),
-               "kl_reference": ("auto", "copy", "base"), "reg_noising": ("closed_form", "compounding")}
+               "kl_reference": ("auto", "copy", "base"), "reg_noising": ("closed_form", "compounding"),
+               "stepping": ("per_timestep", "per_minibatch"), "zero_advantage": ("drop", "pad"), "gt_latent": ("mean", "sample")}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
@@ -132,7 +143,7 @@ def check_config(config: LRPOConfig) -> int:
 
 
 def group_advantages(rewards: Tensor, group_ids: Tensor, std: str = "global", eps: float = 1e-4) -> Tensor:
-    """A_i = (R_i - mean_group(i) R) / (std R + eps), std over all samples or within the group (METHODS.md 2.3)."""
+    """A_i = (R_i - mean_group(i) R) / (std R + eps), std over all samples or within the group (docs/methods.md 2.3)."""
     if std not in ("global", "group"):
         raise ValueError(f"adv_std must be 'global' or 'group', got {std!r}")
     rewards = rewards.double()
@@ -149,7 +160,7 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, std: str = "global", ep
 
 
 def noise_level_weights(sigmas: Tensor) -> Tensor:
-    """w_k = sigma_k / mean_k' sigma_k' over the sampling steps, per sample: (B, T) -> (B, T) (METHODS.md 2.3)."""
+    """w_k = sigma_k / mean_k' sigma_k' over the sampling steps, per sample: (B, T) -> (B, T) (docs/methods.md 2.3)."""
     return sigmas / sigmas.mean(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
@@ -175,7 +186,7 @@ class PPOTerms:
 
 
 def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float) -> PPOTerms:
-    """max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), rho = exp(logp - logp_old), per sample (METHODS.md 2.3)."""
+    """max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), rho = exp(logp - logp_old), per sample (docs/methods.md 2.3)."""
     ratio = torch.exp(log_prob.float() - old_log_prob.float())
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
@@ -183,19 +194,19 @@ def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, cl
 
 
 def likelihood_regulariser(mean: Tensor, std: Tensor, target: Tensor, temperature: float = 40.0) -> Tensor:
-    """1 - exp(mean_d log N(target; mean, std^2) / temperature), per sample (METHODS.md 2.3)."""
+    """1 - exp(mean_d log N(target; mean, std^2) / temperature), per sample (docs/methods.md 2.3)."""
     return 1.0 - torch.exp(gaussian_log_prob(target, mean, std) / temperature)
 
 
 def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
-    """KL(N(mean, std^2) || N(ref_mean, std^2)) averaged over elements, per sample (the optional KL term, METHODS.md 2.3)."""
+    """KL(N(mean, std^2) || N(ref_mean, std^2)) averaged over elements, per sample (the optional KL term, docs/methods.md 2.3)."""
     diff = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)
     return diff.flatten(1).mean(dim=1)
 
 
 def noised_gt_targets(z_gt: Tensor, schedule: DDIMSchedule, reg_steps: list[int], noise: Tensor,
                       mode: str = "closed_form") -> Tensor:
-    """The GT latent noised to each regularised step's output level t_{k+1}: (K, B, ...) (METHODS.md 2.3).
+    """The GT latent noised to each regularised step's output level t_{k+1}: (K, B, ...) (docs/methods.md 2.3).
 
     `noise` is (T, B, ...), one draw per level. closed_form: q(z_{t_{k+1}} | z_gt). compounding (the
     original's quirk): walk up from the lowest level applying q to the previous level's noised latent.
@@ -255,44 +266,114 @@ def group_batch(dataset: Dataset, input_indices: list[int], group_size: int, gro
 
 
 @dataclass
-class Chunk:
-    """One micro-batch of recorded rollouts, kept with its make-up for the updates."""
+class EpochBuffer:
+    """This process's recorded rollouts of one epoch, in rollout order (the first inner epoch's shuffle)."""
 
-    samples: Tensor  # (n_train + 1, b, ...): x_{t_k} for the trained steps and the last one's output
-    log_probs: Tensor  # (b, n_train) recorded log-probs
-    sigmas: Tensor  # (b, T)
-    cond: Tensor
-    z_gt: Tensor
-    rows: slice  # the chunk's rows among this process's rows of the epoch
-    targets: Tensor | None = None  # (K, b, ...) noised GT for the regulariser
-    advantages: Tensor | None = None  # (b, n_train)
-    keep: Tensor | None = None  # (b,) bool: nonzero advantage
+    samples: Tensor  # (n_train + 1, N, ...): x_{t_k} for the trained steps and the last one's output
+    log_probs: Tensor  # (N, n_train) recorded log-probs
+    sigmas: Tensor  # (N, T)
+    cond: Tensor  # (N, ...)
+    z_gt: Tensor  # (N, ...)
+    group_ids: Tensor  # (N,) long
+    targets: Tensor | None = None  # (K, N, ...) noised GT for the regulariser
+    advantages: Tensor | None = None  # (N, n_train)
+    keep: Tensor | None = None  # (N,) bool: the sample carries loss
+
+    def __len__(self) -> int:
+        return self.log_probs.shape[0]
+
+
+def _seed(*words: int) -> int:
+    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1)[0])
+
+
+def rollout_order(n: int, seed: int, epoch: int, rank: int) -> Tensor:
+    """The shuffle of this process's `n` rows that rollouts and the first inner epoch's minibatches follow."""
+    return torch.from_numpy(np.random.default_rng([seed, epoch, rank, 0]).permutation(n))
 
 
 @torch.no_grad()
-def rollout_group_batch(restorer: Restorer, batch: GroupBatch, schedule: DDIMSchedule, config: LRPOConfig,
-                        n_train: int, generator: torch.Generator, reward: CompositeReward, accelerator: Accelerator,
-                        row_offset: int) -> tuple[list[Chunk], dict[str, Tensor]]:
-    """Roll out every row of `batch` in micro-batches and score the results: (chunks, {"reward", "reward/NAME"})."""
-    device = accelerator.device
-    lq, hq = batch.lq.to(device), batch.hq.to(device)
-    n = lq.shape[0]
-    with accelerator.autocast():
-        cond = restorer.condition(restorer.clean(lq))
-        z_gt = restorer.encode(hq)
-    x_T = torch.randn(restorer.latent_shape(n, lq.shape[2], lq.shape[3]), generator=generator, device=device)
-    chunks, scores = [], {}
-    for start in range(0, n, config.micro_batch):
-        sl = slice(start, min(n, start + config.micro_batch))
+def sample_epoch(restorer: Restorer, dataset: Dataset, schedule: DDIMSchedule, config: LRPOConfig, n_train: int,
+                 reward: CompositeReward, accelerator: Accelerator, epoch: int) -> tuple[EpochBuffer, dict[str, Tensor]]:
+    """All of `epoch`'s group batches on this process, rolled out and scored: (buffer, {"reward", "reward/NAME"})."""
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    indices = epoch_input_indices(len(dataset), config.batches_per_epoch * config.inputs_per_batch, config.run.seed, epoch)
+    parts: dict[str, list] = {"cond": [], "z_gt": [], "hq": [], "x_T": [], "groups": [], "captions": []}
+    for b in range(config.batches_per_epoch):
+        inputs = indices[b * config.inputs_per_batch: (b + 1) * config.inputs_per_batch].tolist()
+        batch = group_batch(dataset, inputs, config.group_size, b * config.inputs_per_batch, rank, world)
+        generator = torch.Generator(device=device).manual_seed(_seed(config.run.seed, epoch, b, rank))
+        lq, hq = batch.lq.to(device), batch.hq.to(device)
+        with accelerator.autocast():
+            parts["cond"].append(restorer.condition(restorer.clean(lq)))
+            parts["z_gt"].append(restorer.encode(hq, sample=config.gt_latent == "sample", generator=generator))
+        parts["x_T"].append(torch.randn(restorer.latent_shape(lq.shape[0], lq.shape[2], lq.shape[3]), generator=generator, device=device))
+        parts["hq"].append(hq)
+        parts["groups"].append(batch.group_ids.to(device))
+        parts["captions"] += batch.captions
+    order = rollout_order(len(parts["captions"]), config.run.seed, epoch, rank)
+    cond, z_gt, hq, x_T, groups = (torch.cat(parts[k])[order.to(device)] for k in ("cond", "z_gt", "hq", "x_T", "groups"))
+    captions = [parts["captions"][i] for i in order.tolist()]
+    generator = torch.Generator(device=device).manual_seed(_seed(config.run.seed, epoch, rank, 5))
+    samples, log_probs, sigmas, scores = [], [], [], {}
+    for start in range(0, len(captions), config.micro_batch):
+        sl = slice(start, start + config.micro_batch)
         with accelerator.autocast():
             traj = rollout(restorer.eps_fn(cond[sl]), x_T[sl].to(cond.dtype), schedule, eta=config.eta, generator=generator)
             images = restorer.decode(traj.final).clamp(0, 1)
-        out = reward(images.float(), hq[sl], batch.captions[sl])
+        out = reward(images.float(), hq[sl], captions[sl])
         for name, value in {"reward": out.total, **{f"reward/{k}": v for k, v in out.components.items()}}.items():
             scores.setdefault(name, []).append(value.float())
-        chunks.append(Chunk(samples=traj.samples[: n_train + 1], log_probs=traj.log_probs[:, :n_train], sigmas=traj.sigmas,
-                            cond=cond[sl], z_gt=z_gt[sl], rows=slice(row_offset + sl.start, row_offset + sl.stop)))
-    return chunks, {k: torch.cat(v) for k, v in scores.items()}
+        samples.append(traj.samples[: n_train + 1])
+        log_probs.append(traj.log_probs[:, :n_train])
+        sigmas.append(traj.sigmas)
+    buffer = EpochBuffer(samples=torch.cat(samples, dim=1), log_probs=torch.cat(log_probs), sigmas=torch.cat(sigmas),
+                         cond=cond, z_gt=z_gt, group_ids=groups)
+    return buffer, {k: torch.cat(v) for k, v in scores.items()}
+
+
+# ---- advantages and targets of an epoch ------------------------------------------------------------
+
+
+def pad_zero_advantage(keep: Tensor, multiple: int, generator: np.random.Generator) -> Tensor:
+    """The original's re-padding: re-admit random zero-advantage samples until the kept count is a multiple of `multiple`."""
+    keep = keep.clone()
+    missing = (-int(keep.sum())) % multiple
+    dropped = torch.nonzero(~keep).flatten().cpu().numpy()
+    if missing and len(dropped):
+        keep[torch.from_numpy(generator.permutation(dropped)[:missing]).to(keep.device)] = True
+    return keep
+
+
+def assign_advantages(buffer: EpochBuffer, rewards: Tensor, config: LRPOConfig, n_train: int, accelerator: Accelerator,
+                      epoch: int = 0) -> tuple[Tensor, Tensor]:
+    """Group advantages over all processes' samples, spread over steps, set on the buffer; returns (all rewards, all advantages)."""
+    all_rewards, all_groups = accelerator.gather(rewards), accelerator.gather(buffer.group_ids)
+    advantages = group_advantages(all_rewards, all_groups, config.adv_std)
+    n = rewards.shape[0]
+    local = advantages[accelerator.process_index * n: (accelerator.process_index + 1) * n]
+    buffer.keep = local != 0  # docs/methods.md 2.3: samples with exactly zero advantage are dropped
+    if config.zero_advantage == "pad":  # the original pads each process's kept count to a multiple of its sampling batches
+        rng = np.random.default_rng([config.run.seed, epoch, accelerator.process_index, 11])
+        buffer.keep = pad_zero_advantage(buffer.keep, config.batches_per_epoch, rng)
+    buffer.advantages = step_advantages(local, buffer.sigmas, config.adv_weighting, config.adv_clip)[:, :n_train]
+    return all_rewards, advantages
+
+
+def set_regulariser_targets(buffer: EpochBuffer, schedule: DDIMSchedule, config: LRPOConfig, n_train: int,
+                            generator: torch.Generator) -> None:
+    """Noise the GT latents to the regularised steps' levels, once per epoch, a micro-batch at a time."""
+    if config.reg_weight <= 0:
+        return
+    reg_steps = list(range(n_train - config.reg_steps, n_train))
+    targets = []
+    for start in range(0, len(buffer), config.micro_batch):
+        z_gt = buffer.z_gt[start: start + config.micro_batch]
+        noise = torch.randn((schedule.num_steps, *z_gt.shape), generator=generator, device=z_gt.device, dtype=z_gt.dtype)
+        targets.append(noised_gt_targets(z_gt, schedule, reg_steps, noise, config.reg_noising))
+    buffer.targets = torch.cat(targets, dim=1)
 
 
 # ---- the update ---------------------------------------------------------------------------------
@@ -347,139 +428,106 @@ def _zero_stats(device: torch.device) -> dict[str, Tensor]:
     keys = ("pg", "reg", "kl", "clipped", "approx_kl", "count", "reg_count", "grad_norm", "opt_steps")
     stats = {k: torch.zeros((), device=device) for k in keys}
     stats["ratio_dev_max"] = torch.zeros((), device=device)
+    stats["ratio_dev_first"] = torch.zeros((), device=device)  # before the epoch's first optimizer step
     return stats
 
 
-def update_chunk(restorer: Restorer, chunk: Chunk, schedule: DDIMSchedule, config: LRPOConfig, n_train: int,
-                 normaliser: Tensor, reference: Reference | None, accelerator: Accelerator, stats: dict[str, Tensor]) -> None:
-    """Backpropagate one micro-batch's PPO loss (+ regulariser, + KL) over the trained steps, one step at a time."""
-    keep = chunk.keep.float()
-    reg_from = n_train - config.reg_steps if config.reg_weight > 0 else n_train
-    for k in range(n_train):
-        x_t, x_prev = chunk.samples[k], chunk.samples[k + 1]
-        t = schedule.timesteps[k].expand(x_t.shape[0])
-        with accelerator.autocast():
-            eps = restorer.predict_eps(x_t, t, chunk.cond)
-        step = ddim_step_with_logprob(eps, t, x_t, schedule, config.eta, prev_sample=x_prev)
-        terms = ppo_clip_loss(step.log_prob, chunk.log_probs[:, k], chunk.advantages[:, k], config.clip_range)
-        loss = (keep * terms.loss).sum() / (normaliser * n_train)  # L_pg, METHODS.md 2.3
-        if k >= reg_from:
-            j = k - reg_from
-            reg = likelihood_regulariser(step.mean, step.std, chunk.targets[j], config.reg_temperature)
-            loss = loss + config.reg_weight * (keep * reg).sum() / (normaliser * config.reg_steps)  # + 0.001 L_reg
-            stats["reg"] += (keep * reg).sum().detach()
-            stats["reg_count"] += keep.sum()
-        if reference is not None:
-            with accelerator.autocast():
-                ref_eps = reference.eps(x_t, t, chunk.cond)
-            ref_mean = ddim_step_with_logprob(ref_eps, t, x_t, schedule, config.eta, prev_sample=x_prev).mean
-            kl = gaussian_kl(step.mean, ref_mean, step.std)
-            loss = loss + config.kl_beta * (keep * kl).sum() / (normaliser * n_train)
-            stats["kl"] += (keep * kl).sum().detach()
-        loss.backward()
-        diff = (step.log_prob.detach() - chunk.log_probs[:, k]).float()
-        stats["pg"] += (keep * terms.loss).sum().detach()
-        stats["clipped"] += (keep * terms.clipped.float()).sum()
-        stats["approx_kl"] += (keep * 0.5 * diff**2).sum()
-        stats["count"] += keep.sum()
-        dev = (keep * (terms.ratio.detach() - 1).abs()).max()
-        stats["ratio_dev_max"] = torch.maximum(stats["ratio_dev_max"], dev)
+def minibatches(n: int, train_batch_size: int, order: Tensor) -> list[Tensor]:
+    """`order` (a permutation of n rows) cut into minibatches of `train_batch_size` (0: one minibatch of all)."""
+    size = train_batch_size or n
+    return [order[s: s + size] for s in range(0, n, size)]
 
 
-def optimizer_step_parts(chunks: list[Chunk], n_rows: int, train_batch_size: int, generator: np.random.Generator) -> list[list[Chunk]]:
-    """Shuffle the chunks that hold a nonzero advantage and split them into the inner epoch's optimizer steps.
+def step_loss(restorer: Restorer, buffer: EpochBuffer, rows: Tensor, k: int, schedule: DDIMSchedule, config: LRPOConfig,
+              n_train: int, count: float, reference: Reference | None, accelerator: Accelerator, stats: dict[str, Tensor],
+              first: bool) -> Tensor:
+    """The loss of trained step k on `rows`: their share of `mean pg_k + reg_weight * mean reg_k` (+ KL) (docs/methods.md 2.3).
 
-    The number of steps depends only on the row count, so it is the same on every process (a process
-    whose part is empty contributes zero gradients to that step).
+    Sums over the rows' kept samples divided by `count`, the minibatch's kept samples on all processes.
     """
-    n_steps = 1 if train_batch_size == 0 else max(1, -(-n_rows // train_batch_size))
-    kept = [chunks[i] for i in generator.permutation(len(chunks)) if bool(chunks[i].keep.any())]
-    bounds = np.linspace(0, len(kept), n_steps + 1).round().astype(int)
-    return [kept[bounds[s]: bounds[s + 1]] for s in range(n_steps)]
+    rows = rows.to(buffer.log_probs.device)
+    keep = buffer.keep[rows].float()
+    x_t, x_prev, cond = buffer.samples[k][rows], buffer.samples[k + 1][rows], buffer.cond[rows]
+    t = schedule.timesteps[k].expand(x_t.shape[0])
+    with accelerator.autocast():
+        eps = restorer.predict_eps(x_t, t, cond)
+    step = ddim_step_with_logprob(eps, t, x_t, schedule, config.eta, prev_sample=x_prev)
+    old = buffer.log_probs[rows, k]
+    terms = ppo_clip_loss(step.log_prob, old, buffer.advantages[rows, k], config.clip_range)
+    loss = (keep * terms.loss).sum() / count  # mean pg_k over the minibatch
+    reg_from = n_train - config.reg_steps if config.reg_weight > 0 else n_train
+    if k >= reg_from:
+        reg = likelihood_regulariser(step.mean, step.std, buffer.targets[k - reg_from][rows], config.reg_temperature)
+        loss = loss + config.reg_weight * (keep * reg).sum() / count  # + 0.001 mean reg_k
+        stats["reg"] += (keep * reg).sum().detach()
+        stats["reg_count"] += keep.sum()
+    if reference is not None:
+        with accelerator.autocast():
+            ref_eps = reference.eps(x_t, t, cond)
+        ref_mean = ddim_step_with_logprob(ref_eps, t, x_t, schedule, config.eta, prev_sample=x_prev).mean
+        kl = gaussian_kl(step.mean, ref_mean, step.std)
+        loss = loss + config.kl_beta * (keep * kl).sum() / count
+        stats["kl"] += (keep * kl).sum().detach()
+    diff = (step.log_prob.detach() - old).float()
+    stats["pg"] += (keep * terms.loss).sum().detach()
+    stats["clipped"] += (keep * terms.clipped.float()).sum()
+    stats["approx_kl"] += (keep * 0.5 * diff**2).sum()
+    stats["count"] += keep.sum()
+    dev = (keep * (terms.ratio.detach() - 1).abs()).max()
+    stats["ratio_dev_max"] = torch.maximum(stats["ratio_dev_max"], dev)
+    if first:
+        stats["ratio_dev_first"] = torch.maximum(stats["ratio_dev_first"], dev)
+    return loss
 
 
-def update_epoch(restorer: Restorer, module: nn.Module, optimizer: torch.optim.Optimizer, chunks: list[Chunk],
-                 n_rows: int, schedule: DDIMSchedule, config: LRPOConfig, n_train: int, reference: Reference | None,
+def update_epoch(restorer: Restorer, module: nn.Module, optimizer: torch.optim.Optimizer, buffer: EpochBuffer,
+                 schedule: DDIMSchedule, config: LRPOConfig, n_train: int, reference: Reference | None,
                  accelerator: Accelerator, epoch: int) -> list[dict[str, Tensor]]:
-    """The `inner_epochs` PPO passes over this epoch's chunks; per inner epoch, summed statistics (tensors, no host sync)."""
+    """The `inner_epochs` PPO passes over this epoch's samples; per inner epoch, summed statistics (tensors, no host sync)."""
     params = trainable_parameters(module)
-    all_stats = []
+    n, all_stats, stepped = len(buffer), [], False
     for inner in range(config.inner_epochs):
-        rng = np.random.default_rng([config.run.seed, epoch, inner, accelerator.process_index, 7])
-        parts = optimizer_step_parts(chunks, n_rows, config.train_batch_size, rng)
-        counts = torch.tensor([float(sum(int(c.keep.sum()) for c in part)) for part in parts], device=accelerator.device)
+        # the rollout order already is the first inner epoch's shuffle; later passes reshuffle
+        order = torch.arange(n) if inner == 0 else torch.from_numpy(
+            np.random.default_rng([config.run.seed, epoch, inner, accelerator.process_index, 7]).permutation(n))
+        batches = minibatches(n, config.train_batch_size, order)
+        counts = torch.stack([buffer.keep[mb.to(buffer.keep.device)].sum() for mb in batches]).float()
         if accelerator.num_processes > 1:
-            torch.distributed.all_reduce(counts)  # the global number of kept samples of each optimizer step
+            torch.distributed.all_reduce(counts)  # the global number of kept samples of each minibatch
         stats = _zero_stats(accelerator.device)
-        for part, count in zip(parts, counts.tolist()):
-            if count == 0:
-                continue  # every process agrees: nothing to learn from in this step
-            optimizer.zero_grad(set_to_none=True)
-            normaliser = torch.tensor(count, device=accelerator.device)
-            for chunk in part:
-                update_chunk(restorer, chunk, schedule, config, n_train, normaliser, reference, accelerator, stats)
+
+        def optimizer_step() -> None:
+            nonlocal stepped
             all_reduce_gradients(params, accelerator)
             if config.grad_clip > 0:
                 stats["grad_norm"] += torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             stats["opt_steps"] += 1
+            stepped = True
+
+        for mb, count in zip(batches, counts.tolist()):
+            if count == 0:
+                continue  # every process agrees: nothing to learn from in this minibatch
+            pieces = [mb[s: s + config.micro_batch] for s in range(0, len(mb), config.micro_batch)]
+            optimizer.zero_grad(set_to_none=True)
+            if config.stepping == "per_timestep":  # the original: one step per (minibatch, timestep)
+                for k in range(n_train):
+                    for rows in pieces:
+                        step_loss(restorer, buffer, rows, k, schedule, config, n_train, count, reference, accelerator,
+                                  stats, not stepped).backward()
+                    optimizer_step()
+            else:  # the minibatch's timesteps in one step: the per-step losses averaged over the trained steps
+                for rows in pieces:
+                    for k in range(n_train):
+                        (step_loss(restorer, buffer, rows, k, schedule, config, n_train, count, reference, accelerator,
+                                   stats, not stepped) / n_train).backward()
+                optimizer_step()
         all_stats.append(stats)
     return all_stats
 
 
 # ---- one epoch ------------------------------------------------------------------------------------
-
-
-def _seed(*words: int) -> int:
-    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1)[0])
-
-
-@torch.no_grad()
-def sample_epoch(restorer: Restorer, dataset: Dataset, schedule: DDIMSchedule, config: LRPOConfig, n_train: int,
-                 reward: CompositeReward, accelerator: Accelerator, epoch: int) -> tuple[list[Chunk], dict[str, Tensor], Tensor]:
-    """All sampling batches of `epoch` on this process: (chunks, local scores, local group ids)."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
-    indices = epoch_input_indices(len(dataset), config.batches_per_epoch * config.inputs_per_batch, config.run.seed, epoch)
-    chunks, scores, groups, rows = [], {}, [], 0
-    for b in range(config.batches_per_epoch):
-        inputs = indices[b * config.inputs_per_batch: (b + 1) * config.inputs_per_batch].tolist()
-        batch = group_batch(dataset, inputs, config.group_size, b * config.inputs_per_batch, rank, world)
-        generator = torch.Generator(device=accelerator.device).manual_seed(_seed(config.run.seed, epoch, b, rank))
-        new, batch_scores = rollout_group_batch(restorer, batch, schedule, config, n_train, generator, reward, accelerator, rows)
-        chunks += new
-        for k, v in batch_scores.items():
-            scores.setdefault(k, []).append(v)
-        groups.append(batch.group_ids.to(accelerator.device))
-        rows += batch.lq.shape[0]
-    return chunks, {k: torch.cat(v) for k, v in scores.items()}, torch.cat(groups)
-
-
-def assign_advantages(chunks: list[Chunk], rewards: Tensor, groups: Tensor, config: LRPOConfig, n_train: int,
-                      accelerator: Accelerator) -> tuple[Tensor, Tensor]:
-    """Group advantages over all processes' samples, spread over steps, set on each chunk; returns (all rewards, all advantages)."""
-    all_rewards, all_groups = accelerator.gather(rewards), accelerator.gather(groups)
-    advantages = group_advantages(all_rewards, all_groups, config.adv_std)
-    n = rewards.shape[0]
-    local = advantages[accelerator.process_index * n: (accelerator.process_index + 1) * n]
-    for chunk in chunks:
-        adv = local[chunk.rows]
-        chunk.keep = adv != 0  # METHODS.md 2.3: samples with exactly zero advantage are dropped
-        chunk.advantages = step_advantages(adv, chunk.sigmas, config.adv_weighting, config.adv_clip)[:, :n_train]
-    return all_rewards, advantages
-
-
-def set_regulariser_targets(chunks: list[Chunk], schedule: DDIMSchedule, config: LRPOConfig, n_train: int,
-                            generator: torch.Generator) -> None:
-    """Noise each chunk's GT latents to the regularised steps' levels, once per epoch."""
-    if config.reg_weight <= 0:
-        return
-    reg_steps = list(range(n_train - config.reg_steps, n_train))
-    for chunk in chunks:
-        noise = torch.randn((schedule.num_steps, *chunk.z_gt.shape), generator=generator, device=chunk.z_gt.device,
-                            dtype=chunk.z_gt.dtype)
-        chunk.targets = noised_gt_targets(chunk.z_gt, schedule, reg_steps, noise, config.reg_noising)
 
 
 def epoch_scalars(scores: dict[str, Tensor], advantages: Tensor, inner_stats: list[dict[str, Tensor]],
@@ -494,7 +542,7 @@ def epoch_scalars(scores: dict[str, Tensor], advantages: Tensor, inner_stats: li
     out["adv/abs_max"] = advantages.abs().max()
     out["adv/kept_fraction"] = (advantages != 0).float().mean()
     for i, stats in enumerate(inner_stats):
-        summed = {k: accelerator.reduce(v.clone(), "sum") for k, v in stats.items() if k != "ratio_dev_max"}
+        summed = {k: accelerator.reduce(v.clone(), "sum") for k, v in stats.items() if not k.startswith("ratio_dev")}
         count = summed["count"].clamp_min(1)
         prefix = "ppo/" if len(inner_stats) == 1 else f"ppo/inner{i}/"
         out[prefix + "loss_pg"] = summed["pg"] / count
@@ -504,6 +552,10 @@ def epoch_scalars(scores: dict[str, Tensor], advantages: Tensor, inner_stats: li
         if accelerator.num_processes > 1:
             torch.distributed.all_reduce(dev_max, op=torch.distributed.ReduceOp.MAX)
         out[prefix + "ratio_dev_max"] = dev_max
+        first = stats["ratio_dev_first"].clone()
+        if accelerator.num_processes > 1:
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MAX)
+        out[prefix + "ratio_dev_first"] = first
         out[prefix + "regulariser"] = summed["reg"] / summed["reg_count"].clamp_min(1)
         out[prefix + "kl"] = summed["kl"] / count
         out[prefix + "grad_norm"] = summed["grad_norm"] / summed["opt_steps"].clamp_min(1) / accelerator.num_processes
@@ -562,13 +614,12 @@ def train_lrpo(config: LRPOConfig) -> Path:
     log = ProgressLog(accelerator, config.epochs, start, "lrpo", run.log_every, run.progress)
     metrics_path = Path(run.output_dir) / "metrics.json"
     for epoch in range(start, config.epochs):
-        chunks, scores, groups = sample_epoch(restorer, dataset, schedule, config, n_train, reward, accelerator, epoch)
-        _, advantages = assign_advantages(chunks, scores["reward"], groups, config, n_train, accelerator)
+        buffer, scores = sample_epoch(restorer, dataset, schedule, config, n_train, reward, accelerator, epoch)
+        _, advantages = assign_advantages(buffer, scores["reward"], config, n_train, accelerator, epoch)
         generator = torch.Generator(device=accelerator.device).manual_seed(_seed(run.seed, epoch, accelerator.process_index, 3))
-        set_regulariser_targets(chunks, schedule, config, n_train, generator)
-        n_rows = scores["reward"].shape[0]
-        inner = update_epoch(restorer, module, optimizer, chunks, n_rows, schedule, config, n_train, reference, accelerator, epoch)
-        del chunks
+        set_regulariser_targets(buffer, schedule, config, n_train, generator)
+        inner = update_epoch(restorer, module, optimizer, buffer, schedule, config, n_train, reference, accelerator, epoch)
+        del buffer
         scalars = epoch_scalars(scores, advantages, inner, accelerator)
         if held_out is not None and ((epoch + 1) % config.held_out.every == 0 or epoch + 1 == config.epochs):
             scalars.update({f"held_out/{k}": v for k, v in held_out(restorer).items()})

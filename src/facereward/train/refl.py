@@ -1,4 +1,4 @@
-"""`facereward refl`: DiffusionReward's Reward Feedback Learning with a dynamic Face Reward Model (METHODS.md 1.2).
+"""`facereward refl`: DiffusionReward's Reward Feedback Learning with a dynamic Face Reward Model (docs/methods.md 1.2).
 
 Per batch: DDIM from noise to a grad step k (no grad), the trainable network's step-k call with grad,
 x0_hat decoded to x_hat, and the generator loss
@@ -53,7 +53,7 @@ REWARD_FORMS = ("one_minus", "negative", "hinge")
 
 @dataclass
 class DynamicFRMConfig:
-    """The FRM's own Bradley-Terry updates during ReFL (METHODS.md 1.2 step 6); every: 0 keeps it fixed."""
+    """The FRM's own Bradley-Terry updates during ReFL (docs/methods.md 1.2 step 6); every: 0 keeps it fixed."""
 
     every: int = 10  # U: one FRM step per U generator steps
     lr: float = 2e-6
@@ -97,7 +97,7 @@ class ReFLConfig:
 
 
 def reward_loss(scores: Tensor, form: str, margin: float = 1.0) -> Tensor:
-    """Per-image reward term to minimise (METHODS.md 1.2 step 4): 1 - s, -s, or relu(margin - s)."""
+    """Per-image reward term to minimise (docs/methods.md 1.2 step 4): 1 - s, -s, or relu(margin - s)."""
     if form == "one_minus":
         return 1 - scores
     if form == "negative":
@@ -108,7 +108,7 @@ def reward_loss(scores: Tensor, form: str, margin: float = 1.0) -> Tensor:
 
 
 def residual_regulariser(residuals: list[Tensor], reference: list[Tensor]) -> Tensor:
-    """sum_j mean((h_j - h_j_ref)^2) over the trainable network's outputs (METHODS.md 1.2 step 4)."""
+    """sum_j mean((h_j - h_j_ref)^2) over the trainable network's outputs (docs/methods.md 1.2 step 4)."""
     if len(residuals) != len(reference):
         raise ValueError(f"{len(residuals)} residuals but {len(reference)} reference residuals")
     return sum(((h.float() - r.float()) ** 2).mean() for h, r in zip(residuals, reference))
@@ -116,7 +116,7 @@ def residual_regulariser(residuals: list[Tensor], reference: list[Tensor]) -> Te
 
 def frm_preference_step(frm: FaceRewardModel, optimizer: torch.optim.Optimizer, chosen: Tensor, rejected: Tensor,
                         captions: list[str] | None, grad_clip: float, reduce=None) -> dict[str, Tensor]:
-    """One Bradley-Terry step of the FRM preferring `chosen` over `rejected` (METHODS.md 1.1, 1.2 step 6).
+    """One Bradley-Terry step of the FRM preferring `chosen` over `rejected` (docs/methods.md 1.1, 1.2 step 6).
 
     `reduce` (e.g. accelerator.reduce) averages the gradients over processes before the step.
     """
@@ -147,7 +147,7 @@ class ReFLOutput:
 
 
 class ReFLStep:
-    """The ReFL generator loss for one batch (METHODS.md 1.2 steps 1-4), independent of the training loop."""
+    """The ReFL generator loss for one batch (docs/methods.md 1.2 steps 1-4), independent of the training loop."""
 
     def __init__(self, config: ReFLConfig, restorer: Restorer, frm: FaceRewardModel, reference: nn.Module | None,
                  lpips: nn.Module | None = None):
@@ -354,7 +354,7 @@ def train_refl(config: ReFLConfig) -> Path:
 
 def _dynamic_frm_update(frm: FaceRewardModel, optimizer: torch.optim.Optimizer, dyn: DynamicFRMConfig, batch: dict[str, Any],
                         restored: Tensor, preference_batches, accelerator) -> dict[str, Tensor]:
-    """GT preferred over the detached restoration as the generator saw it, plus original preference pairs if configured (METHODS.md 1.2 step 6)."""
+    """GT preferred over the detached restoration as the generator saw it, plus original preference pairs if configured (docs/methods.md 1.2 step 6)."""
     chosen, rejected = batch["hq"], restored.to(batch["hq"].dtype)
     captions = list(batch["caption"]) if dyn.use_captions else None
     if preference_batches is not None:

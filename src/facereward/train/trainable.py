@@ -1,6 +1,6 @@
 """The trainable part of a restorer for reward fine-tuning (ReFL, LRPO): full or LoRA, its frozen reference, saving.
 
-Only the stage-2 network is trained (METHODS.md 1.2, 2: the ControlNet in latent mode, the UNet in pixel
+Only the stage-2 network is trained (docs/methods.md 1.2, 2: the ControlNet in latent mode, the UNet in pixel
 mode); the cleaner, VAE and frozen UNet never are. With LoRA (peft) the reference network is the same
 module with its adapters switched off, so no second copy is held in memory.
 """
