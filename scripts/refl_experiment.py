@@ -40,7 +40,7 @@ def variant_config(out: Path, name: str, args: argparse.Namespace) -> ReFLConfig
         data=DataConfig(toy_faces=800, toy_seed=TOY_WORLD_SEED, toy_identities=TOY_WORLD_IDENTITIES, size=64, seed=1),
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, sampling_steps=args.sampling_steps, grad_window=2, eta="random",
         reward_weight=args.reward_weight, reg_weight=change.get("reg_weight", args.reg_weight),
-        structural_weight=change.get("structural_weight", args.structural_weight), wavelet="dtcwt",
+        structural_weight=change.get("structural_weight", args.structural_weight), wavelet="dtcwt", lpips_weight=0.0,
         dynamic_frm=DynamicFRMConfig(every=change.get("dynamic_frm_every", args.frm_every), lr=args.frm_lr),
         held_out=HeldOutConfig(every=max(1, args.steps // 4), toy_faces=8, steps=args.sampling_steps),
     )

@@ -172,6 +172,46 @@ def test_freeze_blocks_clip_freezes_embeddings_and_first_blocks_of_both_towers(t
     assert frm.logit_scale.requires_grad and frm.clip.text_model.encoder.layers[1].mlp.fc1.weight.requires_grad
 
 
+def test_openclip_style_unlocking_and_the_refl_parameter_groups(tiny_clip):
+    """lock_image_tower(unlocked_groups=2) + lock_text_tower(unlocked_layers=1) on 2-block towers, and ReFL's AdamW groups."""
+    from facereward.train.refl import frm_param_groups
+
+    frm = FaceRewardModel(FRMConfig(backbone="clip", clip_path=str(tiny_clip), input_size=32, use_text=True))
+    frm.unlock_openclip_style(vision_groups=2, text_layers=1)
+    trainable = {n for n, p in frm.named_parameters() if p.requires_grad}
+    prefixes = ("clip.vision_model.encoder.layers.1.", "clip.vision_model.post_layernorm.", "clip.visual_projection.",
+                "clip.text_model.encoder.layers.1.", "clip.text_model.final_layer_norm.", "clip.text_projection.")
+    assert trainable == {n for n, _ in frm.named_parameters() if n.startswith(prefixes)} | {"logit_scale"}
+    frm.unlock_openclip_style(vision_groups=4, text_layers=0)  # every vision group, the embeddings included
+    assert frm.clip.vision_model.embeddings.patch_embedding.weight.requires_grad
+    assert not frm.clip.text_model.encoder.layers[1].mlp.fc1.weight.requires_grad
+    assert frm.clip.text_projection.weight.requires_grad  # OpenCLIP never locks the text projection
+    with pytest.raises(ValueError, match=r"vision_unlocked_groups must be in \[0, 4\]"):
+        frm.unlock_openclip_style(vision_groups=5, text_layers=0)
+    decay, rest = frm_param_groups(frm, 0.35)
+    assert decay["weight_decay"] == 0.35 and rest["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in rest["params"])
+    assert any(p is frm.logit_scale for p in rest["params"]) and any(p is frm.clip.visual_projection.weight for p in decay["params"])
+    assert len(decay["params"]) + len(rest["params"]) == sum(p.requires_grad for p in frm.parameters())
+    cnn = FaceRewardModel(FRMConfig(backbone="cnn", input_size=32, cnn_widths=[8, 16]))
+    with pytest.raises(ValueError, match="needs the clip backbone"):
+        cnn.unlock_openclip_style(20, 11)
+
+
+def test_resize_modes():
+    images = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(0))
+    cfg = dict(backbone="cnn", input_size=32, cnn_widths=[8, 16], mean=[0.0] * 3, std=[1.0] * 3)
+    anti = FaceRewardModel(FRMConfig(**cfg)).preprocess(images)
+    plain = FaceRewardModel(FRMConfig(**cfg, resize="bilinear")).preprocess(images)
+    assert torch.allclose(anti, F.interpolate(images, size=(32, 32), mode="bilinear", antialias=True, align_corners=False))
+    assert torch.allclose(plain, F.interpolate(images, size=(32, 32), mode="bilinear", antialias=False, align_corners=False))
+    hps = FaceRewardModel(FRMConfig(**cfg, resize="hpsv2")).preprocess(images)  # shortest side 32 (-> 32 x 42), centre crop
+    full = F.interpolate(images, size=(32, 42), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    assert torch.allclose(hps, full[..., :, 5:37])
+    with pytest.raises(ValueError, match="resize must be"):
+        FaceRewardModel(FRMConfig(**cfg, resize="nearest"))
+
+
 def test_clip_with_text_scores_caption_cosines(tiny_clip):
     frm = FaceRewardModel(FRMConfig(backbone="clip", clip_path=str(tiny_clip), input_size=32, use_text=True)).eval()
     images = _images(2, 40, 40)

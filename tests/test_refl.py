@@ -9,6 +9,7 @@ import torch
 
 from facereward.models.frm import FaceRewardModel, FRMConfig
 from facereward.models.restorer import Restorer
+from facereward.rewards import RewardsConfig, register_reward
 from facereward.train.base import DataConfig
 from facereward.train.heldout import HeldOutConfig
 from facereward.train.plumbing import RunConfig
@@ -16,6 +17,7 @@ from facereward.train.refl import (
     DynamicFRMConfig,
     ReFLConfig,
     ReFLStep,
+    build_reward_term,
     frm_preference_step,
     residual_regulariser,
     reward_loss,
@@ -37,8 +39,8 @@ def _batch(size: int = 32, b: int = 2):
 
 
 def _step(restorer, frm, lora_rank=0, **kw):
-    cfg = ReFLConfig(sampling_steps=kw.pop("sampling_steps", 4), reward_weight=1.0, reg_weight=1.0, structural_weight=1.0,
-                     lora=LoraSettings(rank=lora_rank), **kw)
+    weights = {"reward_weight": 1.0, "reg_weight": 1.0, "structural_weight": 1.0, "lpips_weight": 0.0, "sampling_steps": 4}
+    cfg = ReFLConfig(lora=LoraSettings(rank=lora_rank), **{**weights, **kw})
     trainable = prepare_trainable(restorer, cfg.lora)
     reference = None if lora_rank else frozen_copy(trainable)
     return ReFLStep(cfg, restorer, frm, reference), trainable
@@ -126,7 +128,8 @@ def test_one_dynamic_frm_update_prefers_the_gt(pixel_restorer, tiny_frm):
 def _config(tmp_path, restorer_dir, frm_dir, **kw) -> ReFLConfig:
     run = RunConfig(output_dir=str(tmp_path / "run"), progress=False, save_every=2, log_every=1)
     defaults = dict(run=run, data=DataConfig(toy_faces=8, size=32), init_from=str(restorer_dir), frm=str(frm_dir), steps=4,
-                    batch_size=2, sampling_steps=3, eta=1.0, held_out=HeldOutConfig(every=2, toy_faces=2, steps=3, identity="none"))
+                    batch_size=2, sampling_steps=3, eta=1.0, lpips_weight=0.0,
+                    held_out=HeldOutConfig(every=2, toy_faces=2, steps=3, identity="none"))
     defaults.update(kw)
     return ReFLConfig(**defaults)
 
@@ -165,7 +168,7 @@ def test_short_run_on_toy_faces_raises_the_held_out_frm_score(tmp_path):
     cfg = ReFLConfig(
         run=RunConfig(output_dir=str(tmp_path / "run"), progress=False, save_every=100, log_every=1),
         data=DataConfig(toy_faces=16, toy_identities=200, size=64), steps=3, batch_size=2, sampling_steps=4, lr=1e-4,
-        reward_weight=0.01, reg_weight=0.0, structural_weight=0.0, dynamic_frm=DynamicFRMConfig(every=0),
+        reward_weight=0.01, reg_weight=0.0, structural_weight=0.0, lpips_weight=0.0, dynamic_frm=DynamicFRMConfig(every=0),
         held_out=HeldOutConfig(every=3, toy_faces=4, steps=4, identity="none"),
     )
     train_refl(cfg)
@@ -178,8 +181,88 @@ def test_bad_configs_fail_with_one_line(tmp_path, saved):
         train_refl(_config(tmp_path, *saved, eta="sometimes"))
     with pytest.raises(ValueError, match="data.size 64 differs"):
         train_refl(_config(tmp_path, *saved, data=DataConfig(toy_faces=4, size=64)))
-    with pytest.raises(ValueError, match="LPIPS needs both"):
-        train_refl(_config(tmp_path, *saved, lpips_backbone="vgg16.pth"))
+    for paths in ({}, {"lpips_backbone": "vgg16.pth"}):  # the recipe asks for LPIPS and a weight file is missing
+        with pytest.raises(ValueError, match=r"lpips_weight 0.01 needs LPIPS weights: --lpips-backbone PATH and --lpips-heads PATH"):
+            train_refl(_config(tmp_path, *saved, lpips_weight=0.01, **paths))
+    with pytest.raises(ValueError, match="'psnr_nd' is not differentiable"):
+        train_refl(_config(tmp_path, *saved, rewards=RewardsConfig(weights={"frm": 1.0, "psnr_nd": 0.1})))
+    with pytest.raises(ValueError, match="rewards.options.frm: ReFL's frm reward is its dynamic FRM"):
+        train_refl(_config(tmp_path, *saved, rewards=RewardsConfig(weights={"frm": 1.0}, options={"frm": {"path": "x"}})))
+
+
+class NotDifferentiable(torch.nn.Module):
+    differentiable, needs_gt = False, True
+
+    def forward(self, images, gt=None, captions=None):
+        return -((images - gt) ** 2).flatten(1).mean(1)
+
+
+register_reward("psnr_nd", NotDifferentiable, overwrite=True)
+
+
+class RangeSpy(torch.nn.Module):
+    """An FRM stand-in that records the range of what it scores."""
+
+    def __init__(self, frm):
+        super().__init__()
+        self.frm, self.seen = frm, []
+
+    def freeze_for_reward(self):
+        return self.frm.freeze_for_reward()
+
+    def forward(self, images, captions=None):
+        self.seen.append((float(images.min()), float(images.max())))
+        return self.frm(images, captions)
+
+
+@pytest.mark.parametrize("clamp", [True, False])
+def test_x_hat_is_clamped_before_the_rewards_and_the_structural_term(clamp, pixel_restorer, tiny_frm, monkeypatch):
+    from facereward.metrics import wavelet
+
+    decode = pixel_restorer.decode
+    monkeypatch.setattr(pixel_restorer, "decode", lambda z: decode(z) * 3 - 1)  # well outside [0, 1]
+    seen_by_dwt = []
+    lowpass_l1 = wavelet.lowpass_l1
+    monkeypatch.setattr(wavelet, "lowpass_l1", lambda x, gt, *a, **k: seen_by_dwt.append((float(x.min()), float(x.max())))
+                        or lowpass_l1(x, gt, *a, **k))
+    spy = RangeSpy(tiny_frm)
+    step, _ = _step(pixel_restorer, spy, clamp_x_hat=clamp)
+    out = step(_batch(), torch.Generator().manual_seed(0))
+    lo, hi = spy.seen[0]
+    assert (0 <= lo and hi <= 1) == clamp and (0 <= seen_by_dwt[0][0] and seen_by_dwt[0][1] <= 1) == clamp
+    assert out.restored.min() < 0 or out.restored.max() > 1  # the restoration itself is not clamped (LPIPS sees it as is)
+
+
+def test_a_composite_reward_term_by_hand(pixel_restorer, tiny_frm):
+    """R = 0.5 s(x_hat) + 0.5 SSIM(x_hat, gt): the reward loss is w_r * mean(1 - R), its parts logged."""
+    from facereward.metrics.fullref import ssim
+
+    rewards = RewardsConfig(weights={"frm": 0.5, "ssim": 0.5})
+    cfg_kw = dict(rewards=rewards, reg_weight=0.0, structural_weight=0.0)
+    step, _ = _step(pixel_restorer, tiny_frm, **cfg_kw)
+    step.rewards = build_reward_term(step.config, torch.device("cpu"))
+    out = step(_batch(), torch.Generator().manual_seed(0))
+    x = out.restored.clamp(0, 1)
+    with torch.no_grad():
+        expected_r = 0.5 * tiny_frm(x) + 0.5 * ssim(x, _batch()["hq"], y_channel=False, quantize=False)
+    assert out.parts["refl/reward"].item() == pytest.approx(expected_r.mean().item(), rel=1e-4)
+    assert out.loss.item() == pytest.approx((1 - expected_r).mean().item(), rel=1e-4)  # reward_weight 1 in _step
+    assert set(out.parts) >= {"refl/reward/ssim", "refl/score"}
+    out.loss.backward()  # the composite is differentiable end to end
+
+
+def test_accumulate_last_only_keeps_only_the_last_micro_batch(tmp_path, saved):
+    """The original's zero_grad inside accelerate's accumulate block: an update from the last of 2 micro-batches only."""
+    from facereward.models.restorer import Restorer
+
+    def run(name, **kw):
+        cfg = _config(tmp_path / name, *saved, steps=1, batch_size=1, reg_weight=0.0, structural_weight=0.0, lr=1e-2,
+                      dynamic_frm=DynamicFRMConfig(every=0), held_out=HeldOutConfig(every=0), **kw)
+        cfg.run.gradient_accumulation_steps = 2
+        return Restorer.from_pretrained(train_refl(cfg)).unet.state_dict()
+
+    summed, last = run("summed"), run("last", accumulate_last_only=True)
+    assert any(not torch.equal(summed[k], last[k]) for k in summed)
 
 
 def test_cli_ablation_switches_and_bad_keys(tmp_path, saved):
@@ -217,9 +300,10 @@ def test_dynamic_frm_mixes_in_the_original_pairs_with_gradient_accumulation(tmp_
     seen = []
     real_step = refl_module.frm_preference_step
 
-    def spy(frm, optimizer, chosen, rejected, captions, grad_clip, reduce=None):
+    def spy(frm, optimizer, chosen, rejected, captions, grad_clip, reduce=None, loss_weight=1.0):
         seen.append(chosen.shape[0])
-        return real_step(frm, optimizer, chosen, rejected, captions, grad_clip, reduce)
+        assert loss_weight == 0.1  # the original scales the FRM's Bradley-Terry loss by 0.1
+        return real_step(frm, optimizer, chosen, rejected, captions, grad_clip, reduce, loss_weight)
 
     monkeypatch.setattr(refl_module, "frm_preference_step", spy)
     run = RunConfig(output_dir=str(tmp_path / "mix"), progress=False, save_every=100, gradient_accumulation_steps=2)

@@ -123,13 +123,14 @@ def test_config_errors_name_the_field():
 
 def test_wavelet_reward_is_exp_of_minus_c_times_lowpass_l1():
     x, gt = _images()
-    reward = build_reward("wavelet", c=15.0)
-    expected = torch.exp(-15.0 * lowpass_l1(x, gt, levels=3, normalise=True))
+    reward = build_reward("wavelet", c=15.0)  # the original: 3-level DT-CWT low-pass, unnormalised
+    expected = torch.exp(-15.0 * lowpass_l1(x, gt, levels=3, normalise=False, wavelet="dtcwt"))
     assert torch.allclose(reward(x, gt), expected)
     assert torch.allclose(reward(gt, gt), torch.ones(3))
     assert (reward(x, gt) < 1).all()
-    dtcwt = build_reward("wavelet", wavelet="dtcwt")
-    assert torch.allclose(dtcwt(gt, gt), torch.ones(3)) and (dtcwt(x, gt) < 1).all()
+    haar = build_reward("wavelet", wavelet="haar", normalise=True)
+    assert torch.allclose(haar(x, gt), torch.exp(-15.0 * lowpass_l1(x, gt, normalise=True, wavelet="haar")))
+    assert not torch.allclose(haar(x, gt), reward(x, gt))
     with pytest.raises(ValueError, match="wavelet"):
         build_reward("wavelet", wavelet="db4")
 

@@ -47,10 +47,12 @@ def test_lowpass_l1_zero_on_identical_and_positive_otherwise():
     assert torch.equal(lowpass_l1(x, x), torch.zeros(3))
     y = x.clone()
     y[1] += 0.1
-    d = lowpass_l1(y, x)
+    d = lowpass_l1(y, x)  # the project's default: the original's 3-level DT-CWT, unnormalised
     assert d.shape == (3,)
     assert d[0] == 0 and d[2] == 0
-    assert torch.isclose(d[1], torch.tensor(0.1 * 8), atol=1e-5)  # a shift of 0.1 -> 0.1 * 2^3 in LL
+    assert torch.isclose(d[1], torch.tensor(0.1 * 4), atol=1e-5)  # the DT-CWT low-pass has gain 4 at 3 levels
+    haar = lowpass_l1(y, x, wavelet="haar")
+    assert torch.isclose(haar[1], torch.tensor(0.1 * 8), atol=1e-5)  # a shift of 0.1 -> 0.1 * 2^3 in Haar's LL
 
 
 def test_lowpass_l1_ignores_high_frequencies_that_pixel_l1_sees():
@@ -58,7 +60,8 @@ def test_lowpass_l1_ignores_high_frequencies_that_pixel_l1_sees():
     checker = (torch.arange(16).view(-1, 1) + torch.arange(16).view(1, -1)) % 2 * 0.2 - 0.1
     y = x + checker  # zero-mean in every 2x2 block
     assert (y - x).abs().mean() > 0.09
-    assert lowpass_l1(y, x) < 1e-6
+    assert lowpass_l1(y, x, wavelet="haar") < 1e-6
+    assert lowpass_l1(y, x) < 0.05 * (y - x).abs().mean()  # the dual-tree low-pass keeps 2.7% of it (its gain is 4)
 
 
 def test_gradients_flow_to_the_input():

@@ -159,6 +159,21 @@ def train_frm_cmd(
         typer.echo(f"saved the best FRM (held-out accuracy) to {best}")
 
 
+def _reward_overrides(reward: list[str], reward_module: list[str]) -> list[str]:
+    """`--reward NAME=WEIGHT` (replacing the default composite) and `--reward-module` as config overrides."""
+    overrides = []
+    if reward:
+        overrides.append("rewards.weights={}")
+        for item in reward:
+            name, sep, weight = item.partition("=")
+            if not sep or not name:
+                _fail(f"--reward expects NAME=WEIGHT, got {item!r}")
+            overrides.append(f"rewards.weights.{name}={weight}")
+    if reward_module:
+        overrides.append(f"rewards.imports=[{', '.join(repr(m) for m in reward_module)}]")
+    return overrides
+
+
 @app.command("refl")
 def refl_cmd(
     config: Path | None = typer.Option(None, "--config", help="YAML config (fields of ReFLConfig)."),
@@ -171,6 +186,11 @@ def refl_cmd(
     lora_rank: int | None = typer.Option(None, help="Train LoRA adapters of this rank instead of the full network."),
     output_dir: Path | None = typer.Option(None, help="Run folder (sets run.output_dir)."),
     resume: str | None = typer.Option(None, help="'latest' or a checkpoint folder (sets run.resume)."),
+    reward: list[str] = typer.Option([], "--reward", help="NAME=WEIGHT: the reward term's composite (repeatable; replaces frm=1; "
+                                     "frm is the dynamic FRM; differentiable rewards only)."),
+    reward_module: list[str] = typer.Option([], "--reward-module", help="Module or .py file that registers custom rewards (repeatable)."),
+    lpips_backbone: Path | None = typer.Option(None, help="LPIPS backbone weights for the structural term (sets lpips_backbone)."),
+    lpips_heads: Path | None = typer.Option(None, help="LPIPS linear heads for the structural term (sets lpips_heads)."),
     no_reward: bool = typer.Option(False, "--no-reward", help="Ablation: drop the FRM reward term."),
     no_regulariser: bool = typer.Option(False, "--no-regulariser", help="Ablation: drop the regulariser vs the initial network."),
     no_structural: bool = typer.Option(False, "--no-structural", help="Ablation: drop the wavelet low-pass and LPIPS terms."),
@@ -180,9 +200,10 @@ def refl_cmd(
     from facereward.config import load_config
     from facereward.train.refl import ReFLConfig, train_refl
 
-    overrides = list(set_)
+    overrides = list(set_) + _reward_overrides(reward, reward_module)
     for key, value in (("init_from", init_from), ("frm", frm), ("data.hq_dir", hq_dir), ("data.toy_faces", toy_faces),
-                       ("steps", steps), ("lora.rank", lora_rank), ("run.output_dir", output_dir), ("run.resume", resume)):
+                       ("steps", steps), ("lora.rank", lora_rank), ("run.output_dir", output_dir), ("run.resume", resume),
+                       ("lpips_backbone", lpips_backbone), ("lpips_heads", lpips_heads)):
         if value is not None:
             overrides.append(f"{key}={value}")
     for flag, keys in ((no_reward, ["reward_weight"]), (no_regulariser, ["reg_weight"]),
@@ -424,16 +445,7 @@ def lrpo_cmd(
     from facereward.config import load_config
     from facereward.train.lrpo import LRPOConfig, train_lrpo
 
-    overrides = list(set_)
-    if reward:
-        overrides.append("rewards.weights={}")
-        for item in reward:
-            name, sep, weight = item.partition("=")
-            if not sep or not name:
-                _fail(f"--reward expects NAME=WEIGHT, got {item!r}")
-            overrides.append(f"rewards.weights.{name}={weight}")
-    if reward_module:
-        overrides.append(f"rewards.imports=[{', '.join(repr(m) for m in reward_module)}]")
+    overrides = list(set_) + _reward_overrides(reward, reward_module)
     for key, value in (("init_from", init_from), ("rewards.options.frm.path", frm), ("data.hq_dir", hq_dir),
                        ("data.toy_faces", toy_faces), ("epochs", epochs), ("lora.rank", lora_rank),
                        ("run.output_dir", output_dir), ("run.resume", resume)):

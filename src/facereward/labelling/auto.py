@@ -1,7 +1,7 @@
 """The automatic labeller paired with human labels (docs/methods.md 1.1): a linear SVM (or logistic regression) on GT-referenced features.
 
 Each candidate gets full-reference features against its GT (`FullReferenceFeatures`: PSNR, SSIM,
-low-frequency Haar wavelet L1, identity similarity, optionally LPIPS and a detail ratio). A pair
+low-frequency wavelet L1 (DT-CWT), identity similarity, optionally LPIPS and a detail ratio). A pair
 (a, b) becomes d = (f(a) - f(b)) / s, s the per-feature std over the training candidates; the
 classifier is trained on both orders (d -> 1, -d -> 0) with no intercept, so
 P(a > b) = sigmoid(g * w.d) and P(b > a) = 1 - P(a > b) exactly. For the SVM, g is a Platt scale
@@ -42,8 +42,8 @@ FORMAT_VERSION = 1
 class FullReferenceFeatures:
     """Per-candidate features against the GT: (B, 3, H, W) images, gt -> (B, F) float64 numpy.
 
-    Features, in order: "psnr" (dB, RGB, capped at PSNR_CAP), "ssim" (Y), "lowpass_l1" (Haar LL L1,
-    `metrics.wavelet`, levels 3), then "ids" unless identity="none", "lpips" when `lpips` is given
+    Features, in order: "psnr" (dB, RGB, capped at PSNR_CAP), "ssim" (Y), "lowpass_l1" (the low-pass L1 of
+    `metrics.wavelet`: DT-CWT by default, 3 levels), then "ids" unless identity="none", "lpips" when `lpips` is given
     (an `LPIPS` module or (net, backbone_path, heads_path)), "detail" when `detail` (the oracle's
     Laplacian-energy ratio min(r, 1/r)).
     """
@@ -54,10 +54,11 @@ class FullReferenceFeatures:
         lpips: Any = None,
         detail: bool = False,
         levels: int = 3,
+        wavelet: str = "dtcwt",
         device: str | torch.device = "cpu",
     ) -> None:
         self.device = torch.device(device)
-        self.levels = int(levels)
+        self.levels, self.wavelet = int(levels), wavelet
         self.detail = bool(detail)
         if identity is None or identity == "none":
             self.identity_name, self.identity = None, None
@@ -84,14 +85,14 @@ class FullReferenceFeatures:
     def config(self) -> dict[str, Any]:
         """JSON-serialisable settings that rebuild these features with `from_config`."""
         return {"names": self.names, "identity": self.identity_name, "lpips": self.lpips_spec,
-                "detail": self.detail, "levels": self.levels}
+                "detail": self.detail, "levels": self.levels, "wavelet": self.wavelet}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], device: str | torch.device = "cpu") -> FullReferenceFeatures:
         if "lpips" in config["names"] and config.get("lpips") is None:
             raise ValueError("these features used an LPIPS module given as an object; pass features= with the same LPIPS to load")
         return cls(identity=config.get("identity") or "none", lpips=config.get("lpips"), detail=config.get("detail", False),
-                   levels=config.get("levels", 3), device=device)
+                   levels=config.get("levels", 3), wavelet=config.get("wavelet", "haar"), device=device)  # saved before the wavelet field: Haar
 
     @torch.no_grad()
     def __call__(self, images: Tensor, gt: Tensor) -> np.ndarray:
@@ -103,7 +104,7 @@ class FullReferenceFeatures:
         cols = [
             psnr(images, gt).clamp(max=PSNR_CAP),
             ssim(images, gt, y_channel=True),
-            lowpass_l1(images, gt, levels=self.levels).to(torch.float64),
+            lowpass_l1(images, gt, levels=self.levels, wavelet=self.wavelet).to(torch.float64),
         ]
         if self.identity is not None:
             emb = self.identity.embed(torch.cat([images, gt]).cpu()).cpu()  # judges run where they were loaded (CPU)

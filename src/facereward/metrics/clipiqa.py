@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facereward.models.frm import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPTowers
+from facereward.models.frm import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPTowers, clip_resize
 from facereward.models.restorer import ModelFolderError
 
 # name -> (positive, negative) prompt pairs
@@ -60,23 +60,6 @@ def resolve_prompts(prompts: Prompts) -> list[tuple[str, str]]:
     if not ok:
         raise ValueError(f"clipiqa prompts: expected a preset name or a list of [positive, negative] string pairs, got {prompts!r}")
     return [(p[0], p[1]) for p in prompts]
-
-
-def clip_resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """The CLIP processor's geometry in torch ops: shortest side -> `size` (bicubic, antialiased), centre crop size x size.
-
-    Output sizes and crop offsets follow transformers' CLIPImageProcessor (long side int(size * long / short), offsets
-    (new - size) // 2); values are clamped to [0, 1] as PIL's 8-bit resize does. Differentiable wrt `images`.
-    """
-    h, w = images.shape[-2:]
-    if h <= w:
-        new_h, new_w = size, int(size * w / h)
-    else:
-        new_h, new_w = int(size * h / w), size
-    if (new_h, new_w) != (h, w):
-        images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return images[..., top : top + size, left : left + size]
 
 
 class CLIPIQA(nn.Module):

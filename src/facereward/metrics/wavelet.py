@@ -129,8 +129,8 @@ def dtcwt_lowpass(x: Tensor, levels: int = 3) -> Tensor:
     return low
 
 
-def lowpass(x: Tensor, levels: int = 3, wavelet: str = "haar", normalise: bool = False) -> Tensor:
-    """The low-pass band of a `levels`-level wavelet transform: "haar" (orthonormal DWT) or "dtcwt" (dual-tree)."""
+def lowpass(x: Tensor, levels: int = 3, wavelet: str = "dtcwt", normalise: bool = False) -> Tensor:
+    """The low-pass band of a `levels`-level wavelet transform: "dtcwt" (dual-tree, the originals') or "haar" (orthonormal DWT)."""
     if wavelet == "haar":
         return haar_lowpass(x, levels, normalise)
     if wavelet == "dtcwt":
@@ -139,8 +139,11 @@ def lowpass(x: Tensor, levels: int = 3, wavelet: str = "haar", normalise: bool =
     raise ValueError(f"wavelet must be one of {', '.join(WAVELETS)}, got {wavelet!r}")
 
 
-def lowpass_l1(x: Tensor, gt: Tensor, levels: int = 3, normalise: bool = False, wavelet: str = "haar") -> Tensor:
+def lowpass_l1(x: Tensor, gt: Tensor, levels: int = 3, normalise: bool = False, wavelet: str = "dtcwt") -> Tensor:
     """DWT_L1 (docs/methods.md 1.2, 2.2): per-image mean |LL(x) - LL(gt)| -> (B,), LL from `lowpass`.
+
+    The defaults are both originals' (3-level DT-CWT, unnormalised: a constant image's band is 4x it); the
+    whole project uses them unless told otherwise.
 
     Inputs are images of the same shape (facereward uses [0, 1]); differentiable in both.
     """

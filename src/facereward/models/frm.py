@@ -62,6 +62,7 @@ class FRMConfig:
     clip_path: str | None = None  # a local transformers CLIP folder (loaded with local_files_only=True)
     use_text: bool = False  # clip only: score = <f_img(x), f_txt(caption)> (HPSv2-style)
     freeze_blocks: int = 0  # freeze the embeddings + first N transformer blocks of each tower, or the first N CNN stages
+    resize: Literal["antialias", "bilinear", "hpsv2"] = "antialias"  # how images reach input_size (see `preprocess`)
     init_logit_scale: float | None = None  # log(tau); None: the CLIP folder's logit_scale when use_text, else 0 (tau = 1)
 
 
@@ -153,6 +154,23 @@ class ViTBackbone(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.norm(x[:, 0])
+
+
+def clip_resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The CLIP processor's geometry in torch ops: shortest side -> `size` (bicubic, antialiased), centre crop size x size.
+
+    Output sizes and crop offsets follow transformers' CLIPImageProcessor (long side int(size * long / short), offsets
+    (new - size) // 2); values are clamped to [0, 1] as PIL's 8-bit resize does. Differentiable wrt `images`.
+    """
+    h, w = images.shape[-2:]
+    if h <= w:
+        new_h, new_w = size, int(size * w / h)
+    else:
+        new_h, new_w = int(size * h / w), size
+    if (new_h, new_w) != (h, w):
+        images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return images[..., top : top + size, left : left + size]
 
 
 class CLIPTowers(nn.Module):
@@ -316,6 +334,8 @@ class FaceRewardModel(nn.Module):
         self.config = config
         if config.use_text and config.backbone != "clip":
             raise ValueError(f"use_text needs the clip backbone, not {config.backbone!r}")
+        if config.resize not in ("antialias", "bilinear", "hpsv2"):
+            raise ValueError(f"resize must be antialias, bilinear or hpsv2, got {config.resize!r}")
         if len(config.mean) != 3 or len(config.std) != 3:
             raise ValueError("mean and std need three values (RGB)")
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
@@ -378,6 +398,36 @@ class FaceRewardModel(nn.Module):
             for part in [*embeddings, *blocks[:n]]:
                 part.requires_grad_(False)
 
+    def unlock_openclip_style(self, vision_groups: int, text_layers: int) -> None:
+        """Train only what OpenCLIP's `lock_image_tower(unlocked_groups=vision_groups)` and `lock_text_tower(unlocked_layers=
+        text_layers)` leave trainable (the original ReFL: 20 and 11), plus the logit scale (docs/methods.md 1.2 step 6).
+
+        Vision groups, last first: the projection, [the last block + post-norm], then one block each (the embeddings and
+        pre-norm are the first group). Text: the last `text_layers` blocks, the final norm and the projection.
+        """
+        if self.clip is None:
+            raise ValueError(f"unlocking OpenCLIP-style needs the clip backbone, not {self.config.backbone!r}")
+        vm = self.clip.vision_model
+        blocks = list(vm.encoder.layers)
+        groups = [[vm.embeddings, vm.pre_layrnorm], *[[b] for b in blocks[:-1]], [blocks[-1], vm.post_layernorm],
+                  [self.clip.visual_projection]]
+        if not 0 <= vision_groups <= len(groups):
+            raise ValueError(f"vision_unlocked_groups must be in [0, {len(groups)}], got {vision_groups}")
+        self.requires_grad_(False)
+        for group in groups[len(groups) - vision_groups:]:
+            for part in group:
+                part.requires_grad_(True)
+        if self.clip.text_model is not None:
+            tm = self.clip.text_model
+            layers = list(tm.encoder.layers)
+            if not 0 <= text_layers <= len(layers):
+                raise ValueError(f"text_unlocked_layers must be in [0, {len(layers)}], got {text_layers}")
+            for part in [*layers[len(layers) - text_layers:], tm.final_layer_norm, self.clip.text_projection]:
+                part.requires_grad_(True)
+        if self.head is not None:
+            self.head.requires_grad_(True)
+        self.logit_scale.requires_grad_(True)
+
     def freeze_for_reward(self) -> _RewardFreeze:
         """Freeze all parameters (eval mode); gradients still flow to the input images (the FRM in a ReFL step).
 
@@ -392,13 +442,20 @@ class FaceRewardModel(nn.Module):
         return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """[0, 1] BCHW images of any size -> resized (bilinear, antialiased) to input_size and mean/std normalised."""
+        """[0, 1] BCHW images of any size -> input_size x input_size, mean/std normalised.
+
+        `config.resize`: "antialias" (bilinear, antialiased; default), "bilinear" (no antialias: what the original ReFL
+        and LRPO code's tensor resize does), "hpsv2" (shortest side bicubic, centre crop: HPSv2's own transform).
+        """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
         x = images.to(self.logit_scale.dtype)
         size = self.config.input_size
-        if tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        if self.config.resize == "hpsv2":
+            x = clip_resize(x, size)
+        elif tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=self.config.resize == "antialias",
+                              align_corners=False)
         return (x - self.mean) / self.std
 
     def _caption_list(self, captions: Captions, batch: int) -> list[str]:

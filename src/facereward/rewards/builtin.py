@@ -86,16 +86,14 @@ class LPIPSReward(nn.Module):
 class WaveletReward(nn.Module):
     """exp(-c * DWT_L1(x, gt)), DWT_L1 the low-pass L1 of a `levels`-level wavelet transform (docs/methods.md 2.2, c = 15).
 
-    `wavelet`: "haar" (default) or "dtcwt" (the original's dual-tree complex wavelets).
-
-    `normalise=True` (default) compares block means, so c = 15 gives rewards spread over (0, 1) for
-    [0, 1] images; the orthonormal Haar LL band is 2**levels times larger.
+    Defaults are the original LRPO's: the 3-level dual-tree complex wavelet ("dtcwt") low-pass, unnormalised,
+    as ReFL's structural term uses it. `wavelet="haar"` and `normalise=True` (block means) are options.
     """
 
     differentiable = True
     needs_gt = True
 
-    def __init__(self, c: float = 15.0, levels: int = 3, normalise: bool = True, wavelet: str = "haar"):
+    def __init__(self, c: float = 15.0, levels: int = 3, normalise: bool = False, wavelet: str = "dtcwt"):
         super().__init__()
         if wavelet not in ("haar", "dtcwt"):
             raise ValueError(f"the wavelet reward needs wavelet='haar' or 'dtcwt', got {wavelet!r}")

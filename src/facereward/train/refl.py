@@ -25,6 +25,7 @@ from facereward.data.datasets import collate_batch
 from facereward.models.ddim import DDIMSchedule, truncated_rollout
 from facereward.models.frm import FaceRewardModel, bradley_terry_loss
 from facereward.models.restorer import Restorer
+from facereward.rewards import CompositeReward, RewardsConfig
 from facereward.train.base import DataConfig, build_dataset
 from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator
 from facereward.train.plumbing import (
@@ -57,8 +58,11 @@ class DynamicFRMConfig:
 
     every: int = 10  # U: one FRM step per U generator steps
     lr: float = 2e-6
-    weight_decay: float = 0.0
+    weight_decay: float = 0.35  # AdamW, on weight matrices only (gains, biases and the logit scale get 0), as the original
     grad_clip: float = 1.0
+    loss_weight: float = 0.1  # the Bradley-Terry loss is scaled by this (the original's 0.1)
+    vision_unlocked_groups: int | None = None  # clip FRMs: OpenCLIP-style unlocking (the original: 20); None keeps the FRM's own
+    text_unlocked_layers: int | None = None  # ... and the last text layers (the original: 11)
     pairs: str | None = None  # the original preference JSONL, mixed in so the FRM does not forget it
     pairs_per_update: int = 0  # preference pairs added to each update (0: none)
     use_captions: bool = True
@@ -81,8 +85,12 @@ class ReFLConfig:
     grad_window: int = 2  # the grad step is drawn from the last `grad_window` of the T steps
     eta: float | str = "random"  # a number, or "random": redrawn from U(0, 1) every step (the original)
     reward_weight: float = 0.005  # w_r
-    reward_form: str = "one_minus"  # one_minus: 1 - s; negative: -s; hinge: relu(margin - s)
+    reward_form: str = "one_minus"  # one_minus: 1 - R; negative: -R; hinge: relu(margin - R)
     reward_margin: float = 1.0
+    # R, the composite reward of the reward term (differentiable rewards only); "frm" is the dynamic FRM of `frm`
+    rewards: RewardsConfig = field(default_factory=lambda: RewardsConfig(weights={"frm": 1.0}))
+    clamp_x_hat: bool = True  # x_hat clamped to [0, 1] before the rewards and the structural term (LPIPS sees it unclamped)
+    accumulate_last_only: bool = False  # the original's quirk: zero_grad inside the accumulate block keeps the last micro-batch
     reg_weight: float = 1e-4  # w_reg, residuals vs the frozen initial network
     structural_weight: float = 0.01  # w_dwt
     wavelet: str = "dtcwt"  # low-pass band: dtcwt (the original's) or haar
@@ -97,7 +105,7 @@ class ReFLConfig:
 
 
 def reward_loss(scores: Tensor, form: str, margin: float = 1.0) -> Tensor:
-    """Per-image reward term to minimise (docs/methods.md 1.2 step 4): 1 - s, -s, or relu(margin - s)."""
+    """Per-image reward term to minimise (docs/methods.md 1.2 step 4): 1 - R, -R, or relu(margin - R)."""
     if form == "one_minus":
         return 1 - scores
     if form == "negative":
@@ -114,8 +122,16 @@ def residual_regulariser(residuals: list[Tensor], reference: list[Tensor]) -> Te
     return sum(((h.float() - r.float()) ** 2).mean() for h, r in zip(residuals, reference))
 
 
+def frm_param_groups(frm: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups of the FRM's trainable parameters: `weight_decay` on weight matrices, 0 on gains, biases, norms and
+    the logit scale (every parameter with fewer than 2 dimensions), as the original ReFL builds them."""
+    params = [p for p in frm.parameters() if p.requires_grad]
+    decay, rest = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
 def frm_preference_step(frm: FaceRewardModel, optimizer: torch.optim.Optimizer, chosen: Tensor, rejected: Tensor,
-                        captions: list[str] | None, grad_clip: float, reduce=None) -> dict[str, Tensor]:
+                        captions: list[str] | None, grad_clip: float, reduce=None, loss_weight: float = 1.0) -> dict[str, Tensor]:
     """One Bradley-Terry step of the FRM preferring `chosen` over `rejected` (docs/methods.md 1.1, 1.2 step 6).
 
     `reduce` (e.g. accelerator.reduce) averages the gradients over processes before the step.
@@ -123,7 +139,7 @@ def frm_preference_step(frm: FaceRewardModel, optimizer: torch.optim.Optimizer, 
     frm.train()
     scores = frm(torch.cat([chosen, rejected]), captions * 2 if captions else None)
     s_w, s_l = scores.chunk(2)
-    loss = bradley_terry_loss(s_w, s_l, frm.logit_scale)
+    loss = bradley_terry_loss(s_w, s_l, frm.logit_scale) * loss_weight
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for p in frm.parameters() if p.requires_grad and p.grad is not None]
@@ -150,12 +166,15 @@ class ReFLStep:
     """The ReFL generator loss for one batch (docs/methods.md 1.2 steps 1-4), independent of the training loop."""
 
     def __init__(self, config: ReFLConfig, restorer: Restorer, frm: FaceRewardModel, reference: nn.Module | None,
-                 lpips: nn.Module | None = None):
+                 lpips: nn.Module | None = None, rewards: CompositeReward | None = None):
+        """`rewards`: the reward term's other rewards (all but "frm", which is `frm`), weighted as in config.rewards."""
         if config.reward_form not in REWARD_FORMS:
             raise ValueError(f"reward_form must be one of {', '.join(REWARD_FORMS)}, got {config.reward_form!r}")
         if not 1 <= config.grad_window <= config.sampling_steps:
             raise ValueError(f"grad_window must be in [1, sampling_steps={config.sampling_steps}], got {config.grad_window}")
         self.config, self.restorer, self.frm, self.reference, self.lpips = config, restorer, frm, reference, lpips
+        self.rewards = rewards
+        self.frm_weight = float(config.rewards.weights.get("frm", 0.0))
         self.schedule = DDIMSchedule.from_scheduler(restorer.scheduler, config.sampling_steps, device=restorer.device)
 
     def reference_residuals(self, x_t: Tensor, t: Tensor, cond: Tensor) -> list[Tensor]:
@@ -192,14 +211,21 @@ class ReFLStep:
         # steps 2-3: no-grad rollout to k, then step k with grad and x0_hat
         out = truncated_rollout(eps_fn, x_T, self.schedule, k, eta=cfg.eta, generator=generator)
         x_hat = restorer.decode(out.pred_x0)
+        x_r = x_hat.clamp(0, 1) if cfg.clamp_x_hat else x_hat  # the original clamps before the FRM and the DWT term
         parts: dict[str, Tensor] = {}
         loss = x_hat.new_zeros(())
         captions = batch.get("caption") if cfg.use_captions else None
         with self.frm.freeze_for_reward():
-            scores = self.frm(x_hat, captions)
+            scores = self.frm(x_r, captions)
         parts["refl/score"] = scores.detach().mean()
+        total = self.frm_weight * scores  # R = w_frm s(x_hat) + sum_j w_j r_j(x_hat, x_gt)
+        if self.rewards is not None:
+            others = self.rewards(x_r, hq, captions)
+            total = total + others.total
+            parts.update({f"refl/reward/{k}": v.detach().mean() for k, v in others.components.items()})
+        parts["refl/reward"] = total.detach().mean()
         if cfg.reward_weight > 0:
-            parts["refl/reward_loss"] = reward_loss(scores, cfg.reward_form, cfg.reward_margin).mean()
+            parts["refl/reward_loss"] = reward_loss(total, cfg.reward_form, cfg.reward_margin).mean()
             loss = loss + cfg.reward_weight * parts["refl/reward_loss"]
         if cfg.reg_weight > 0:
             reference = self.reference_residuals(out.x_t, out.t, cond)
@@ -208,7 +234,7 @@ class ReFLStep:
         if cfg.structural_weight > 0:
             from facereward.metrics.wavelet import lowpass_l1
 
-            parts["refl/structural_loss"] = lowpass_l1(x_hat, hq, cfg.wavelet_levels, wavelet=cfg.wavelet).mean()
+            parts["refl/structural_loss"] = lowpass_l1(x_r, hq, cfg.wavelet_levels, wavelet=cfg.wavelet).mean()
             loss = loss + cfg.structural_weight * parts["refl/structural_loss"]
         if self.lpips is not None and cfg.lpips_weight > 0:
             parts["refl/lpips_loss"] = self.lpips(x_hat, hq).mean()
@@ -227,13 +253,37 @@ def _resolve_defaults(config: ReFLConfig) -> tuple[str, str]:
 
 
 def _load_lpips(config: ReFLConfig) -> nn.Module | None:
-    if config.lpips_weight <= 0 or not (config.lpips_backbone or config.lpips_heads):
+    """The LPIPS module of the structural term, or None when lpips_weight is 0; never silently dropped."""
+    if config.lpips_weight <= 0:
         return None
     if not (config.lpips_backbone and config.lpips_heads):
-        raise ValueError("LPIPS needs both lpips_backbone and lpips_heads (or lpips_weight: 0)")
+        raise ValueError(f"lpips_weight {config.lpips_weight:g} needs LPIPS weights: --lpips-backbone PATH and --lpips-heads PATH "
+                         "(or --set lpips_weight=0)")
     from facereward.metrics.lpips import load_lpips
 
     return load_lpips(config.lpips_net, config.lpips_backbone, config.lpips_heads)
+
+
+def build_reward_term(config: ReFLConfig, device: torch.device) -> CompositeReward | None:
+    """The reward term's rewards other than the dynamic FRM, as a composite (None if "frm" is the only one).
+
+    ReFL backpropagates R, so every reward must be differentiable (a ValueError names one that is not).
+    """
+    rewards = config.rewards
+    if "frm" in rewards.options:
+        raise ValueError("rewards.options.frm: ReFL's frm reward is its dynamic FRM; set frm: PATH (or --frm) instead")
+    others = RewardsConfig(weights={k: v for k, v in rewards.weights.items() if k != "frm"},
+                           options=dict(rewards.options), imports=list(rewards.imports))
+    if not others.weights:
+        if rewards.options:
+            raise ValueError(f"rewards.options.{sorted(rewards.options)[0]}: options for a reward without a weight")
+        return None
+    composite = CompositeReward.from_config(others, device)
+    for name, reward in composite.rewards.items():
+        if not getattr(reward, "differentiable", False):
+            raise ValueError(f"rewards.weights.{name}: ReFL backpropagates the reward, and {name!r} is not differentiable "
+                             "(use it in lrpo, or drop it)")
+    return composite
 
 
 def _preference_batches(config: DynamicFRMConfig, seed: int, size: int):
@@ -260,6 +310,8 @@ def _validate(config: ReFLConfig) -> None:
         raise ValueError("dynamic_frm.every must be >= 0 (0: a fixed FRM)")
     if config.wavelet not in ("haar", "dtcwt"):
         raise ValueError(f"wavelet must be haar or dtcwt, got {config.wavelet!r}")
+    if config.lpips_weight > 0 and not (config.lpips_backbone and config.lpips_heads):
+        _load_lpips(config)  # raises the one-line error before anything is loaded
 
 
 def train_refl(config: ReFLConfig) -> Path:
@@ -280,8 +332,11 @@ def train_refl(config: ReFLConfig) -> Path:
     params = trainable_parameters(trainable)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.adam_betas))
     dyn = config.dynamic_frm
+    if dyn.vision_unlocked_groups is not None or dyn.text_unlocked_layers is not None:
+        frm.unlock_openclip_style(dyn.vision_unlocked_groups or 0, dyn.text_unlocked_layers or 0)
     frm_params = [p for p in frm.parameters() if p.requires_grad]
-    frm_optimizer = torch.optim.AdamW(frm_params, lr=dyn.lr, weight_decay=dyn.weight_decay) if dyn.every > 0 and frm_params else None
+    frm_optimizer = (torch.optim.AdamW(frm_param_groups(frm, dyn.weight_decay), lr=dyn.lr)
+                     if dyn.every > 0 and frm_params else None)
     if dyn.every > 0 and frm_optimizer is None:
         raise ValueError(f"{frm_path}: the FRM has no trainable parameters for dynamic updates (set dynamic_frm.every: 0)")
     modules: dict[str, nn.Module] = {"stage2": trainable, "frm": frm}
@@ -295,7 +350,7 @@ def train_refl(config: ReFLConfig) -> Path:
                         collate_fn=collate_batch, drop_last=len(dataset) >= config.batch_size)
     wrapped, optimizer, loader = accelerator.prepare(trainable, optimizer, loader)
     set_stage2(restorer, wrapped)
-    refl_step = ReFLStep(config, restorer, frm, reference, _load_lpips(config))
+    refl_step = ReFLStep(config, restorer, frm, reference, _load_lpips(config), build_reward_term(config, device))
     evaluator = None
     if config.held_out.every > 0 and accelerator.is_main_process:
         frms = {"initial": initial_frm, **({"live": frm} if frm_optimizer else {})}
@@ -323,6 +378,8 @@ def train_refl(config: ReFLConfig) -> Path:
         wrapped.train()
         epoch, batch = next(batches)
         with accelerator.accumulate(wrapped):
+            if config.accumulate_last_only:
+                optimizer.zero_grad(set_to_none=True)  # acts only on the sync micro-step: the earlier ones are wiped
             with accelerator.autocast():
                 result = refl_step(batch, generator)
             accelerator.backward(result.loss)
@@ -364,4 +421,4 @@ def _dynamic_frm_update(frm: FaceRewardModel, optimizer: torch.optim.Optimizer, 
         if captions is not None:
             captions = captions + list(pref["caption"])
     reduce = accelerator.reduce if accelerator.num_processes > 1 else None
-    return frm_preference_step(frm, optimizer, chosen, rejected, captions, dyn.grad_clip, reduce)
+    return frm_preference_step(frm, optimizer, chosen, rejected, captions, dyn.grad_clip, reduce, dyn.loss_weight)
