@@ -2,8 +2,8 @@
 
     python scripts/lrpo_experiment.py --out runs/lrpo-experiment [--quick]
 
-1. Three LRPO runs from the shipped toy restorer on training identities of the toy world: full LRPO,
-   LRPO without the likelihood regulariser (reg_weight 0), LRPO with uniform advantages.
+1. Three LRPO runs of configs/lrpo_toy.yaml (the shipped toy restorer, training identities of the toy
+   world): full LRPO, LRPO without the likelihood regulariser (reg_weight 0), LRPO with uniform advantages.
    Composite reward: the shipped toy FRM (scaled by 0.1: its scores span about -11..4) + exp(-15 DWT_L1)
    + toy identity cosine + SSIM.
 2. `facereward.evaluate` on held-out (test-identity) toy faces: PSNR, SSIM, IDS, LMD; the composite
@@ -22,20 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from facereward.config import load_config
 from facereward.data.imageio import read_image
 from facereward.demo import TOY_WORLD_IDENTITIES, TOY_WORLD_SEED, make_toy_testset
 from facereward.evaluate import EvaluateConfig, evaluate, markdown_table
-from facereward.rewards import CompositeReward, RewardsConfig
+from facereward.rewards import CompositeReward
 from facereward.train.base import DataConfig
 from facereward.train.heldout import HeldOutConfig
-from facereward.train.lrpo import LRPOConfig, train_lrpo
+from facereward.train.lrpo import LRPOConfig, rewards_with_defaults, train_lrpo
 from facereward.train.plumbing import RunConfig
-from facereward.weights import WEIGHTS_DIR, default_restorer_path
+from facereward.weights import default_restorer_path
 
-REWARDS = RewardsConfig(
-    weights={"frm": 0.3, "wavelet": 0.3, "identity": 0.2, "ssim": 0.2},
-    options={"frm": {"path": str(WEIGHTS_DIR / "toy-frm"), "scale": 0.1}},
-)
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "lrpo_toy.yaml"
 VARIANTS = {  # name -> LRPOConfig fields that differ from full LRPO
     "LRPO": {},
     "LRPO w/o likelihood reg.": {"reg_weight": 0.0},
@@ -52,24 +50,25 @@ class Settings:
     train_faces: int
     test_faces: int
     lr: float
+    train_batch_size: int  # the minibatch: one optimizer step per (minibatch, trained step), as the original
     reg_steps: int = 5
 
 
-FULL = Settings(epochs=10, steps=8, group_size=4, inputs_per_batch=2, train_faces=64, test_faces=24, lr=5e-5)
-QUICK = Settings(epochs=2, steps=3, group_size=2, inputs_per_batch=2, train_faces=4, test_faces=4, lr=5e-5, reg_steps=2)
+FULL = Settings(epochs=24, steps=8, group_size=4, inputs_per_batch=2, train_faces=96, test_faces=24, lr=5e-5, train_batch_size=4)
+QUICK = Settings(epochs=2, steps=3, group_size=2, inputs_per_batch=2, train_faces=4, test_faces=4, lr=5e-5, train_batch_size=2,
+                 reg_steps=2)
 
 
 def lrpo_config(out: Path, s: Settings, fields: dict) -> LRPOConfig:
-    """One run's config: from the shipped toy restorer, on the training identities of its toy world."""
-    config = LRPOConfig(
-        run=RunConfig(output_dir=str(out), save_every=1000, log_every=1, progress=False),
-        data=DataConfig(toy_faces=s.train_faces, toy_seed=TOY_WORLD_SEED, toy_identities=TOY_WORLD_IDENTITIES, size=64,
-                        random_flip=False),
-        init_from=str(default_restorer_path()), rewards=REWARDS, group_size=s.group_size,
-        inputs_per_batch=s.inputs_per_batch, batches_per_epoch=1, epochs=s.epochs, steps=s.steps,
-        micro_batch=s.group_size * s.inputs_per_batch, lr=s.lr, reg_steps=s.reg_steps, held_out=HeldOutConfig(every=0),
-    )
-    for key, value in fields.items():
+    """One run's config: configs/lrpo_toy.yaml at the settings `s`, on the training identities of the toy world."""
+    config = load_config(LRPOConfig, RECIPE, [])
+    config.run = RunConfig(output_dir=str(out), save_every=1000, log_every=1, progress=False)
+    config.data = DataConfig(toy_faces=s.train_faces, toy_seed=TOY_WORLD_SEED, toy_identities=TOY_WORLD_IDENTITIES, size=64,
+                             random_flip=False)
+    config.held_out = HeldOutConfig(every=0)
+    for key, value in {"group_size": s.group_size, "inputs_per_batch": s.inputs_per_batch, "epochs": s.epochs,
+                       "steps": s.steps, "micro_batch": s.train_batch_size, "train_batch_size": s.train_batch_size,
+                       "lr": s.lr, "reg_steps": s.reg_steps, **fields}.items():
         setattr(config, key, value)
     return config
 
@@ -119,7 +118,8 @@ def main() -> None:
     testset = make_toy_testset(args.out / "toy-test", s.test_faces, size=64, seed=0)
     result = evaluate(EvaluateConfig(testset=str(testset), out_dir=str(args.out / "eval"), models=models, include_lq=False,
                                      steps=s.steps, eta=0.0, seed=0, fid="none", progress=False))
-    reward = CompositeReward.from_config(REWARDS)
+    rewards = rewards_with_defaults(load_config(LRPOConfig, RECIPE, []).rewards)
+    reward = CompositeReward.from_config(rewards)
     rows = {}
     for name in models:
         slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name).strip("_")
@@ -128,9 +128,11 @@ def main() -> None:
     eval_seconds = time.time() - t0
     total = time.time() - start
 
-    weights = " + ".join(f"{w} {n}" for n, w in REWARDS.weights.items())
+    weights = " + ".join(f"{w} {n}" for n, w in rewards.weights.items())
+    n_steps = (s.group_size * s.inputs_per_batch // s.train_batch_size) * (s.steps - 1)
     text = (f"{s.test_faces} held-out toy faces, {s.steps} DDIM steps (eta 0); LRPO: {s.epochs} epochs of "
-            f"{s.inputs_per_batch} inputs x G={s.group_size}, T={s.steps}, lr {s.lr}, from the shipped toy restorer. "
+            f"{s.inputs_per_batch} inputs x G={s.group_size}, T={s.steps}, lr {s.lr}, minibatches of {s.train_batch_size}: "
+            f"{n_steps} optimizer steps per epoch, from the shipped toy restorer. "
             f"Composite reward = {weights} (frm scaled by 0.1).\n\n" + markdown_table(rows) +
             "\n\nTraining composite reward per epoch (mean over the epoch's samples):\n\n" + curve_table(curves) +
             "\n\nTimes: " + ", ".join(f"{k} {v:.0f} s" for k, v in run_seconds.items()) +

@@ -567,10 +567,16 @@ def epoch_scalars(scores: dict[str, Tensor], advantages: Tensor, inner_stats: li
 # ---- the trainer -----------------------------------------------------------------------------------
 
 
-def rewards_with_defaults(rewards: RewardsConfig) -> RewardsConfig:
-    """A copy of `rewards` where an frm reward without a path scores with the shipped toy FRM (as `refl` does)."""
-    options = {k: dict(v) for k, v in rewards.options.items()}
+def rewards_with_defaults(rewards: RewardsConfig, toy_restorer: bool = True) -> RewardsConfig:
+    """A copy of `rewards` where an frm reward without a path scores with the shipped toy FRM (as `refl` does).
+
+    The toy FRM only pairs with the shipped toy restorer: with `init_from` set, a missing path is an error.
+    """
+    options = {k: dict(v or {}) for k, v in rewards.options.items()}
     if "frm" in rewards.weights and not options.get("frm", {}).get("path"):
+        if not toy_restorer:
+            raise ValueError("rewards.weights.frm: no FRM for your restorer: set --frm PATH (rewards.options.frm.path); "
+                             "the shipped toy FRM only pairs with the shipped toy restorer")
         options.setdefault("frm", {})["path"] = str(WEIGHTS_DIR / "toy-frm")
     return RewardsConfig(weights=dict(rewards.weights), options=options, imports=list(rewards.imports))
 
@@ -601,7 +607,7 @@ def train_lrpo(config: LRPOConfig) -> Path:
     broadcast_parameters(module, accelerator)
     optimizer = torch.optim.AdamW(trainable_parameters(module), lr=config.lr, weight_decay=config.weight_decay)
     reference = Reference(restorer, module, config.kl_reference) if config.kl_beta > 0 else None
-    reward = CompositeReward.from_config(rewards_with_defaults(config.rewards), accelerator.device)
+    reward = CompositeReward.from_config(rewards_with_defaults(config.rewards, config.init_from is None), accelerator.device)
     dataset = build_dataset(config.data)
     schedule = DDIMSchedule.from_scheduler(restorer.scheduler, config.steps, device=accelerator.device)
     held_out = _held_out(config, reward, restorer.config.size, accelerator.device) if accelerator.is_main_process else None
