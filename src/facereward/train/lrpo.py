@@ -69,7 +69,8 @@ from facereward.weights import WEIGHTS_DIR, default_restorer_path
 
 @dataclass
 class LRPOConfig:
-    """All LRPO settings; defaults are the original's (docs/methods.md 2) except the run length."""
+    """All LRPO settings; defaults are the original's (docs/methods.md 2) but for the run length and the corrections
+    docs/methods.md section 4 lists (configs/lrpo_original.yaml has every original value)."""
 
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/lrpo", save_every=10, log_every=1))
     data: DataConfig = field(default_factory=DataConfig)

@@ -70,6 +70,9 @@ class DynamicFRMConfig:
 
 @dataclass
 class ReFLConfig:
+    """All ReFL settings; defaults are the original's (docs/methods.md 1.2) but for the corrections docs/methods.md
+    section 4 lists (configs/refl_original.yaml has every original value)."""
+
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/refl", save_every=500, log_every=10))
     data: DataConfig = field(default_factory=DataConfig)
     init_from: str | None = None  # the restorer folder to fine-tune (default: the shipped toy restorer)
@@ -261,7 +264,7 @@ def _load_lpips(config: ReFLConfig) -> nn.Module | None:
         return None
     if not (config.lpips_backbone and config.lpips_heads):
         raise ValueError(f"lpips_weight {config.lpips_weight:g} needs LPIPS weights: --lpips-backbone PATH and --lpips-heads PATH "
-                         "(or --set lpips_weight=0)")
+                         "(or --set lpips_weight=0, as configs/refl_toy.yaml does)")
     from facereward.metrics.lpips import load_lpips
 
     return load_lpips(config.lpips_net, config.lpips_backbone, config.lpips_heads)
