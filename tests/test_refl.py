@@ -211,7 +211,7 @@ class RangeSpy(torch.nn.Module):
         return self.frm.freeze_for_reward()
 
     def forward(self, images, captions=None):
-        self.seen.append((float(images.min()), float(images.max())))
+        self.seen.append((float(images.detach().min()), float(images.detach().max())))
         return self.frm(images, captions)
 
 
@@ -223,7 +223,7 @@ def test_x_hat_is_clamped_before_the_rewards_and_the_structural_term(clamp, pixe
     monkeypatch.setattr(pixel_restorer, "decode", lambda z: decode(z) * 3 - 1)  # well outside [0, 1]
     seen_by_dwt = []
     lowpass_l1 = wavelet.lowpass_l1
-    monkeypatch.setattr(wavelet, "lowpass_l1", lambda x, gt, *a, **k: seen_by_dwt.append((float(x.min()), float(x.max())))
+    monkeypatch.setattr(wavelet, "lowpass_l1", lambda x, gt, *a, **k: seen_by_dwt.append((float(x.detach().min()), float(x.detach().max())))
                         or lowpass_l1(x, gt, *a, **k))
     spy = RangeSpy(tiny_frm)
     step, _ = _step(pixel_restorer, spy, clamp_x_hat=clamp)
