@@ -329,8 +329,16 @@ def build_restorer(
 
 @app.command()
 def restore(
-    inputs: Path = typer.Argument(..., help="An aligned face image or a folder of them."),
+    inputs: Path = typer.Argument(..., help="An aligned face image or a folder of them (with --photos: any photos)."),
     out_dir: Path = typer.Argument(..., help="Output folder (NAME.png per input)."),
+    photos: bool = typer.Option(False, "--photos", help="Whole photos: find, align, restore and paste back every face."),
+    detector: str = typer.Option("cnn", help="--photos: face detector cnn (dlib CNN), hog (dlib HOG, fast) or haar (OpenCV)."),
+    upscale: float = typer.Option(1.0, help="--photos: output size over input size."),
+    background: str = typer.Option("bicubic", help="--photos: how the background is upscaled: bicubic, or cleaner (stage 1)."),
+    only_center_face: bool = typer.Option(False, "--only-center-face", help="--photos: restore only the face nearest the centre."),
+    min_face: float = typer.Option(0, help="--photos: leave faces smaller than this many pixels (box side) as they are."),
+    max_faces: int | None = typer.Option(None, help="--photos: restore at most this many faces per photo (the largest)."),
+    save_faces: bool = typer.Option(False, "--save-faces", help="--photos: also write OUT/faces/{lq,restored,compare}/."),
     model: Path | None = typer.Option(None, help="Restorer folder (default: the shipped toy restorer)."),
     steps: int = typer.Option(50, help="DDIM steps."),
     eta: str = typer.Option("0", help="DDIM eta: a number, or 'random' (redrawn per step)."),
@@ -342,13 +350,24 @@ def restore(
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Restore aligned faces; bad files are reported by name and skipped."""
+    """Restore aligned faces (or, with --photos, every face of whole photos); bad files are reported by name and skipped."""
     from facereward.inference import collect_inputs, restore_files
     from facereward.models.restorer import Restorer
     from facereward.weights import default_restorer_path
 
     if steps < 1 or batch_size < 1:
         _fail("--steps and --batch-size must be >= 1")
+    photo_options = {"--detector": detector != "cnn", "--upscale": upscale != 1.0, "--background": background != "bicubic",
+                     "--only-center-face": only_center_face, "--min-face": min_face != 0, "--max-faces": max_faces is not None,
+                     "--save-faces": save_faces}
+    if not photos and any(photo_options.values()):
+        _fail(f"{', '.join(k for k, v in photo_options.items() if v)} only apply with --photos")
+    if photos:
+        if convert or resize or save_stage1:
+            _fail("--convert, --resize and --save-stage1 apply to aligned faces, not --photos (photos of any mode and size are accepted)")
+        _restore_photos(inputs, out_dir, model, detector, upscale, background, only_center_face, min_face, max_faces,
+                        save_faces, steps, _eta(eta), seed, batch_size, device, progress)
+        return
     restorer = Restorer.from_pretrained(model or default_restorer_path()).to(_device(device))
     files = collect_inputs(inputs)
     report = restore_files(restorer, files, out_dir, steps=steps, eta=_eta(eta), seed=seed, batch_size=batch_size,
@@ -357,6 +376,39 @@ def restore(
         typer.secho(f"skipped {reason}", err=True, fg=typer.colors.YELLOW)
     typer.echo(f"restored {len(report.written)} of {len(files)} images to {out_dir}" + (f"; skipped {len(report.skipped)}" if report.skipped else ""))
     if not report.written:
+        raise typer.Exit(1)
+
+
+def _restore_photos(inputs, out_dir, model, detector, upscale, background, only_center_face, min_face, max_faces,
+                    save_faces, steps, eta, seed, batch_size, device, progress) -> None:
+    from facereward.data.faces import DETECTORS, FaceDetector
+    from facereward.inference import collect_inputs
+    from facereward.models.restorer import Restorer
+    from facereward.photos import STAGES, restore_photo_files
+    from facereward.weights import default_restorer_path
+
+    if detector not in DETECTORS:
+        _fail(f"--detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
+    if background not in ("bicubic", "cleaner"):
+        _fail(f"--background must be bicubic or cleaner, got {background!r}")
+    if upscale <= 0 or min_face < 0 or (max_faces is not None and max_faces < 0):
+        _fail("--upscale must be > 0, --min-face and --max-faces >= 0")
+    restorer = Restorer.from_pretrained(model or default_restorer_path()).to(_device(device))
+    files = collect_inputs(inputs)
+    report = restore_photo_files(restorer, files, out_dir, detector=FaceDetector(detector), steps=steps, eta=eta, seed=seed,
+                                 upscale=upscale, background=background, only_center_face=only_center_face,
+                                 min_face=min_face, max_faces=max_faces, batch_size=batch_size, save_faces=save_faces,
+                                 progress=progress)
+    for _, reason in report.failed:
+        typer.secho(f"skipped {reason}", err=True, fg=typer.colors.YELLOW)
+    for path in report.no_face:
+        typer.echo(f"{path}: no face found; written {'upscaled ' if upscale != 1 else ''}as it is")
+    for path, what in report.left:
+        typer.echo(f"{path}: {what}")
+    split = ", ".join(f"{k} {report.timings[k]:.1f}" for k in STAGES)
+    typer.echo(f"restored {report.faces_restored} faces in {len(report.written)} of {len(files)} photos to {out_dir} "
+               f"in {report.seconds:.1f} s ({split})" + (f"; {len(report.failed)} failed" if report.failed else ""))
+    if report.failed:
         raise typer.Exit(1)
 
 
@@ -375,6 +427,8 @@ def _named_paths(values: list[str], option: str) -> dict[str, str]:
 @app.command()
 def evaluate(
     testset: Path | None = typer.Option(None, help="Paired test set: lq/ and (optionally) hq/ folders matched by name."),
+    photos: Path | None = typer.Option(None, "--photos", help="Instead of --testset: whole photos (file or folder, no GT), scored on their faces by no-reference metrics."),
+    detector: str | None = typer.Option(None, help="--photos: face detector cnn (default), hog or haar."),
     model: list[str] = typer.Option([], "--model", help="NAME=DIR: a restorer to run on lq/ (repeatable)."),
     images: list[str] = typer.Option([], "--images", help="NAME=DIR: existing outputs named like lq/ (repeatable)."),
     out_dir: Path | None = typer.Option(None, help="Where results.md/.csv/.json and grid.png go (default eval_out)."),
@@ -390,6 +444,10 @@ def evaluate(
     fid_reference: Path | None = typer.Option(None, help="HQ folder to compute FID against (default: the test set's hq/)."),
     frm: Path | None = typer.Option(None, help="A Face Reward Model folder: adds its score as a column (no GT needed)."),
     clipiqa: Path | None = typer.Option(None, help="A local CLIP folder (or OpenCLIP checkpoint): adds CLIPIQA as a column (no GT needed)."),
+    niqe_model: Path | None = typer.Option(None, help="A NIQE pristine model (modelparameters.mat, .npz, or `facereward fit-niqe`'s): adds NIQE (no GT needed)."),
+    metrics: str | None = typer.Option(None, help="Comma-separated names from the metric table (default: every default metric that applies)."),
+    list_metrics: bool = typer.Option(False, "--list-metrics", help="Print the metric table (name, type, lower is better, needs) and exit."),
+    metric_module: list[str] = typer.Option([], "--metric-module", help="Module or .py file that registers custom metrics (repeatable)."),
     lpips_backbone: Path | None = typer.Option(None, help="LPIPS backbone weights (torchvision vgg16/alexnet layout)."),
     lpips_heads: Path | None = typer.Option(None, help="LPIPS linear heads (lpips v0.1 vgg.pth/alex.pth layout)."),
     lpips_net: str | None = typer.Option(None, help="vgg (default) or alex."),
@@ -405,10 +463,24 @@ def evaluate(
     from facereward.evaluate import evaluate as run_evaluate
 
     cfg = load_config(EvaluateConfig, config, set_)
+    cfg.imports = [*cfg.imports, *metric_module]
+    if list_metrics or metrics is not None:
+        from facereward.metrics.table import format_metric_table, parse_metric_names
+        from facereward.rewards.base import import_reward_plugins
+
+        import_reward_plugins(cfg.imports, option="--metric-module")  # plugin metrics are known after their import
+        if list_metrics:
+            typer.echo(format_metric_table())
+            return
+        try:
+            cfg.metrics = parse_metric_names(metrics)
+        except ValueError as err:
+            _fail(str(err))
     given = {"testset": testset, "out_dir": out_dir, "steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size,
              "identity": identity, "landmarks": landmarks, "fid": fid, "fid_reference": fid_reference, "frm": frm,
              "clipiqa": clipiqa, "lpips_backbone": lpips_backbone, "lpips_heads": lpips_heads, "lpips_net": lpips_net,
-             "crop_border": crop_border, "device": device}
+             "crop_border": crop_border, "device": device, "niqe_model": niqe_model, "photos": photos,
+             "photo_detector": detector}
     for key, value in given.items():
         if value is not None:
             setattr(cfg, key, str(value) if isinstance(value, Path) else value)
@@ -417,11 +489,60 @@ def evaluate(
     cfg.include_stage1 = cfg.include_stage1 or stage1
     cfg.include_lq = cfg.include_lq and lq
     cfg.progress = progress
-    if not cfg.testset:
-        _fail("--testset is required (a folder with lq/ and optionally hq/)")
+    if cfg.testset and cfg.photos:
+        _fail("give --testset (paired faces) or --photos (whole photos), not both")
+    if not cfg.testset and not cfg.photos:
+        _fail("--testset is required (a folder with lq/ and optionally hq/), or --photos for whole photos without GT")
     result = run_evaluate(cfg)
     typer.echo(result.table)
     typer.echo(f"\nwrote {result.out_dir}/results.md, results.csv, results.json and grid.png")
+
+
+@app.command("fit-niqe")
+def fit_niqe_cmd(
+    hq_dir: Path = typer.Argument(..., help="Folder of pristine (HQ) images, e.g. your own clean faces; any size >= one block."),
+    out: Path = typer.Argument(..., help="The model file to write: .safetensors (with how it was fitted) or .npz."),
+    block_size: int = typer.Option(96, help="Block size in px (96: the MATLAB release's)."),
+    channel: str = typer.Option("y", help="Luminance: y (YCbCr Y, as BasicSR) or gray (MATLAB rgb2gray, as the release)."),
+    sharpness_threshold: float = typer.Option(0.75, help="Keep the blocks sharper than this times the image's sharpest (the release's 0.75)."),
+    convert: bool = typer.Option(False, help="Accept grayscale/RGBA images by converting them to RGB."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Fit a NIQE pristine model (docs/methods.md 3) on your own pristine images; use it with evaluate --niqe-model."""
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    from facereward.data.imageio import ImageError, list_images, read_image
+    from facereward.metrics.niqe import fit_niqe_model, save_niqe_model
+
+    if out.suffix.lower() not in (".safetensors", ".npz"):
+        _fail(f"{out}: write the NIQE model as .safetensors or .npz")
+    files = list_images(hq_dir)
+    skipped: list[str] = []
+
+    def images():
+        for path in tqdm(files, desc="fit-niqe", disable=not progress, dynamic_ncols=True):
+            try:
+                image = read_image(path, convert=convert)
+            except ImageError as err:
+                skipped.append(str(err))
+                continue
+            if min(image.shape[:2]) < block_size:
+                skipped.append(f"{path}: {image.shape[1]}x{image.shape[0]} is smaller than one {block_size} px block")
+                continue
+            yield image
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = fit_niqe_model(images(), block_size=block_size, channel=channel, sharpness_threshold=sharpness_threshold)
+    for reason in skipped:
+        typer.secho(f"skipped {reason}", err=True, fg=typer.colors.YELLOW)
+    for w in caught:
+        typer.secho(f"warning: {w.message}", err=True, fg=typer.colors.YELLOW)
+    save_niqe_model(out, model)
+    typer.echo(f"wrote {out}: NIQE pristine model from {model.meta['n_images']} images, {model.meta['n_patches']} patches "
+               f"({block_size} px blocks, {channel} channel)")
 
 
 @app.command("lrpo")

@@ -1,10 +1,11 @@
 """`facereward evaluate`: the BFR benchmark table (docs/methods.md section 3) for several methods side by side.
 
 Methods are restorers run on the test set's LQ images (`models`), folders of existing outputs matched
-by name (`images`), and the LQ input itself. With GT: PSNR/SSIM (RGB and Y), LPIPS (when its weights
-are given), identity (IDS, Deg), landmark distance (LMD) and FID/KID against the GT set. Without GT:
-FID/KID against a reference folder only. The FRM score and CLIPIQA (docs/methods.md 3), when given, need no GT.
-Judges are named in the column headers.
+by name (`images`), and the LQ input itself. The columns come from the metric table
+(`facereward.metrics.table`; `metrics` picks from it). By default, with GT: PSNR/SSIM (RGB and Y), LPIPS (when
+its weights are given), identity (IDS, Deg), landmark distance (LMD) and FID/KID against the GT set. Without GT:
+FID/KID against a reference folder only. The FRM score, CLIPIQA and NIQE (docs/methods.md 3), when given, need
+no GT. Judges are named in the column headers.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from facereward.data.datasets import PairedFolderDataset, collate_batch
 from facereward.data.imageio import image_grid, list_images, read_image, write_image
-from facereward.metrics.fullref import psnr, ssim
+from facereward.metrics.table import MetricContext, PerImageMetric, SetMetric, build_metrics, fid_extractor, landmark_judge
+from facereward.metrics.table import identity_judge as identity_judge  # re-exported: facereward.train.heldout uses it
 
 TOY_MARKER = "toyworld.json"  # written beside lq/ and hq/ by toy test sets: selects the toy judges
 
@@ -33,6 +34,9 @@ TOY_MARKER = "toyworld.json"  # written beside lq/ and hq/ by toy test sets: sel
 @dataclass
 class EvaluateConfig:
     testset: str = ""
+    photos: str = ""  # instead of a test set: whole photos (a file or folder), no GT; see facereward.evaluate_photos
+    photo_detector: str = "cnn"  # photos: face detector cnn | hog | haar
+    photo_crop_size: int = 512  # photos: the aligned face crops the no-reference metrics score
     out_dir: str = "eval_out"
     models: dict[str, str] = field(default_factory=dict)  # name -> restorer folder
     images: dict[str, str] = field(default_factory=dict)  # name -> folder of outputs named like the LQ files
@@ -53,6 +57,10 @@ class EvaluateConfig:
     fid_reference: str | None = None  # HQ folder for FID/KID; default: the test set's hq/
     frm: str | None = None  # a Face Reward Model folder: adds its score (no reference needed)
     clipiqa: str | None = None  # a local CLIP folder (or OpenCLIP checkpoint): adds CLIPIQA (no reference needed)
+    niqe_model: str | None = None  # a NIQE pristine model (modelparameters.mat, or `facereward fit-niqe`): adds NIQE
+    metrics: list[str] | None = None  # names from the metric table (--list-metrics); None: the default set, each where it applies
+    metric_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per metric, e.g. {"niqe": {"block_size": 64}}
+    imports: list[str] = field(default_factory=list)  # modules or .py files that register metrics (register_metric)
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     grid_rows: int = 8
@@ -88,41 +96,8 @@ def _is_toy(testset: Path) -> bool:
     return (testset / TOY_MARKER).is_file()
 
 
-def identity_judge(spec: str, toy: bool):
-    """The identity embedder a spec names: auto (toy judge on toy sets, else dlib), toy, dlib, arcface:PATH, or none."""
-    from facereward.metrics.identity import get_identity_embedder
-
-    if spec == "none":
-        return None
-    if spec == "auto":
-        spec = "toy" if toy else "dlib"
-    if spec.startswith("arcface:"):
-        return get_identity_embedder("arcface", path=spec.split(":", 1)[1])
-    return get_identity_embedder(spec)
-
-
-def _landmark_judge(spec: str, toy: bool):
-    from facereward.metrics.landmarks import get_landmark_detector
-
-    if spec == "none":
-        return None
-    return get_landmark_detector("toy" if spec == "auto" and toy else ("dlib" if spec == "auto" else spec))
-
-
-def _fid_extractor(spec: str, identity_judge):
-    from facereward.metrics.fid import CallableFeatures, InceptionV3Features
-
-    if spec == "none":
-        return None
-    if spec in ("auto", "identity"):
-        if identity_judge is None:
-            if spec == "identity":
-                raise ValueError("fid=identity needs an identity judge (identity is 'none')")
-            return None
-        return CallableFeatures(identity_judge.name, identity_judge.embed)
-    if spec.startswith("inception:"):
-        return InceptionV3Features(spec.split(":", 1)[1])
-    raise ValueError(f"fid must be auto, identity, inception:PATH or none, got {spec!r}")
+_landmark_judge = landmark_judge  # the judge helpers live in facereward.metrics.table (shared with the metric table)
+_fid_extractor = fid_extractor
 
 
 class _OutputFolder:
@@ -148,6 +123,10 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
     from facereward.inference import restore_batch
     from facereward.models.restorer import Restorer
 
+    if config.photos:
+        from facereward.evaluate_photos import evaluate_photos
+
+        return evaluate_photos(config)
     testset = Path(config.testset)
     out_dir = Path(config.out_dir)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -189,36 +168,21 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
     if not methods:
         raise ValueError("nothing to evaluate: give --model NAME=DIR or --images NAME=DIR (or keep the LQ row)")
 
-    id_judge = identity_judge(config.identity, toy) if has_gt else None
-    lmk_judge = _landmark_judge(config.landmarks, toy) if has_gt else None
-    fid_judge = _fid_extractor(config.fid, id_judge if has_gt else identity_judge(config.identity, toy))
-    lpips = None
-    if has_gt and config.lpips_backbone and config.lpips_heads:
-        from facereward.metrics.lpips import LPIPS
+    if config.imports:
+        from facereward.rewards.base import import_reward_plugins
 
-        lpips = LPIPS(config.lpips_net, config.lpips_backbone, config.lpips_heads).to(device)
-    elif bool(config.lpips_backbone) != bool(config.lpips_heads):
-        raise ValueError("LPIPS needs both lpips_backbone and lpips_heads")
-    frm = None
-    if config.frm:
-        from facereward.models.frm import FaceRewardModel
-
-        frm = FaceRewardModel.from_pretrained(config.frm).to(device)
-    frm_column = f"FRM ({Path(config.frm).name})" if config.frm else ""
-    clipiqa = None
-    if config.clipiqa:
-        from facereward.metrics.clipiqa import CLIPIQA
-
-        clipiqa = CLIPIQA.from_pretrained(config.clipiqa, option="--clipiqa PATH",
-                                          tokenizer_hint="put the CLIP tokenizer files beside the checkpoint").to(device)
-    clipiqa_column = f"CLIPIQA ({Path(config.clipiqa).name})" if config.clipiqa else ""
-    judges = {"identity": getattr(id_judge, "name", "none"), "landmarks": getattr(lmk_judge, "name", "none"),
-              "fid_features": getattr(fid_judge, "name", "none"), "lpips": f"lpips-{config.lpips_net}" if lpips else "none",
-              "frm": config.frm or "none", "clipiqa": config.clipiqa or "none"}
+        import_reward_plugins(config.imports, option="imports")  # their register_metric calls
+    ctx = MetricContext(config, device, has_gt=has_gt, toy=toy)
+    built = build_metrics(config.metrics, ctx)
+    per_image_metrics = [m for _, m in built if isinstance(m, PerImageMetric)]
+    set_metrics = [m for _, m in built if isinstance(m, SetMetric)]
+    extractors = list({id(m.extractor): m.extractor for m in set_metrics}.values())  # FID and KID share features
+    judges = {"identity": "none", "landmarks": "none", "fid_features": "none", "lpips": "none", "frm": "none",
+              "clipiqa": "none", **ctx.judges}
 
     per_image: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in methods}
-    features: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
-    reference_features: list[torch.Tensor] = []
+    features: dict[int, dict[str, list[torch.Tensor]]] = {id(e): {m: [] for m in methods} for e in extractors}
+    reference_features: dict[int, list[torch.Tensor]] = {id(e): [] for e in extractors}
     grid_images: dict[str, list[np.ndarray]] = defaultdict(list)
     loader = DataLoader(dataset, batch_size=config.batch_size, collate_fn=collate_batch)
     bar = tqdm(total=len(dataset) * len(methods), desc="evaluate", disable=not config.progress, dynamic_ncols=True)
@@ -227,43 +191,18 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
         n = batch["lq"].shape[0]
         idx = list(range(start, start + n))
         gt = batch["hq"].to(device) if has_gt else None
-        gt_emb = id_judge.embed(gt) if id_judge is not None else None
-        gt_lmk = lmk_judge.detect(gt) if lmk_judge is not None else None
-        if fid_judge is not None and has_gt and config.fid_reference is None:
-            reference_features.append(torch.as_tensor(fid_judge.features(gt)).double().cpu())
+        ctx.new_batch()
+        if has_gt and config.fid_reference is None:
+            for e in extractors:
+                reference_features[id(e)].append(torch.as_tensor(e.features(gt)).double().cpu())
         for method, fn in methods.items():
             out = fn(batch, idx).to(device).clamp(0, 1)
             scores = per_image[method]
-            if has_gt:
-                c = config.crop_border
-                scores["PSNR"] += psnr(out, gt, crop_border=c).tolist()
-                scores["SSIM"] += ssim(out, gt, crop_border=c).tolist()
-                scores["PSNR-Y"] += psnr(out, gt, crop_border=c, y_channel=True).tolist()
-                scores["SSIM-Y"] += ssim(out, gt, crop_border=c, y_channel=True).tolist()
-                if lpips is not None:
-                    with torch.no_grad():
-                        scores[judges["lpips"]] += lpips(out, gt).tolist()
-                if id_judge is not None:
-                    from facereward.metrics.identity import (
-                        identity_degrees,
-                        identity_similarity,
-                    )
-
-                    emb = id_judge.embed(out)
-                    scores[f"IDS ({id_judge.name})"] += identity_similarity(emb, gt_emb).tolist()
-                    scores[f"Deg ({id_judge.name})"] += identity_degrees(emb, gt_emb).tolist()
-                if lmk_judge is not None:
-                    from facereward.metrics.landmarks import landmark_distance
-
-                    scores[f"LMD ({lmk_judge.name})"] += landmark_distance(lmk_judge.detect(out), gt_lmk).tolist()
-            if frm is not None:
-                with torch.no_grad():
-                    scores[frm_column] += frm.score(out, batch["caption"]).tolist()
-            if clipiqa is not None:
-                with torch.no_grad():
-                    scores[clipiqa_column] += clipiqa(out).tolist()
-            if fid_judge is not None:
-                features[method].append(torch.as_tensor(fid_judge.features(out)).double().cpu())
+            with torch.no_grad():
+                for metric in per_image_metrics:
+                    scores[metric.column] += torch.as_tensor(metric(out, gt, batch.get("caption"))).reshape(-1).tolist()
+                for e in extractors:
+                    features[id(e)][method].append(torch.as_tensor(e.features(out)).double().cpu())
             if config.save_outputs and method != "LQ" and method not in config.images:
                 for j, name in enumerate(batch["name"]):
                     write_image(out_dir / "outputs" / _slug(method) / f"{name}.png", out[j].permute(1, 2, 0).cpu().numpy())
@@ -277,8 +216,11 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
     bar.close()
 
     rows: dict[str, dict[str, float]] = {m: {k: float(np.mean(v)) for k, v in per_image[m].items()} for m in methods}
-    if fid_judge is not None:
-        _add_fid(config, fid_judge, features, reference_features, rows, testset, size)
+    for e in extractors:
+        ref = _reference_features(config, e, reference_features[id(e)])
+        for metric in (m for m in set_metrics if m.extractor is e and ref is not None):
+            for method in methods:
+                rows[method][metric.column] = metric.compute(torch.cat(features[id(e)][method]).numpy(), ref)
     table = markdown_table(rows)
     _write_outputs(config, out_dir, rows, per_image, judges, table, grid_images, names, len(dataset))
     return EvaluateResult(rows=rows, per_image={m: dict(v) for m, v in per_image.items()}, table=table, out_dir=out_dir, judges=judges)
@@ -288,31 +230,19 @@ def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name).strip("_")
 
 
-def _add_fid(config: EvaluateConfig, extractor, features, reference_features, rows, testset: Path, size) -> None:
-    from facereward.metrics.fid import fid_from_features, kid_from_features
-
+def _reference_features(config: EvaluateConfig, extractor, from_gt: list[torch.Tensor]) -> np.ndarray | None:
+    """The set metrics' reference features: `fid_reference`'s images, else the GT's; None when fewer than 2."""
     if config.fid_reference is not None:
         ref_files = list_images(config.fid_reference)
         if len(ref_files) < 2:
             raise ValueError(f"{config.fid_reference}: FID needs at least 2 reference images")
         for start in range(0, len(ref_files), config.batch_size):
             chunk = [read_image(p) for p in ref_files[start : start + config.batch_size]]
-            reference_features.append(torch.as_tensor(extractor.features(torch.from_numpy(np.stack(chunk).transpose(0, 3, 1, 2).copy()))).double())
-    if not reference_features:
-        return
-    ref = torch.cat(reference_features).numpy()
-    if len(ref) < 2:
-        return
-    if min(len(ref), len(dataset_feats := torch.cat(next(iter(features.values()))))) <= ref.shape[1]:
-        warnings.warn(f"FID from {len(dataset_feats)} vs {len(ref)} images of {ref.shape[1]}-d features ({extractor.name}): "
-                      "the covariances are singular, so FID is biased and only comparable at equal N")
-    for method, feats in features.items():
-        f = torch.cat(feats).numpy()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the small-N warning is given once above
-            rows[method][f"FID ({extractor.name})"] = float(fid_from_features(f, ref))
-        kid_mean, _ = kid_from_features(f, ref, subsets=config.kid_subsets, subset_size=config.kid_subset_size, seed=config.seed)
-        rows[method][f"KID ({extractor.name})"] = float(kid_mean)
+            from_gt.append(torch.as_tensor(extractor.features(torch.from_numpy(np.stack(chunk).transpose(0, 3, 1, 2).copy()))).double())
+    if not from_gt:
+        return None
+    ref = torch.cat(from_gt).numpy()
+    return ref if len(ref) >= 2 else None
 
 
 def _write_outputs(config, out_dir: Path, rows, per_image, judges, table: str, grid_images, names, n_images: int) -> None:

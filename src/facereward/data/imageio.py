@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -72,6 +73,75 @@ def read_image(
         if arr.shape[:2] != want:
             raise ImageError(f"{path}: wrong size {arr.shape[1]}x{arr.shape[0]} (width x height); expected {want[1]}x{want[0]}")
     return arr.astype(np.float32) / 255.0
+
+
+@dataclass
+class Photo:
+    """A photo as read from a file: `rgb` uint8 HxWx3, `alpha` uint8 HxW or None, the file's `mode`, `exif_rotated`."""
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None
+    mode: str
+    exif_rotated: bool = False
+
+
+def _deep_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """16-bit (or 32-bit int / float) gray pixels -> uint8 by scaling, not clipping (PIL's convert clips at 255)."""
+    if np.issubdtype(arr.dtype, np.floating):
+        peak = 1.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 255.0
+        return np.clip(np.round(np.nan_to_num(arr) * (255.0 / peak)), 0, 255).astype(np.uint8)
+    if arr.dtype == np.uint8:
+        return arr
+    wide = arr.dtype.itemsize > 1 and (arr.dtype in (np.uint16, np.int16) or int(arr.max(initial=0)) > 255)
+    scaled = arr.astype(np.float64) / 257.0 if wide else arr.astype(np.float64)
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+def read_photo(path: str | Path) -> Photo:
+    """Read a photo of any size and mode as uint8 RGB (+ alpha): EXIF orientation applied, gray/16-bit/palette/CMYK converted.
+
+    16-bit pixels are scaled to 8 bits; an alpha channel (RGBA, LA, PA, palette transparency) is returned
+    apart, the colour left as it is. Bad files raise `ImageError` with one line naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            rotated = _has_orientation(im)
+            im2 = ImageOps.exif_transpose(im) if rotated else im
+            alpha = None
+            if im2.mode in ("RGBA", "LA", "PA") or (im2.mode == "P" and "transparency" in im2.info):
+                rgba = im2.convert("RGBA")
+                alpha = np.asarray(rgba.getchannel("A"), dtype=np.uint8).copy()
+                rgb = np.asarray(rgba.convert("RGB"), dtype=np.uint8).copy()
+            elif im2.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+                gray = _deep_to_uint8(np.asarray(im2))
+                rgb = np.repeat(gray[..., None], 3, axis=2)
+            elif im2.mode == "RGB":
+                rgb = np.asarray(im2, dtype=np.uint8).copy()
+            else:  # L, 1, P, CMYK, YCbCr, LAB, HSV, ...
+                rgb = np.asarray(im2.convert("RGB"), dtype=np.uint8).copy()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"{path}: image too large ({err})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as err:
+        raise ImageError(f"{path}: corrupt or truncated image ({err.__class__.__name__}: {err})") from None
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ImageError(f"{path}: unsupported image layout {rgb.shape} (mode {mode})")
+    return Photo(rgb=np.ascontiguousarray(rgb), alpha=alpha, mode=mode, exif_rotated=bool(rotated))
+
+
+def _has_orientation(im: Image.Image) -> bool:
+    try:
+        return int(im.getexif().get(0x0112, 1)) not in (0, 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF is simply no orientation
+        return False
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -9,7 +9,6 @@ with a whole-image fallback for aligned crops) are shared with `metrics.identity
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from facereward.data.faces import dlib_model_file, dlib_models_dir
 from facereward.registry import Registry
 
 __all__ = [
@@ -39,26 +39,7 @@ NUM_LANDMARKS = 68
 # --------------------------------------------------------------------------- dlib helpers
 
 
-def dlib_models_dir(models_dir: str | Path | None = None) -> Path:
-    """The folder holding dlib's .dat files: `models_dir`, or face-recognition-models' `models/`."""
-    if models_dir is not None:
-        return Path(models_dir)
-    # Never import face_recognition_models: it imports pkg_resources, which recent setuptools lacks.
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            "dlib model files: package face-recognition-models is not installed; "
-            "install it or pass models_dir=<folder with the .dat files>"
-        )
-    return Path(spec.origin).parent / "models"
-
-
-def dlib_model_file(filename: str, models_dir: str | Path | None = None) -> Path:
-    """Path of one dlib model file; FileNotFoundError naming the path when it is missing."""
-    path = dlib_models_dir(models_dir) / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: dlib model file not found (from face-recognition-models, or pass models_dir=)")
-    return path
+# dlib_models_dir / dlib_model_file live with the face detector in data.faces (a lower layer); re-exported here.
 
 
 def images_to_uint8(images: Tensor, name: str = "images") -> list[np.ndarray]:

@@ -81,13 +81,13 @@ class RewardOutput:
     components: dict[str, Tensor]  # name -> (B,) unweighted score
 
 
-def import_reward_plugins(imports: Sequence[str]) -> None:
-    """Import each module name or .py file (so its `register_reward` calls run); FileNotFoundError names a missing file."""
+def import_reward_plugins(imports: Sequence[str], option: str = "rewards.imports") -> None:
+    """Import each module name or .py file (so its `register_reward` / `register_metric` calls run); errors name `option`."""
     for spec in imports:
         if spec.endswith(".py"):
             path = Path(spec)
             if not path.is_file():
-                raise FileNotFoundError(f"rewards.imports: no such file {path}")
+                raise FileNotFoundError(f"{option}: no such file {path}")
             module_name = f"facereward_reward_plugin_{path.stem}"
             if module_name in sys.modules:
                 continue
@@ -99,7 +99,7 @@ def import_reward_plugins(imports: Sequence[str]) -> None:
             try:
                 importlib.import_module(spec)
             except ModuleNotFoundError as err:
-                raise ValueError(f"rewards.imports: cannot import {spec!r} ({err})") from None
+                raise ValueError(f"{option}: cannot import {spec!r} ({err})") from None
 
 
 class CompositeReward:
