@@ -7,11 +7,12 @@ restored faces are blended in through the inverse alignment under a feathered ma
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -272,22 +273,18 @@ def restore_photo_files(
     inputs: list[Path],
     out_dir: Path,
     detector: FaceDetector | str = "cnn",
-    steps: int = 50,
-    eta: Eta = 0.0,
-    seed: int = 0,
-    upscale: float = 1.0,
-    background: Background = "bicubic",
-    only_center_face: bool = False,
-    min_face: float = 0,
-    max_faces: int | None = None,
-    batch_size: int = 8,
     save_faces: bool = False,
     progress: bool = True,
+    **options: Any,
 ) -> PhotoReport:
     """Each photo to OUT/NAME.png (alpha kept), OUT/photos.json listing every face; bad files reported and skipped.
 
-    With `save_faces`: OUT/faces/{lq,restored,compare}/NAME_JJ.png. A photo with no face is written upscaled.
+    `options` are `restore_photo`'s (steps, eta, seed, upscale, background, only_center_face, min_face, max_faces,
+    batch_size). With `save_faces`: OUT/faces/{lq,restored,compare}/NAME_JJ.png. A photo with no face is written upscaled.
     """
+    unknown = set(options) - set(inspect.signature(restore_photo).parameters) | ({"photo_index", "timings", "faces"} & set(options))
+    if unknown:
+        raise TypeError(f"restore_photo_files: unknown options {sorted(unknown)}")
     out_dir = Path(out_dir)
     report = PhotoReport(timings={k: 0.0 for k in STAGES})
     det = detector if isinstance(detector, FaceDetector) else FaceDetector(detector)
@@ -302,9 +299,7 @@ def restore_photo_files(
             continue
         image = photo.rgb if photo.alpha is None else np.dstack([photo.rgb, photo.alpha])
         del photo
-        out, records = restore_photo(restorer, image, det, steps=steps, eta=eta, seed=seed, upscale=upscale,
-                                     background=background, only_center_face=only_center_face, min_face=min_face,
-                                     max_faces=max_faces, batch_size=batch_size, photo_index=i, timings=report.timings)
+        out, records = restore_photo(restorer, image, det, photo_index=i, timings=report.timings, **options)
         del image
         target = out_dir / f"{path.stem}.png"
         write_image(target, out)
