@@ -180,8 +180,62 @@ def tensor_to_image(tensor) -> np.ndarray:
     return t.permute(1, 2, 0).numpy()
 
 
+_TITLE_SCALES = (0.35, 0.3, 0.25)  # Hershey simplex font scales, largest first; below 0.25 it is no longer legible
+_TITLE_MARGIN = 2  # px kept free on each side of a column's title
+
+
+def _text_size(text: str, font_scale: float) -> tuple[int, int, int]:
+    """(width, height above the baseline, depth below it) of `text` in px, as cv2.putText draws it (thickness 1)."""
+    import cv2
+
+    (width, height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+    return width, height, baseline
+
+
+def _split_word(word: str, width: int, font_scale: float) -> list[str]:
+    """`word` in pieces of at most `width` px (at least one character each)."""
+    pieces: list[str] = []
+    while word:
+        n = len(word)
+        while n > 1 and _text_size(word[:n], font_scale)[0] > width:
+            n -= 1
+        pieces.append(word[:n])
+        word = word[n:]
+    return pieces
+
+
+def wrap_title(title: str, width: int, font_scale: float) -> list[str]:
+    """Greedy word wrap of `title` into lines at most `width` px wide at `font_scale`.
+
+    Every character is kept: a word wider than a line is split between characters. "" gives [].
+    """
+    lines: list[str] = []
+    for word in title.split():
+        if lines and _text_size(f"{lines[-1]} {word}", font_scale)[0] <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines += _split_word(word, width, font_scale)
+    return lines
+
+
+def layout_titles(titles: list[str], width: int) -> tuple[float, list[list[str]]]:
+    """The font scale and lines of column titles for columns `width` px wide.
+
+    The largest scale in `_TITLE_SCALES` at which every word of every title fits the column (less
+    its margins), then each title wrapped at it; one scale for all, so the header reads evenly.
+    """
+    room = max(1, width - 2 * _TITLE_MARGIN)
+    words = [word for title in titles for word in title.split()]
+    scale = next((s for s in _TITLE_SCALES if all(_text_size(w, s)[0] <= room for w in words)), _TITLE_SCALES[-1])
+    return scale, [wrap_title(title, room, scale) for title in titles]
+
+
 def image_grid(rows: list[list[np.ndarray]], column_titles: list[str] | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:
-    """Tile equal-sized HWC [0, 1] images into one image (white gaps), with optional column titles on top."""
+    """Tile equal-sized HWC [0, 1] images into one image (white gaps), with optional column titles on top.
+
+    Titles are black on white, left-aligned in their own column and never wider than it: long ones wrap
+    onto more lines (the header grows) and, where a single word is wider than the column, shrink.
+    """
     import cv2
 
     if not rows or not rows[0]:
@@ -189,7 +243,11 @@ def image_grid(rows: list[list[np.ndarray]], column_titles: list[str] | None = N
     h, w = rows[0][0].shape[:2]
     h, w = h * scale, w * scale
     n_cols = max(len(r) for r in rows)
-    title_h = 14 if column_titles else 0
+    font_scale, lines = layout_titles(list(column_titles or []), w)
+    _, ascent, descent = _text_size("Ag", font_scale)
+    n_lines = max((len(t) for t in lines), default=0)
+    top = 3  # px above the first line
+    title_h = 2 * top + n_lines * (ascent + descent) - descent if n_lines else 0
     grid = np.ones((title_h + pad + len(rows) * (h + pad), pad + n_cols * (w + pad), 3), dtype=np.float32)
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
@@ -197,6 +255,8 @@ def image_grid(rows: list[list[np.ndarray]], column_titles: list[str] | None = N
                 img = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
             y, x = title_h + pad + r * (h + pad), pad + c * (w + pad)
             grid[y : y + h, x : x + w] = img[..., :3]
-    for c, title in enumerate(column_titles or []):
-        cv2.putText(grid, title, (pad + c * (w + pad) + 2, 11), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+    for c, title_lines in enumerate(lines[:n_cols]):
+        for k, line in enumerate(title_lines):
+            origin = (pad + c * (w + pad) + _TITLE_MARGIN, top + ascent + k * (ascent + descent))
+            cv2.putText(grid, line, origin, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 1, cv2.LINE_AA)
     return grid
