@@ -2,6 +2,7 @@
 
     python scripts/refl_experiment.py --out runs/refl-exp            # <= 15 minutes on 2 CPU cores
     python scripts/refl_experiment.py --out /tmp/refl-quick --quick  # a one-minute smoke run
+    python scripts/refl_experiment.py --out runs/refl-exp --grid-only  # redraw OUT/eval/grid.png from the saved outputs
 
 Every variant starts from the shipped toy restorer and rewards with the shipped toy FRM, trains on toy faces of
 the training identities, and is evaluated on held-out identities with `facereward evaluate` (FRM score with the
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from facereward.demo import TOY_WORLD_IDENTITIES, TOY_WORLD_SEED, make_toy_testset
-from facereward.evaluate import EvaluateConfig, evaluate
+from facereward.evaluate import EvaluateConfig, evaluate, redraw_grid
 from facereward.train.base import DataConfig
 from facereward.train.heldout import HeldOutConfig
 from facereward.train.plumbing import RunConfig
@@ -60,7 +61,12 @@ def main() -> None:
     parser.add_argument("--frm-every", type=int, default=2)
     parser.add_argument("--frm-lr", type=float, default=3e-4)
     parser.add_argument("--test-faces", type=int, default=32)
+    parser.add_argument("--grid-only", action="store_true",
+                        help="train nothing: redraw OUT/eval/grid.png from a finished run's saved outputs and test set")
     args = parser.parse_args()
+    if args.grid_only:
+        print(f"wrote {redraw_grid(args.out / 'eval', testset=args.out / 'toy-test')}")
+        return
     if args.quick:
         args.steps, args.test_faces = 4, 8
     torch.set_num_threads(2)

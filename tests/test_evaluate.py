@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from facereward.cli import app
 from facereward.data.imageio import read_image, write_image
 from facereward.demo import make_toy_testset
-from facereward.evaluate import EvaluateConfig, evaluate, markdown_table
+from facereward.evaluate import EvaluateConfig, evaluate, markdown_table, redraw_grid
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,10 @@ def test_model_rows_stage1_and_saved_outputs(toy_testset, tmp_path, pixel_config
                                     images={"tiny": str(tmp_path / "o" / "outputs" / "tiny")}, identity="none",
                                     landmarks="none", fid="none", progress=False))
     assert again.rows["tiny"]["PSNR"] == pytest.approx(result.rows["tiny"]["PSNR"], abs=1e-3)  # PNG rounding (float32 vs 64)
+    # the grid redrawn from the saved files is the run's grid
+    grid = read_image(tmp_path / "o" / "grid.png")
+    (tmp_path / "o" / "grid.png").unlink()
+    assert np.array_equal(read_image(redraw_grid(tmp_path / "o")), grid)
 
 
 def test_fid_against_a_reference_without_gt(toy_testset, tmp_path):

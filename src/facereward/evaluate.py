@@ -259,10 +259,43 @@ def _write_outputs(config, out_dir: Path, rows, per_image, judges, table: str, g
     payload = {"config": asdict(config), "judges": judges, "rows": rows, "names": names,
                "per_image": {m: dict(v) for m, v in per_image.items()}}
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=float))
+    grid = evaluation_grid(grid_images)
+    if grid is not None:
+        write_image(out_dir / "grid.png", grid)
+
+
+def evaluation_grid(grid_images: dict[str, list[np.ndarray]]) -> np.ndarray | None:
+    """evaluate's grid.png: a titled column per method (LQ first, GT last), a row per image, 2x for <= 64 px; None if empty."""
     order = ["LQ"] + [m for m in grid_images if m not in ("LQ", "GT")] + ["GT"]
     order = [m for m in order if m in grid_images]
     n_rows = min(len(v) for v in grid_images.values()) if grid_images else 0
-    if n_rows:
-        grid = image_grid([[grid_images[m][r] for m in order] for r in range(n_rows)], column_titles=order,
-                          scale=2 if grid_images[order[0]][0].shape[0] <= 64 else 1)
-        write_image(out_dir / "grid.png", grid)
+    if not n_rows:
+        return None
+    return image_grid([[grid_images[m][r] for m in order] for r in range(n_rows)], column_titles=order,
+                      scale=2 if grid_images[order[0]][0].shape[0] <= 64 else 1)
+
+
+def redraw_grid(out_dir: str | Path, testset: str | Path | None = None) -> Path:
+    """Draw OUT/grid.png of a finished evaluate run again from its files, restoring nothing; returns its path.
+
+    Reads OUT/results.json (methods, image names, config), the test set's lq/ and hq/ (`testset`, default the
+    one results.json names), OUT/outputs/METHOD/ for restorer rows (so the run must have kept save_outputs) and
+    the `images` folders. The same images and columns as the run's grid, drawn by the current `image_grid`.
+    """
+    out_dir = Path(out_dir)
+    payload = json.loads((out_dir / "results.json").read_text())
+    config = payload["config"]
+    testset = Path(testset or config["testset"])
+    names = payload["names"][: config["grid_rows"]]
+    folders = {m: testset / "lq" if m == "LQ" else Path(config["images"].get(m) or out_dir / "outputs" / _slug(m))
+               for m in payload["rows"]}
+    if (testset / "hq").is_dir():
+        folders["GT"] = testset / "hq"
+    size = read_image(list_images(testset / "lq")[0]).shape[:2]
+    grid_images = {m: list(_OutputFolder(m, str(f), names, size).batch(names).numpy().transpose(0, 2, 3, 1))
+                   for m, f in folders.items()}
+    grid = evaluation_grid(grid_images)
+    if grid is None:
+        raise ValueError(f"{out_dir}: no images to draw")
+    write_image(out_dir / "grid.png", grid)
+    return out_dir / "grid.png"
