@@ -14,6 +14,7 @@ from facereward.data.datasets import HQFolderDataset, PairedFolderDataset, colla
 from facereward.data.degradation import degrade
 from facereward.data.imageio import ImageError, read_image
 from facereward.data.testset import write_degraded_testset
+from facereward.data.toyfaces import is_toy_folder, read_toy_marker, write_toyfaces
 
 
 def save_rgb(path: Path, size: int = 32, seed: int = 0, width: int | None = None) -> np.ndarray:
@@ -180,6 +181,20 @@ def test_write_degraded_testset(tmp_path, hq_folder):
         assert (out / "lq" / f"{name}.png").read_bytes() == (tmp_path / "out2" / "lq" / f"{name}.png").read_bytes()
     write_degraded_testset(hq_folder, tmp_path / "out3", preset="codeformer", seed=8, size=32, progress=False)
     assert (out / "lq" / "a.png").read_bytes() != (tmp_path / "out3" / "lq" / "a.png").read_bytes()
+
+
+def test_testset_of_toy_faces_carries_the_toy_marker(tmp_path, hq_folder):
+    write_toyfaces(tmp_path / "toys", n=10, size=16, seed=1, n_identities=5, progress=False)
+    write_degraded_testset(tmp_path / "toys" / "test" / "images", tmp_path / "toy-test", preset="codeformer", seed=4,
+                           progress=False)
+    info = read_toy_marker(tmp_path / "toy-test")
+    assert info["world_seed"] == 1 and info["split"] == "test" and info["size"] == 16
+    assert info["preset"] == "codeformer" and info["degradation_seed"] == 4
+    # a plain HQ folder gives a plain set, even written over an old toy set
+    write_degraded_testset(hq_folder, tmp_path / "plain", progress=False)
+    assert not is_toy_folder(tmp_path / "plain")
+    write_degraded_testset(hq_folder, tmp_path / "toy-test", size=32, progress=False)
+    assert not is_toy_folder(tmp_path / "toy-test")
 
 
 def test_testset_skips_bad_files(tmp_path, hq_folder):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from typer.testing import CliRunner
 from facereward.cli import app
 from facereward.data.imageio import read_image, write_image
 from facereward.demo import make_toy_testset
+from facereward.data.testset import write_degraded_testset
+from facereward.data.toyfaces import TOY_MARKER, write_toyfaces
 from facereward.evaluate import EvaluateConfig, evaluate, markdown_table, redraw_grid
 
 
@@ -123,3 +126,35 @@ def test_frm_score_column_without_gt(toy_testset, tmp_path):
         expected = frm.score(lq_images).mean().item()
     assert result.rows["LQ"]["FRM (myfrm)"] == pytest.approx(expected, abs=1e-5)
     assert set(result.rows["gt"]) == {"FRM (myfrm)"}
+
+
+@pytest.fixture(scope="module")
+def toyfaces_testset(tmp_path_factory):
+    """`facereward toyfaces` then `facereward degrade` of its test images: no demo helper involved."""
+    root = tmp_path_factory.mktemp("toyfaces")
+    write_toyfaces(root / "toys", n=10, size=64, seed=0, progress=False)
+    write_degraded_testset(root / "toys" / "test" / "images", root / "toy-test", progress=False)
+    return root / "toy-test"
+
+
+def test_a_toyfaces_set_degraded_by_hand_gets_the_toy_judges(toyfaces_testset, tmp_path):
+    assert (toyfaces_testset / TOY_MARKER).is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no dlib warning on a toy set
+        result = evaluate(EvaluateConfig(testset=str(toyfaces_testset), out_dir=str(tmp_path / "o"), fid="none", progress=False))
+    assert result.judges["identity"] == "toy-id" and result.judges["landmarks"] == "toy-lmk"
+    assert "IDS (toy-id)" in result.rows["LQ"]
+
+
+def test_auto_dlib_on_small_plain_faces_warns(toyfaces_testset, tmp_path):
+    plain = tmp_path / "plain"  # the same faces without the marker: a set evaluate cannot tell is toy
+    for sub in ("lq", "hq"):
+        shutil.copytree(toyfaces_testset / sub, plain / sub)
+    with pytest.warns(UserWarning, match=r"dlib-resnet128 on 64x64 px faces are unreliable.*--identity toy.*toyworld\.json"):
+        result = evaluate(EvaluateConfig(testset=str(plain), out_dir=str(tmp_path / "o"), landmarks="none", fid="none",
+                                         progress=False))
+    assert result.judges["identity"] == "dlib-resnet128"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for by name: the user knows
+        evaluate(EvaluateConfig(testset=str(plain), out_dir=str(tmp_path / "o2"), identity="dlib", landmarks="none",
+                                fid="none", progress=False))

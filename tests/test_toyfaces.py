@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from facereward.data.imageio import read_image
-from facereward.data.toyfaces import ToyFaceWorld, write_toyfaces
+from facereward.data.datasets import HQFolderDataset
+from facereward.data.toyfaces import (
+    TOY_MARKER,
+    ToyFaceWorld,
+    is_toy_folder,
+    read_toy_marker,
+    write_toy_marker,
+    write_toyfaces,
+)
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +194,27 @@ def test_write_toyfaces_workers_give_the_same_files(tmp_path):
     write_toyfaces(tmp_path / "one", n=6, size=16, seed=2, n_identities=3, progress=False)
     write_toyfaces(tmp_path / "two", n=6, size=16, seed=2, n_identities=3, progress=False, workers=2)
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
-    assert len(files) == 6 * 2 + 5
+    assert len(files) == 6 * 2 + 5 + 3  # images, captions; manifest, landmarks, identities; 3 toy markers
     for f in files:
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+
+
+def test_write_toyfaces_marks_each_images_folder_as_toy(tmp_path):
+    write_toyfaces(tmp_path, n=12, size=16, seed=3, n_identities=4, test_fraction=0.25, progress=False)
+    for split in ("train", "test"):
+        folder = tmp_path / split / "images"
+        assert is_toy_folder(folder)
+        assert read_toy_marker(folder) == {"world_seed": 3, "n_identities": 4, "test_fraction": 0.25, "size": 16, "split": split}
+        # the marker is not an image: the folder still lists and loads as its faces only
+        assert len(HQFolderDataset(folder, size=16)) == len(list(folder.glob("*.png")))
+    assert read_toy_marker(tmp_path)["split"] is None
+
+
+def test_toy_marker_round_trip_and_plain_folders(tmp_path):
+    assert not is_toy_folder(tmp_path) and read_toy_marker(tmp_path) is None
+    path = write_toy_marker(tmp_path / "new", {"world_seed": 0, "split": "test"})
+    assert path == tmp_path / "new" / TOY_MARKER and is_toy_folder(tmp_path / "new")
+    assert read_toy_marker(tmp_path / "new") == {"world_seed": 0, "split": "test"}
 
 
 def test_bad_arguments_raise(tmp_path, world):

@@ -30,13 +30,13 @@ from facereward.atomic import atomic_write_json
 from facereward.data.datasets import PairedFolderDataset
 from facereward.data.degradation import degrade
 from facereward.data.imageio import read_image, write_image
+from facereward.data.toyfaces import TOY_MARKER, is_toy_folder
 from facereward.inference import restore_batch
 from facereward.models.restorer import ModelFolderError, Restorer
 
 __all__ = ["CANDIDATES_FILE", "CandidateItem", "load_candidates", "make_candidates"]
 
 CANDIDATES_FILE = "candidates.json"
-TOY_MARKER = "toyworld.json"  # same name as evaluate.TOY_MARKER (not imported: evaluate is a layer below)
 
 
 @dataclass
@@ -215,7 +215,7 @@ def make_candidates(
                 write_image(out_dir / rel, degrade(gt, preset, seed=seed, index=i, strength=strength)[0])
             item["candidates"].append({"path": rel, "model": label, "seed": None, "eta": None, "steps": None})
 
-    if (testset_dir / TOY_MARKER).is_file():
+    if is_toy_folder(testset_dir):
         shutil.copyfile(testset_dir / TOY_MARKER, out_dir / TOY_MARKER)
     atomic_write_json(out_dir / CANDIDATES_FILE, {
         "items": items,

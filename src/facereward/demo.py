@@ -7,8 +7,8 @@ from pathlib import Path
 
 from facereward.data.imageio import write_image
 from facereward.data.testset import write_degraded_testset
-from facereward.data.toyfaces import ToyFaceWorld
-from facereward.evaluate import TOY_MARKER, EvaluateConfig, EvaluateResult, evaluate
+from facereward.data.toyfaces import ToyFaceWorld, write_toy_marker
+from facereward.evaluate import EvaluateConfig, EvaluateResult, evaluate
 from facereward.weights import default_restorer_path
 
 # The world the shipped toy restorer was trained on (scripts/toy_restorer.yaml); the demo uses its test identities.
@@ -29,7 +29,7 @@ def make_toy_testset(out_dir: str | Path, n: int, size: int = 64, seed: int = 0,
     write_degraded_testset(source, out_dir, preset=preset, seed=seed, size=size, progress=False)
     world_info = {"world_seed": TOY_WORLD_SEED, "n_identities": TOY_WORLD_IDENTITIES, "split": "test", "sample_seed": seed,
                   "identities": [f.identity for f in faces], "landmarks": [f.landmarks.tolist() for f in faces]}
-    (out_dir / TOY_MARKER).write_text(json.dumps(world_info))
+    write_toy_marker(out_dir, world_info)
     return out_dir
 
 

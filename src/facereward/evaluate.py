@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,10 +26,9 @@ from tqdm.auto import tqdm
 
 from facereward.data.datasets import PairedFolderDataset, collate_batch
 from facereward.data.imageio import image_grid, list_images, read_image, write_image
+from facereward.data.toyfaces import TOY_MARKER, is_toy_folder
 from facereward.metrics.table import MetricContext, PerImageMetric, SetMetric, build_metrics, fid_extractor, landmark_judge
 from facereward.metrics.table import identity_judge as identity_judge  # re-exported: facereward.train.heldout uses it
-
-TOY_MARKER = "toyworld.json"  # written beside lq/ and hq/ by toy test sets: selects the toy judges
 
 
 @dataclass
@@ -92,10 +92,6 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _is_toy(testset: Path) -> bool:
-    return (testset / TOY_MARKER).is_file()
-
-
 _landmark_judge = landmark_judge  # the judge helpers live in facereward.metrics.table (shared with the metric table)
 _fid_extractor = fid_extractor
 
@@ -135,7 +131,7 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
     names = [p.stem for p in dataset.lq_files]
     first = dataset[0]["lq"]
     size = (first.shape[1], first.shape[2])
-    toy = _is_toy(testset)
+    toy = is_toy_folder(testset)  # toyworld.json beside lq/ and hq/: the toy judges
 
     # the methods: name -> fn(batch, indices) -> outputs in [0, 1]
     methods: dict[str, Callable[[dict[str, Any], list[int]], torch.Tensor]] = {}
@@ -174,6 +170,7 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
         import_reward_plugins(config.imports, option="imports")  # their register_metric calls
     ctx = MetricContext(config, device, has_gt=has_gt, toy=toy)
     built = build_metrics(config.metrics, ctx)
+    _warn_dlib_on_small_faces(config, ctx.judges, size)
     per_image_metrics = [m for _, m in built if isinstance(m, PerImageMetric)]
     set_metrics = [m for _, m in built if isinstance(m, SetMetric)]
     extractors = list({id(m.extractor): m.extractor for m in set_metrics}.values())  # FID and KID share features
@@ -224,6 +221,19 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
     table = markdown_table(rows)
     _write_outputs(config, out_dir, rows, per_image, judges, table, grid_images, names, len(dataset))
     return EvaluateResult(rows=rows, per_image={m: dict(v) for m, v in per_image.items()}, table=table, out_dir=out_dir, judges=judges)
+
+
+DLIB_MIN_FACE = 128  # px; dlib's judges are trained on faces about 150 px wide: on smaller ones they misfire
+
+
+def _warn_dlib_on_small_faces(config: EvaluateConfig, judges: dict[str, str], size: tuple[int, int]) -> None:
+    """Warn (one line) when `auto` resolved to a dlib judge on a test set of at most DLIB_MIN_FACE px images."""
+    auto_dlib = [judges[k] for k in ("identity", "landmarks")
+                 if getattr(config, k) == "auto" and judges.get(k, "").startswith("dlib")]
+    if auto_dlib and max(size) <= DLIB_MIN_FACE:
+        warnings.warn(f"{' and '.join(auto_dlib)} on {size[1]}x{size[0]} px faces are unreliable; for toy faces pass "
+                      f"--identity toy --landmarks toy, or put {TOY_MARKER} beside lq/ and hq/ (facereward degrade "
+                      f"copies it from a toyfaces folder)", stacklevel=3)
 
 
 def _slug(name: str) -> str:

@@ -2,6 +2,7 @@
 
 Layout: OUT/hq/NAME.png, OUT/lq/NAME.png, caption sidecars NAME.txt beside both, and
 OUT/manifest.json = {"preset", "seed", "images": [{"name", "index", "source", "params"}], "skipped"}.
+When the HQ folder carries the toy marker (`facereward.data.toyfaces.TOY_MARKER`), OUT/ gets it too.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from facereward.atomic import atomic_write_json
 from .datasets import _image_files
 from .degradation import DegradationFn, DegradationPreset, degrade
 from .imageio import ImageError, read_image, write_image
+from .toyfaces import TOY_MARKER, read_toy_marker, write_toy_marker
 
 __all__ = ["write_degraded_testset"]
 
@@ -43,7 +45,9 @@ def write_degraded_testset(
 
     Returns the manifest entries of the images written. Bad files are skipped with a warning naming
     them (and listed under "skipped" in the manifest); raises if no image could be written.
-    Same inputs, same bytes: rerunning gives identical LQ files.
+    Same inputs, same bytes: rerunning gives identical LQ files. The toy marker of `hq_dir`, if any, is
+    copied to `out_dir` with "preset" and "degradation_seed" added (so the set gets the toy judges); a
+    marker left in `out_dir` by an earlier run from toy faces is removed when `hq_dir` has none.
     """
     hq_dir, out_dir = Path(hq_dir), Path(out_dir)
     files = _image_files(hq_dir)
@@ -74,4 +78,14 @@ def write_degraded_testset(
         raise ImageError(f"{hq_dir}: none of {len(files)} images could be read (first: {first})")
     manifest = {"preset": _preset_name(preset), "seed": seed, "images": entries, "skipped": skipped}
     atomic_write_json(out_dir / "manifest.json", manifest)
+    _carry_toy_marker(hq_dir, out_dir, _preset_name(preset), seed)
     return entries
+
+
+def _carry_toy_marker(hq_dir: Path, out_dir: Path, preset: str, seed: int) -> None:
+    """Copy the toy marker from `hq_dir` to `out_dir` (adding how it was degraded), or clear a stale one."""
+    info = read_toy_marker(hq_dir)
+    if info is not None:
+        write_toy_marker(out_dir, {**info, "preset": preset, "degradation_seed": seed})
+    else:
+        (out_dir / TOY_MARKER).unlink(missing_ok=True)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -1028,6 +1030,36 @@ def _draw_glasses(sc: _Scene) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# The toy marker: which folders hold toy faces
+
+TOY_MARKER = "toyworld.json"
+
+
+def write_toy_marker(folder: str | Path, info: Mapping[str, Any]) -> Path:
+    """Mark `folder` as holding toy faces: write FOLDER/toyworld.json = `info` (compact JSON) and return its path.
+
+    `info` says which world the faces come from (at least "world_seed", "n_identities", "split"). A test
+    set with the marker beside lq/ and hq/ gets the toy judges (evaluate, candidates, auto-label).
+    """
+    from facereward.atomic import atomic_write_text
+
+    path = Path(folder) / TOY_MARKER
+    atomic_write_text(path, json.dumps(dict(info)))
+    return path
+
+
+def read_toy_marker(folder: str | Path) -> dict[str, Any] | None:
+    """The `info` of FOLDER/toyworld.json, or None when `folder` has no marker."""
+    path = Path(folder) / TOY_MARKER
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def is_toy_folder(folder: str | Path) -> bool:
+    """Whether `folder` carries the toy marker (its faces, or its lq/ and hq/, are toy faces)."""
+    return (Path(folder) / TOY_MARKER).is_file()
+
+
+# --------------------------------------------------------------------------------------------
 # World and dataset writer
 
 
@@ -1136,6 +1168,9 @@ def write_toyfaces(
     """Write `n` faces as OUT/{train,test}/images/NNNNNN.png (+ .txt captions), landmarks.json,
     identities.json and OUT/manifest.json; the test split holds whole identities. Returns the manifest.
 
+    OUT/ and each OUT/{split}/images/ get the toy marker (`write_toy_marker`: world seed, n_identities,
+    test_fraction, size, split), so `write_degraded_testset` of an images folder makes a toy test set.
+
     `workers` > 1 renders in that many processes (the output is identical); on platforms that
     spawn processes, call it from under `if __name__ == "__main__":`.
     """
@@ -1178,6 +1213,10 @@ def write_toyfaces(
         rows = sorted(results[split])
         (out / split / "landmarks.json").write_text(json.dumps({name: lm for name, _, lm in rows}))
         (out / split / "identities.json").write_text(json.dumps({name: ident for name, ident, _ in rows}, indent=0))
+    world_info = {"world_seed": seed, "n_identities": n_identities, "test_fraction": test_fraction, "size": size}
+    for split in SPLITS:
+        write_toy_marker(out / split / "images", {**world_info, "split": split})
+    write_toy_marker(out, {**world_info, "split": None})
     manifest = {"seed": seed, "size": size, "n": n, "n_identities": n_identities, "test_fraction": test_fraction, **counts}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

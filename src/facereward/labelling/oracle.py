@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from facereward.candidates import TOY_MARKER, load_candidates, make_candidates
+from facereward.candidates import load_candidates, make_candidates
 from facereward.data.imageio import image_to_tensor, read_image, write_image
 from facereward.data.preferences import PreferencePair, write_pairs
 from facereward.metrics.fullref import rgb_to_y, ssim
@@ -211,7 +211,7 @@ def write_toy_paired_set(out_dir: str | Path, n: int, size: int = 64, split: str
     for FRM training data and split="test" for its held-out evaluation.
     """
     from facereward.data.testset import write_degraded_testset
-    from facereward.data.toyfaces import ToyFaceWorld
+    from facereward.data.toyfaces import ToyFaceWorld, write_toy_marker
     from facereward.demo import TOY_WORLD_IDENTITIES, TOY_WORLD_SEED
 
     out_dir = Path(out_dir)
@@ -224,7 +224,7 @@ def write_toy_paired_set(out_dir: str | Path, n: int, size: int = 64, split: str
     write_degraded_testset(source, out_dir, preset=preset, seed=seed, size=size, progress=False)
     info = {"world_seed": TOY_WORLD_SEED, "n_identities": TOY_WORLD_IDENTITIES, "split": split, "sample_seed": seed,
             "identities": [f.identity for f in faces], "landmarks": [f.landmarks.tolist() for f in faces]}
-    (out_dir / TOY_MARKER).write_text(json.dumps(info))
+    write_toy_marker(out_dir, info)
     return out_dir
 
 
