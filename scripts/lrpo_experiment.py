@@ -1,6 +1,6 @@
 """LRPO on the toy world: base vs LRPO vs two ablations (the README's LRPO table), in <= 15 minutes on 2 CPU cores.
 
-    python scripts/lrpo_experiment.py --out runs/lrpo-experiment [--quick]
+    python scripts/lrpo_experiment.py --out runs/lrpo-experiment [--quick]   # --quick: a one-minute smoke run
 
 1. Three LRPO runs of configs/lrpo_toy.yaml (the shipped toy restorer, training identities of the toy
    world): full LRPO, LRPO without the likelihood regulariser (reg_weight 0), LRPO with uniform advantages.
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from facereward import smoke
 from facereward.config import load_config
 from facereward.data.imageio import read_image
 from facereward.demo import TOY_WORLD_IDENTITIES, TOY_WORLD_SEED, make_toy_testset
@@ -96,11 +97,11 @@ def curve_table(curves: dict[str, list[float]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/lrpo-experiment"))
-    parser.add_argument("--quick", action="store_true", help="A tiny setting that only checks the script works.")
+    parser.add_argument("--quick", action="store_true", help="A tiny setting that only checks the script works (also under FACEREWARD_SMOKE=1).")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    s = QUICK if args.quick else FULL
+    s = QUICK if args.quick or smoke.active() else FULL
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
 

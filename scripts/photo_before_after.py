@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import skimage.data  # noqa: E402
 import torch  # noqa: E402
 
+from facereward import smoke  # noqa: E402
 from facereward.data.degradation import degrade  # noqa: E402
 from facereward.data.faces import FaceDetector, paste_face  # noqa: E402
 from facereward.data.imageio import image_grid, write_image  # noqa: E402
@@ -37,7 +38,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--panel", type=int, default=384, help="side of each panel in px")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 DDIM steps (also under FACEREWARD_SMOKE=1)")
     args = parser.parse_args()
+    if args.quick or smoke.active():
+        args.steps = min(args.steps, 2)
     torch.set_num_threads(args.threads)
 
     hq = skimage.data.astronaut().astype(np.float32) / 255.0

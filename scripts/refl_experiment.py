@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from facereward import smoke
 from facereward.demo import TOY_WORLD_IDENTITIES, TOY_WORLD_SEED, make_toy_testset
 from facereward.evaluate import EvaluateConfig, evaluate, redraw_grid
 from facereward.train.base import DataConfig
@@ -69,6 +70,8 @@ def main() -> None:
         return
     if args.quick:
         args.steps, args.test_faces = 4, 8
+    if smoke.active():  # FACEREWARD_SMOKE=1 (the README test): smaller still
+        args.steps, args.test_faces, args.sampling_steps, args.batch_size = 2, 4, 3, 2
     torch.set_num_threads(2)
     start = time.time()
     testset = make_toy_testset(args.out / "toy-test", args.test_faces, size=64, seed=0)

@@ -1,6 +1,10 @@
 """Train the toy Face Reward Model from oracle labels and measure it (the README's FRM numbers).
 
-    python scripts/toy_frm_experiment.py --out runs/toy-frm [--ship src/facereward/weights/toy-frm]
+    python scripts/toy_frm_experiment.py --out runs/toy-frm [--quick] [--ship DIR [--force]]
+
+`--ship DIR` copies the best FRM to DIR; an existing DIR (e.g. the shipped src/facereward/weights/toy-frm, which
+refl, lrpo and evaluate use by default) is replaced only with --force. `--quick` (also under FACEREWARD_SMOKE=1)
+is a tiny smoke run that only checks the script works.
 
 1. Preference sets with no person in the loop: toy faces of the TRAIN identities -> candidates (the shipped
    restorer at eta 0 / 0.5 / 1, the LQ, the GT degraded at strengths 0.1 / 0.3 / 0.5, the GT) -> toy-oracle
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from facereward import smoke
 from facereward.data.degradation import degrade
 from facereward.data.toyfaces import ToyFaceWorld
 from facereward.demo import TOY_WORLD_IDENTITIES, TOY_WORLD_SEED
@@ -58,8 +63,14 @@ def main() -> None:
     parser.add_argument("--test-inputs", type=int, default=40)
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--ship", default=None, help="copy the best FRM here (e.g. src/facereward/weights/toy-frm)")
+    parser.add_argument("--force", action="store_true", help="let --ship replace an existing folder")
     parser.add_argument("--reuse", action="store_true", help="reuse preference sets already in --out")
+    parser.add_argument("--quick", action="store_true", help="a tiny smoke run (4 + 2 inputs, 4 steps)")
     args = parser.parse_args()
+    if args.ship and Path(args.ship).exists() and not args.force:
+        parser.error(f"--ship {args.ship} exists (the shipped toy FRM is used by refl, lrpo and evaluate); add --force to replace it")
+    if args.quick or smoke.active():
+        args.train_inputs, args.test_inputs, args.steps = 4, 2, 4
     out = Path(args.out)
     start = time.perf_counter()
     if not (args.reuse and (out / "train-prefs" / "pairs.jsonl").is_file()):
@@ -70,7 +81,7 @@ def main() -> None:
         run=RunConfig(output_dir=str(out / "train"), save_every=500, log_every=50, seed=0),
         pairs=str(out / "train-prefs" / "pairs.jsonl"), eval_pairs=str(out / "test-prefs" / "pairs.jsonl"),
         model=FRMConfig(backbone="cnn", input_size=64, cnn_widths=[16, 32, 64, 128], cnn_depth=1),
-        steps=args.steps, batch_size=32, lr=1e-3, eval_every=100,
+        steps=args.steps, batch_size=32, lr=1e-3, eval_every=min(100, args.steps),
     )
     t0 = time.perf_counter()
     best = train_frm(config)
@@ -86,10 +97,12 @@ def main() -> None:
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+    print(f"wrote {out}/result.json, the FRM in {best} ({time.perf_counter() - start:.0f} s)")
     if args.ship:
         shutil.rmtree(args.ship, ignore_errors=True)
         shutil.copytree(best, args.ship)
         (Path(args.ship) / "result.json").write_text(json.dumps(result, indent=2))
+        print(f"shipped the FRM to {args.ship}")
 
 
 if __name__ == "__main__":

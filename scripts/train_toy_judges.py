@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from facereward import smoke
 from facereward.data.degradation import degrade
 from facereward.data.toyfaces import ToyFace, ToyFaceWorld
 from facereward.metrics.toy_judges import (
@@ -31,7 +32,6 @@ from facereward.metrics.toy_judges import (
     ToyIdentityEmbedder,
     ToyLandmarkRegressor,
     best_threshold,
-    default_toy_judges_dir,
     roc_auc,
     save_toy_judge,
     verification_accuracy,
@@ -235,7 +235,7 @@ def evaluate(id_model: ToyIdentityEmbedder, lmk_model: ToyLandmarkRegressor, wor
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=default_toy_judges_dir(), help="output folder (default: the shipped one)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (the shipped judges: src/facereward/weights/toy-judges)")
     p.add_argument("--steps", type=int, default=600, help="identity-embedder steps")
     p.add_argument("--lmk-steps", type=int, default=None, help="landmark-regressor steps (default: --steps)")
     p.add_argument("--seed", type=int, default=0)
@@ -246,7 +246,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pairs", type=int, default=1000, help="same (and as many different) pairs for verification")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", type=Path, default=None, help="optional .npz under /tmp to reuse the rendered training data")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 4 steps on 128 faces, 160 held-out faces (also under FACEREWARD_SMOKE=1)")
     args = p.parse_args(argv)
+    if args.quick or smoke.active():
+        args.steps, args.lmk_steps, args.faces, args.eval_faces, args.pairs, args.batch = 4, 4, 128, 160, 16, 16
     args.lmk_steps = args.steps if args.lmk_steps is None else args.lmk_steps
     if args.cache is not None and not str(args.cache.resolve()).startswith("/tmp/"):
         p.error("--cache must be under /tmp")

@@ -277,6 +277,8 @@ def test_cli_ablation_switches_and_bad_keys(tmp_path, saved):
             "--set", "batch_size=2", "--set", "run.progress=false"]
     result = CliRunner().invoke(app, [*args, "--no-regulariser", "--no-dynamic-frm", "--no-structural"])
     assert result.exit_code == 0, result.output
+    assert "(the FRM stayed fixed)" in result.output and "evolved" not in result.output
+    assert result.output.startswith("refl: 1 steps at batch 2") and f"tensorboard --logdir {out}" in result.output
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written["reg_weight"] == 0 and written["dynamic_frm"]["every"] == 0
     assert written["structural_weight"] == 0 and written["lpips_weight"] == 0 and written["reward_weight"] > 0

@@ -127,3 +127,16 @@ def test_candidates_command_lays_out_k_restorations(tmp_path, saved_pixel_model)
     assert [c["eta"] for c in items[0]["candidates"]] == [0.0, 1.0, 0.0]
     bad = runner.invoke(app, ["candidates", str(testset), str(tmp_path / "c2"), "--etas", "x"])
     assert bad.exit_code == 2 and "--etas" in bad.output
+    as_option = runner.invoke(app, ["candidates", "--testset", str(testset), str(tmp_path / "c3"), "--model", f"m={saved_pixel_model}",
+                                    "--k", "1", "--steps", "1", "--no-progress"])  # as evaluate spells it
+    assert as_option.exit_code == 0, as_option.output
+    assert len(json.loads((tmp_path / "c3" / "candidates.json").read_text())["items"]) == 2
+    twice = runner.invoke(app, ["candidates", "--testset", str(testset), str(testset), str(tmp_path / "c4")])
+    assert twice.exit_code == 2 and "give the test set once" in twice.output
+
+
+def test_help_is_quick_and_imports_no_torch():
+    code = ("import sys; from facereward.cli import run; rc = run(['--help']); rc2 = run(['refl', '--help']); "
+            "assert rc == rc2 == 0; assert 'torch' not in sys.modules, 'torch imported by --help'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -117,8 +117,13 @@ def test_config_yaml_overrides_and_bad_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'bogus'"):
         path.write_text("bogus: 1\n")
         load_config(TrainBaseConfig, path)
-    with pytest.raises(ConfigError, match="config: run.seed: expected an integer"):
+    with pytest.raises(ConfigError, match="--set run.seed=abc: expected an integer"):
         load_config(TrainBaseConfig, None, ["run.seed=abc"])
+    path.write_text("batch_size: 3\n")
+    with pytest.raises(ConfigError, match=r"^--set bogus=1: unknown key 'bogus' in TrainBaseConfig"):  # not blamed on c.yaml
+        load_config(TrainBaseConfig, path, ["bogus=1"])
+    with pytest.raises(ConfigError, match=r"^--set run.sede=1: unknown key 'sede' in run \(known: output_dir, seed"):
+        load_config(TrainBaseConfig, path, ["run.sede=1"])
     with pytest.raises(ConfigError, match="model.mode"):
         load_config(TrainBaseConfig, None, ["model.mode=voxel"])
     with pytest.raises(ConfigError, match="no such config file"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -16,6 +17,7 @@ app = typer.Typer(
 )
 
 SET_HELP = "Override any config field, e.g. --set run.seed=1 --set model.size=128 (repeatable)."
+DEGRADATION_MODULE_HELP = "Module or .py file that registers degradations with register_degradation (repeatable; sets data.imports)."
 
 
 def _fail(message: str) -> None:
@@ -23,25 +25,58 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _user_errors():
-    from facereward.config import ConfigError
-    from facereward.data.imageio import ImageError
-    from facereward.models.restorer import ModelFolderError
-    from facereward.train.plumbing import CheckpointError
+# Known user errors by (module, class): checked only in modules already imported, so `--help` imports no torch.
+_USER_ERRORS = (("facereward.config", "ConfigError"), ("facereward.data.imageio", "ImageError"),
+                ("facereward.models.restorer", "ModelFolderError"), ("facereward.train.plumbing", "CheckpointError"))
+_started = time.monotonic()
 
-    return (ConfigError, ImageError, ModelFolderError, CheckpointError, FileNotFoundError, NotADirectoryError, ValueError)
+
+def _is_user_error(err: BaseException) -> bool:
+    classes = [getattr(sys.modules[m], name) for m, name in _USER_ERRORS if m in sys.modules]
+    return isinstance(err, (*classes, FileNotFoundError, NotADirectoryError, ValueError))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run one command line (argv without the program name); returns the exit status.
+
+    Known user errors become one line on stderr (FACEREWARD_DEBUG=1 shows the traceback). Under
+    FACEREWARD_SMOKE=1 the command runs scaled down (facereward.smoke).
+    """
+    from facereward import smoke
+
+    global _started
+    _started = time.monotonic()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = smoke.scale_argv(list(sys.argv[1:] if argv is None else argv))
+    if smoke.active() and argv and "--help" not in argv:
+        typer.secho(f"{smoke.ENV}=1: a scaled-down smoke run (a few steps and images), not a real result", err=True,
+                    fg=typer.colors.YELLOW)
+    try:
+        app(args=argv, prog_name="facereward", standalone_mode=True)
+    except SystemExit as exit_:
+        code = exit_.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except Exception as err:
+        if os.environ.get("FACEREWARD_DEBUG") or not _is_user_error(err):
+            raise
+        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+        return 2
+    return 0
 
 
 def main() -> None:
-    """Entry point: known user errors become one line on stderr (FACEREWARD_DEBUG=1 shows the traceback)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        app()
-    except _user_errors() as err:
-        if os.environ.get("FACEREWARD_DEBUG"):
-            raise
-        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
-        sys.exit(2)
+    """The console entry point."""
+    sys.exit(run())
+
+
+def _elapsed() -> str:
+    seconds = time.monotonic() - _started
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _done(message: str) -> None:
+    """The closing line of a command: what it wrote where, and how long it took."""
+    typer.echo(f"{message} ({_elapsed()})")
 
 
 def _is_main_process() -> bool:
@@ -75,19 +110,25 @@ def degrade(
     seed: int = typer.Option(0, help="Seed; (seed, image index) fixes each image's degradation."),
     size: int | None = typer.Option(None, help="Require this square size (a mismatch skips the file)."),
     convert: bool = typer.Option(False, help="Accept grayscale/RGBA inputs by converting them to RGB."),
+    degradation_module: list[str] = typer.Option([], "--degradation-module", help=DEGRADATION_MODULE_HELP),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Write a paired synthetic test set (lq/, hq/, manifest.json), like CelebA-Test."""
     import warnings
 
     from facereward.data.testset import write_degraded_testset
+    from facereward.data.toyfaces import is_toy_folder
+    from facereward.plugins import import_plugins
+
+    import_plugins(degradation_module, option="--degradation-module")
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         entries = write_degraded_testset(hq_dir, out_dir, preset=preset, seed=seed, size=size, progress=progress, convert=convert)
     for w in caught:
         typer.secho(f"warning: {w.message}", err=True, fg=typer.colors.YELLOW)
-    typer.echo(f"wrote {len(entries)} pairs to {out_dir} (preset {preset}, seed {seed})")
+    toy = "; toy world: evaluate and candidates will use the toy judges" if is_toy_folder(out_dir) else ""
+    _done(f"wrote {len(entries)} pairs to {out_dir}/lq, {out_dir}/hq and {out_dir}/manifest.json (preset {preset}, seed {seed}){toy}")
 
 
 @app.command()
@@ -106,7 +147,7 @@ def toyfaces(
 
     manifest = write_toyfaces(out_dir, n=n, size=size, seed=seed, n_identities=identities, test_fraction=test_fraction,
                               progress=progress, workers=workers)
-    typer.echo(f"wrote {manifest['train']} train and {manifest['test']} test faces to {out_dir}")
+    _done(f"wrote {manifest['train']} train and {manifest['test']} test faces to {out_dir}/train/images and {out_dir}/test/images")
 
 
 @app.command("train-base")
@@ -117,8 +158,14 @@ def train_base_cmd(
     toy_faces: int | None = typer.Option(None, help="Train on N procedural toy faces instead (sets data.toy_faces)."),
     output_dir: Path | None = typer.Option(None, help="Run folder (sets run.output_dir)."),
     resume: str | None = typer.Option(None, help="'latest' or a checkpoint folder (sets run.resume)."),
+    degradation_module: list[str] = typer.Option([], "--degradation-module", help=DEGRADATION_MODULE_HELP),
 ) -> None:
-    """Train the base restorer: stage 1 (cleaner, L1) then stage 2 (diffusion, epsilon loss)."""
+    """Train the base restorer: stage 1 (cleaner, L1) then stage 2 (diffusion, epsilon loss).
+
+    Without --config the defaults are a full run: 1,000 stage-1 and 5,000 stage-2 steps at batch 16
+    (about 35 min for the 64 px toy model on 2 CPU cores) into runs/base; the first line printed says
+    what will run. `--config scripts/toy_restorer.yaml` is the shipped toy model's recipe.
+    """
     from facereward.config import load_config
     from facereward.train.base import TrainBaseConfig, train_base
 
@@ -131,10 +178,11 @@ def train_base_cmd(
         overrides.append(f"run.output_dir={output_dir}")
     if resume is not None:
         overrides.append(f"run.resume={resume}")
+    overrides += _module_overrides("data.imports", degradation_module)
     cfg = load_config(TrainBaseConfig, config, overrides)
+    _announce("train-base", cfg)
     out = train_base(cfg)
-    if _is_main_process():
-        typer.echo(f"saved restorer to {out}")
+    _finish(f"saved the restorer to {out}", out.parent)
 
 
 @app.command("train-frm")
@@ -154,9 +202,10 @@ def train_frm_cmd(
     for key, value in (("pairs", pairs), ("eval_pairs", eval_pairs), ("run.output_dir", output_dir), ("run.resume", resume)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    best = train_frm(load_config(TrainFRMConfig, config, overrides))
-    if _is_main_process():
-        typer.echo(f"saved the best FRM (held-out accuracy) to {best}")
+    cfg = load_config(TrainFRMConfig, config, overrides)
+    _announce("train-frm", cfg)
+    best = train_frm(cfg)
+    _finish(f"saved the best FRM (by held-out accuracy) to {best} and the last to {best.parent / 'model'}", best.parent)
 
 
 def _reward_overrides(reward: list[str], reward_module: list[str]) -> list[str]:
@@ -169,9 +218,30 @@ def _reward_overrides(reward: list[str], reward_module: list[str]) -> list[str]:
             if not sep or not name:
                 _fail(f"--reward expects NAME=WEIGHT, got {item!r}")
             overrides.append(f"rewards.weights.{name}={weight}")
-    if reward_module:
-        overrides.append(f"rewards.imports=[{', '.join(repr(m) for m in reward_module)}]")
-    return overrides
+    return overrides + _module_overrides("rewards.imports", reward_module)
+
+
+def _module_overrides(key: str, modules: list[str]) -> list[str]:
+    """`--reward-module` / `--degradation-module` values as one `KEY=[...]` override (none if no module)."""
+    return [f"{key}=[{', '.join(repr(str(m)) for m in modules)}]"] if modules else []
+
+
+def _announce(kind: str, config) -> None:
+    """The first line of a training command: what will run, where it goes, how to continue it."""
+    from facereward.train.summary import describe_run
+
+    if _is_main_process():
+        typer.echo(describe_run(kind, config))
+
+
+def _finish(message: str, run_dir: Path) -> None:
+    """The closing lines of a training command: its final figures, the TensorBoard line, where and how long."""
+    from facereward.train.summary import final_figures
+
+    if _is_main_process():
+        for line in final_figures(run_dir):
+            typer.echo(line)
+        _done(message)
 
 
 @app.command("refl")
@@ -195,12 +265,13 @@ def refl_cmd(
     no_regulariser: bool = typer.Option(False, "--no-regulariser", help="Ablation: drop the regulariser vs the initial network."),
     no_structural: bool = typer.Option(False, "--no-structural", help="Ablation: drop the wavelet low-pass and LPIPS terms."),
     no_dynamic_frm: bool = typer.Option(False, "--no-dynamic-frm", help="Ablation: keep the FRM fixed."),
+    degradation_module: list[str] = typer.Option([], "--degradation-module", help=DEGRADATION_MODULE_HELP),
 ) -> None:
     """DiffusionReward: Reward Feedback Learning with a dynamic Face Reward Model (docs/methods.md 1.2)."""
     from facereward.config import load_config
     from facereward.train.refl import ReFLConfig, train_refl
 
-    overrides = list(set_) + _reward_overrides(reward, reward_module)
+    overrides = list(set_) + _reward_overrides(reward, reward_module) + _module_overrides("data.imports", degradation_module)
     for key, value in (("init_from", init_from), ("frm", frm), ("data.hq_dir", hq_dir), ("data.toy_faces", toy_faces),
                        ("steps", steps), ("lora.rank", lora_rank), ("run.output_dir", output_dir), ("run.resume", resume),
                        ("lpips_backbone", lpips_backbone), ("lpips_heads", lpips_heads)):
@@ -210,15 +281,18 @@ def refl_cmd(
                        (no_structural, ["structural_weight", "lpips_weight"]), (no_dynamic_frm, ["dynamic_frm.every"])):
         if flag:
             overrides += [f"{k}=0" for k in keys]
-    model = train_refl(load_config(ReFLConfig, config, overrides))
-    if _is_main_process():
-        typer.echo(f"saved the ReFL restorer to {model} and the evolved FRM to {model.parent / 'frm'}")
+    cfg = load_config(ReFLConfig, config, overrides)
+    _announce("refl", cfg)
+    model = train_refl(cfg)
+    frm_note = f" and the evolved FRM to {model.parent / 'frm'}" if cfg.dynamic_frm.every > 0 else " (the FRM stayed fixed)"
+    _finish(f"saved the ReFL restorer to {model}{frm_note}", model.parent)
 
 
 @app.command()
 def candidates(
-    testset: Path = typer.Argument(..., help="Paired test set (lq/ and optionally hq/)."),
-    out_dir: Path = typer.Argument(..., help="Candidates folder for `facereward annotate`."),
+    first: Path = typer.Argument(..., help="TESTSET OUT_DIR, or only OUT_DIR with --testset."),
+    second: Path | None = typer.Argument(None, help="OUT_DIR: the candidates folder for `facereward annotate`."),
+    testset_option: Path | None = typer.Option(None, "--testset", help="The paired test set (lq/ and optionally hq/), as in evaluate."),
     model: list[str] = typer.Option([], "--model", help="NAME=DIR restorer (repeatable; candidates cycle over models)."),
     k: int = typer.Option(4, help="Restorations per LQ input."),
     etas: str = typer.Option("0,0.5,1", help="Comma-separated eta values cycled over candidates."),
@@ -230,9 +304,15 @@ def candidates(
     device: str | None = typer.Option(None, help="cpu or cuda."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """k restorations per LQ input (seeds, eta values, models), laid out for annotation."""
+    """k restorations per LQ input (seeds, eta values, models), laid out for annotation: candidates TESTSET OUT_DIR."""
     from facereward.candidates import make_candidates
     from facereward.weights import default_restorer_path
+
+    if testset_option is not None and second is not None:
+        _fail("give the test set once: `candidates TESTSET OUT_DIR` or `candidates --testset TESTSET OUT_DIR`")
+    if testset_option is None and second is None:
+        _fail("candidates needs a test set and an output folder: `candidates TESTSET OUT_DIR`")
+    testset, out_dir = (testset_option, first) if testset_option is not None else (first, second)
 
     models = _named_paths(model, "--model") or {"base": str(default_restorer_path())}
     try:
@@ -241,7 +321,7 @@ def candidates(
         _fail(f"--etas must be comma-separated numbers, got {etas!r}")
     out = make_candidates(testset, out_dir, models, k=k, etas=eta_values, steps=steps, seed=seed, include_lq=include_lq,
                           include_gt=include_gt, batch_size=batch_size, progress=progress, device=device)
-    typer.echo(f"wrote candidates to {out}; label them with: facereward annotate {out}")
+    _done(f"wrote candidates to {out}; label them with: facereward annotate {out}")
 
 
 @app.command("toy-preferences")
@@ -261,7 +341,7 @@ def toy_preferences(
 
     pairs = build_toy_preferences(out_dir, n_inputs=n_inputs, k=k, model=model, seed=seed, steps=steps, split=split,
                                   noise=noise, progress=progress)
-    typer.echo(f"wrote {sum(1 for _ in open(pairs))} oracle-labelled pairs to {pairs}")
+    _done(f"wrote {sum(1 for _ in open(pairs))} oracle-labelled pairs to {pairs}")
 
 
 @app.command("auto-label")
@@ -276,6 +356,7 @@ def auto_label(
 ) -> None:
     """Train the automatic labeller on human pairs (reporting held-out agreement) and label the rest."""
     from facereward.data.preferences import load_pairs
+    from facereward.data.toyfaces import is_toy_folder
     from facereward.labelling.auto import (
         AutoLabeller,
         FullReferenceFeatures,
@@ -284,12 +365,12 @@ def auto_label(
 
     pairs = load_pairs(human)
     if identity == "auto":
-        identity = "toy" if (folder / "toyworld.json").is_file() else "dlib"
+        identity = "toy" if is_toy_folder(folder) else "dlib"
     features = FullReferenceFeatures(identity=identity)
     report = auto_labeller_agreement(pairs, kind=kind, held_out_fraction=held_out_fraction, features=features)
     typer.echo(f"agreement with held-out human pairs: {report['agreement']:.3f} ({report['n_test']} pairs; trained on {report['n_train']})")
     n = AutoLabeller(kind, features=features).fit([p for p in pairs if not p.tie]).label_unlabelled(folder, pairs, out, min_confidence)
-    typer.echo(f"wrote {n} automatically labelled pairs to {out}")
+    _done(f"wrote {n} automatically labelled pairs to {out}")
 
 
 @app.command()
@@ -324,7 +405,7 @@ def build_restorer(
     restorer = Restorer.from_stable_diffusion(from_sd, size=size, config=cfg) if from_sd else Restorer.build(cfg)
     restorer.save_pretrained(out_dir)
     n_train = sum(p.numel() for p in restorer.stage2_trainable().parameters())
-    typer.echo(f"wrote a {restorer.mode}-mode restorer ({restorer.config.size} px, {n_train / 1e6:.1f}M trainable stage-2 parameters) to {out_dir}")
+    _done(f"wrote a {restorer.mode}-mode restorer ({restorer.config.size} px, {n_train / 1e6:.1f}M trainable stage-2 parameters) to {out_dir}")
 
 
 @app.command()
@@ -374,7 +455,7 @@ def restore(
                            convert=convert, resize=resize, save_stage1=save_stage1, progress=progress)
     for path, reason in report.skipped:
         typer.secho(f"skipped {reason}", err=True, fg=typer.colors.YELLOW)
-    typer.echo(f"restored {len(report.written)} of {len(files)} images to {out_dir}" + (f"; skipped {len(report.skipped)}" if report.skipped else ""))
+    _done(f"restored {len(report.written)} of {len(files)} images to {out_dir}" + (f"; skipped {len(report.skipped)}" if report.skipped else ""))
     if not report.written:
         raise typer.Exit(1)
 
@@ -466,9 +547,9 @@ def evaluate(
     cfg.imports = [*cfg.imports, *metric_module]
     if list_metrics or metrics is not None:
         from facereward.metrics.table import format_metric_table, parse_metric_names
-        from facereward.rewards.base import import_reward_plugins
+        from facereward.plugins import import_plugins
 
-        import_reward_plugins(cfg.imports, option="--metric-module")  # plugin metrics are known after their import
+        import_plugins(cfg.imports, option="--metric-module")  # plugin metrics are known after their import
         if list_metrics:
             typer.echo(format_metric_table())
             return
@@ -495,7 +576,7 @@ def evaluate(
         _fail("--testset is required (a folder with lq/ and optionally hq/), or --photos for whole photos without GT")
     result = run_evaluate(cfg)
     typer.echo(result.table)
-    typer.echo(f"\nwrote {result.out_dir}/results.md, results.csv, results.json and grid.png")
+    _done(f"\nwrote {result.out_dir}/results.md, results.csv, results.json and grid.png")
 
 
 @app.command("fit-niqe")
@@ -541,7 +622,7 @@ def fit_niqe_cmd(
     for w in caught:
         typer.secho(f"warning: {w.message}", err=True, fg=typer.colors.YELLOW)
     save_niqe_model(out, model)
-    typer.echo(f"wrote {out}: NIQE pristine model from {model.meta['n_images']} images, {model.meta['n_patches']} patches "
+    _done(f"wrote {out}: NIQE pristine model from {model.meta['n_images']} images, {model.meta['n_patches']} patches "
                f"({block_size} px blocks, {channel} channel)")
 
 
@@ -561,12 +642,13 @@ def lrpo_cmd(
     resume: str | None = typer.Option(None, help="'latest' or a checkpoint folder (sets run.resume)."),
     no_regulariser: bool = typer.Option(False, "--no-regulariser", help="Ablation: drop the GT-guided likelihood regulariser."),
     uniform_advantages: bool = typer.Option(False, "--uniform-advantages", help="Ablation: the same advantage at every step."),
+    degradation_module: list[str] = typer.Option([], "--degradation-module", help=DEGRADATION_MODULE_HELP),
 ) -> None:
     """LRPO: online RL with group sampling, a composite reward and GT-guided likelihood regularisation (docs/methods.md 2)."""
     from facereward.config import load_config
     from facereward.train.lrpo import LRPOConfig, train_lrpo
 
-    overrides = list(set_) + _reward_overrides(reward, reward_module)
+    overrides = list(set_) + _reward_overrides(reward, reward_module) + _module_overrides("data.imports", degradation_module)
     for key, value in (("init_from", init_from), ("rewards.options.frm.path", frm), ("data.hq_dir", hq_dir),
                        ("data.toy_faces", toy_faces), ("epochs", epochs), ("lora.rank", lora_rank),
                        ("run.output_dir", output_dir), ("run.resume", resume)):
@@ -576,9 +658,10 @@ def lrpo_cmd(
         overrides.append("reg_weight=0")
     if uniform_advantages:
         overrides.append("adv_weighting=uniform")
-    model = train_lrpo(load_config(LRPOConfig, config, overrides))
-    if _is_main_process():
-        typer.echo(f"saved the LRPO restorer to {model} (reward curve: {model.parent / 'metrics.json'})")
+    cfg = load_config(LRPOConfig, config, overrides)
+    _announce("lrpo", cfg)
+    model = train_lrpo(cfg)
+    _finish(f"saved the LRPO restorer to {model} (reward curve: {model.parent / 'metrics.json'})", model.parent)
 
 
 @app.command()
@@ -596,7 +679,8 @@ def demo(
 
     result = run_demo(out_dir, n=n, model=model, steps=steps, seed=seed, device=device, progress=progress)
     typer.echo(result.table)
-    typer.echo(f"\nwrote {out_dir / 'grid.png'} and {out_dir / 'results.md'} (also .csv, .json)")
+    _done(f"\nwrote {out_dir / 'grid.png'}, {out_dir / 'results.md'} (also .csv, .json), the restorations in "
+          f"{out_dir / 'outputs'} and the test set in {out_dir / 'toy-test'}")
 
 
 if __name__ == "__main__":

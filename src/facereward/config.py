@@ -118,8 +118,49 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _dataclass_in(tp: Any) -> type | None:
+    """The dataclass type of a field annotated `X` or `X | None`, else None."""
+    if _is_dataclass_type(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        found = [a for a in typing.get_args(tp) if _is_dataclass_type(a)]
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def check_override(cls: type, text: str) -> None:
+    """Check one `--set KEY=VALUE` against `cls`: an unknown key or a wrongly typed value is an error naming `--set`.
+
+    Keys inside a free-form mapping field (e.g. `rewards.weights.NAME`) are not checked here.
+    """
+    keys, value = parse_override(text)
+    node: Any = cls
+    for depth, key in enumerate(keys):
+        types_ = _field_types(node)
+        if key not in types_:
+            where = ".".join(keys[:depth]) or cls.__name__
+            raise ConfigError(f"--set {text}: unknown key {key!r} in {where} (known: {', '.join(types_)})")
+        tp = types_[key]
+        if depth == len(keys) - 1:
+            _coerce(value, tp, f"--set {text}")
+            return
+        child = _dataclass_in(tp)
+        if child is None:
+            return  # a mapping or Any: its keys are free-form
+        node = child
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> T:
-    """Build `cls` from an optional YAML file, then apply `key=value` overrides (dotted for nesting)."""
+    """Build `cls` from an optional YAML file, then apply `key=value` overrides (dotted for nesting).
+
+    Errors name their source: the file for its own keys, `--set KEY=VALUE` for an override. Under
+    FACEREWARD_SMOKE=1 the class's `SMOKE` caps are applied last (facereward.smoke).
+    """
+    from facereward import smoke
+
+    overrides = list(overrides)
+    for text in overrides:
+        check_override(cls, text)
     data: dict[str, Any] = {}
     where = "config:"
     if path is not None:
@@ -144,7 +185,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {k} is not a section")
         node[keys[-1]] = value
-    return config_from_dict(cls, data, where)
+    return smoke.cap_config(config_from_dict(cls, data, where))
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -165,9 +165,9 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
         raise ValueError("nothing to evaluate: give --model NAME=DIR or --images NAME=DIR (or keep the LQ row)")
 
     if config.imports:
-        from facereward.rewards.base import import_reward_plugins
+        from facereward.plugins import import_plugins
 
-        import_reward_plugins(config.imports, option="imports")  # their register_metric calls
+        import_plugins(config.imports, option="imports")  # their register_metric calls
     ctx = MetricContext(config, device, has_gt=has_gt, toy=toy)
     built = build_metrics(config.metrics, ctx)
     _warn_dlib_on_small_faces(config, ctx.judges, size)

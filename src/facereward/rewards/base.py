@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from facereward.plugins import import_plugins
 from facereward.registry import Registry
 
 Captions = str | Sequence[str | None] | None
@@ -81,27 +78,6 @@ class RewardOutput:
     components: dict[str, Tensor]  # name -> (B,) unweighted score
 
 
-def import_reward_plugins(imports: Sequence[str], option: str = "rewards.imports") -> None:
-    """Import each module name or .py file (so its `register_reward` / `register_metric` calls run); errors name `option`."""
-    for spec in imports:
-        if spec.endswith(".py"):
-            path = Path(spec)
-            if not path.is_file():
-                raise FileNotFoundError(f"{option}: no such file {path}")
-            module_name = f"facereward_reward_plugin_{path.stem}"
-            if module_name in sys.modules:
-                continue
-            loader_spec = importlib.util.spec_from_file_location(module_name, path)
-            module = importlib.util.module_from_spec(loader_spec)
-            sys.modules[module_name] = module
-            loader_spec.loader.exec_module(module)
-        else:
-            try:
-                importlib.import_module(spec)
-            except ModuleNotFoundError as err:
-                raise ValueError(f"{option}: cannot import {spec!r} ({err})") from None
-
-
 class CompositeReward:
     """R = sum_j w_j r_j (docs/methods.md 2.2); returns the total and every unweighted component."""
 
@@ -119,7 +95,7 @@ class CompositeReward:
     @classmethod
     def from_config(cls, config: RewardsConfig, device: torch.device | str | None = None) -> CompositeReward:
         """Import plugins, build each weighted reward with its options, and move it to `device`."""
-        import_reward_plugins(config.imports)
+        import_plugins(config.imports, option="rewards.imports")
         extra = sorted(set(config.options) - set(config.weights))
         if extra:
             raise ValueError(f"rewards.options.{extra[0]}: options for a reward without a weight (add rewards.weights.{extra[0]})")

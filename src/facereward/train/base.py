@@ -7,9 +7,10 @@ The result is a restorer folder at OUTPUT/model.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,8 @@ class DataConfig:
     toy_seed: int = 0
     toy_identities: int | None = None
     size: int = 64
-    preset: str = "diffbir"
+    preset: str = "diffbir"  # a built-in preset or one registered by a module of `imports`
+    imports: list[str] = field(default_factory=list)  # modules or .py files imported first (they call register_degradation)
     seed: int = 0
     random_flip: bool = True
     num_workers: int = 0
@@ -47,6 +49,8 @@ class DataConfig:
 
 @dataclass
 class TrainBaseConfig:
+    SMOKE: ClassVar[dict[str, float]] = {"stage1_steps": 2, "stage2_steps": 2, "batch_size": 2, "warmup_steps": 1,
+                                         "data.toy_faces": 8, "run.save_every": 2}  # facereward.smoke
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/base", save_every=500))
     data: DataConfig = field(default_factory=DataConfig)
     model: RestorerConfig = field(default_factory=RestorerConfig)
@@ -67,6 +71,7 @@ def build_dataset(data: DataConfig) -> Dataset:
     """The HQ dataset `data` names; exactly one of hq_dir / toy_faces must be set."""
     if (data.hq_dir is None) == (data.toy_faces <= 0):
         raise ValueError("data: set exactly one of data.hq_dir (a folder of HQ faces) or data.toy_faces (a count)")
+    resolve_preset(data)
     if data.hq_dir is not None:
         return HQFolderDataset(data.hq_dir, size=data.size, preset=data.preset, seed=data.seed, random_flip=data.random_flip)
     faces = toy_world(data).sample(data.toy_faces, size=data.size, split="train", seed=data.seed)
@@ -74,6 +79,19 @@ def build_dataset(data: DataConfig) -> Dataset:
         [f.image for f in faces], [f.caption for f in faces], [f"toy{i:06d}" for i in range(len(faces))],
         preset=data.preset, seed=data.seed, random_flip=data.random_flip,
     )
+
+
+def resolve_preset(data: DataConfig) -> None:
+    """Import `data.imports` and check `data.preset` names a registered degradation (one line naming it if not)."""
+    from facereward.data.degradation import get_degradation, list_degradations
+    from facereward.plugins import import_plugins
+
+    import_plugins(data.imports, option="data.imports")
+    try:
+        get_degradation(data.preset)
+    except (KeyError, ValueError):
+        raise ValueError(f"data.preset: unknown degradation {data.preset!r} (known: {', '.join(list_degradations())}; "
+                         "register your own in a module given with --degradation-module)") from None
 
 
 def toy_world(data: DataConfig):
@@ -118,7 +136,7 @@ def _lr_lambda(warmup: int, done: int = 0):
 
 
 def train_base(config: TrainBaseConfig) -> Path:
-    """Run both stages (resuming if asked) and write OUTPUT/model; returns that folder."""
+    """Run both stages (resuming if asked) and write OUTPUT/model and OUTPUT/metrics.json; returns the model folder."""
     run = config.run
     accelerator = make_accelerator(run, "train-base")
     write_run_config(config, run, accelerator)
@@ -181,6 +199,7 @@ def train_base(config: TrainBaseConfig) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         restorer.save_pretrained(out)
+        (Path(run.output_dir) / "metrics.json").write_text(json.dumps({"train_log": log.history}, indent=1))
     accelerator.end_training()
     return out
 

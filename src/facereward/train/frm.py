@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
@@ -34,6 +34,7 @@ from facereward.train.plumbing import (
 
 @dataclass
 class TrainFRMConfig:
+    SMOKE: ClassVar[dict[str, float]] = {"steps": 2, "batch_size": 4, "eval_every": 2, "run.save_every": 2}  # facereward.smoke
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/frm", save_every=500, log_every=20))
     pairs: str = ""  # preference JSONL (pairs and/or rankings)
     eval_pairs: str | None = None  # a separate held-out JSONL; without it a split of `pairs` grouped by LQ input

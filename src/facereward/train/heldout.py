@@ -21,7 +21,7 @@ from facereward.metrics.fullref import psnr, ssim
 from facereward.metrics.identity import identity_similarity
 from facereward.models.frm import FaceRewardModel
 from facereward.models.restorer import Restorer
-from facereward.train.base import DataConfig, toy_world
+from facereward.train.base import DataConfig, resolve_preset, toy_world
 
 Scorer = Callable[[Tensor, Tensor, list[str]], Tensor]
 """(restored [0, 1], hq [0, 1], captions) -> (B,) scores."""
@@ -52,6 +52,7 @@ def load_heldout_batch(config: HeldOutConfig, data: DataConfig, size: int) -> di
         return collate_batch(items)
     if data.toy_faces <= 0:
         raise ValueError("held_out: set held_out.testset (a paired lq/ hq/ folder) or train on toy faces, or held_out.every=0")
+    resolve_preset(data)
     faces = toy_world(data).sample(config.toy_faces, size=size, split="test", seed=config.seed)
     hq = [f.image for f in faces]
     lq = [degrade(img, data.preset, seed=config.seed, index=i)[0] for i, img in enumerate(hq)]

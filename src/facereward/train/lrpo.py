@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -71,6 +71,11 @@ from facereward.weights import WEIGHTS_DIR, default_restorer_path
 class LRPOConfig:
     """All LRPO settings; defaults are the original's (docs/methods.md 2) but for the run length and the corrections
     docs/methods.md section 4 lists (configs/lrpo_original.yaml has every original value)."""
+
+    SMOKE: ClassVar[dict[str, float]] = {  # facereward.smoke
+        "epochs": 1, "group_size": 2, "inputs_per_batch": 2, "batches_per_epoch": 1, "steps": 3, "micro_batch": 2,
+        "train_batch_size": 2, "reg_steps": 1, "data.toy_faces": 8, "run.save_every": 1,
+        "held_out.every": 1, "held_out.toy_faces": 2, "held_out.max_images": 2, "held_out.steps": 2}
 
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/lrpo", save_every=10, log_every=1))
     data: DataConfig = field(default_factory=DataConfig)

@@ -209,7 +209,7 @@ class ProgressLog:
     def step(self, step: int, scalars: dict[str, torch.Tensor | float]) -> None:
         """Advance one step; every `log_every` steps sync the scalars to the host and log them."""
         self.bar.update(1)
-        if step % self.log_every == 0:
+        if step % self.log_every == 0 or step == self.total:
             values = {k: float(v.detach().float().mean()) if torch.is_tensor(v) else float(v) for k, v in scalars.items()}
             self.accelerator.log(values, step=step)
             self.history.append({"step": step, **values})

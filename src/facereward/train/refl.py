@@ -14,7 +14,7 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,10 @@ class DynamicFRMConfig:
 class ReFLConfig:
     """All ReFL settings; defaults are the original's (docs/methods.md 1.2) but for the corrections docs/methods.md
     section 4 lists (configs/refl_original.yaml has every original value)."""
+
+    SMOKE: ClassVar[dict[str, float]] = {  # facereward.smoke
+        "steps": 2, "batch_size": 2, "sampling_steps": 3, "data.toy_faces": 8, "dynamic_frm.every": 1, "run.save_every": 2,
+        "held_out.every": 2, "held_out.toy_faces": 2, "held_out.max_images": 2, "held_out.steps": 2}
 
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/refl", save_every=500, log_every=10))
     data: DataConfig = field(default_factory=DataConfig)
