@@ -157,7 +157,8 @@ def train_base_cmd(
     hq_dir: Path | None = typer.Option(None, help="Folder of HQ faces (sets data.hq_dir)."),
     toy_faces: int | None = typer.Option(None, help="Train on N procedural toy faces instead (sets data.toy_faces)."),
     output_dir: Path | None = typer.Option(None, help="Run folder (sets run.output_dir)."),
-    resume: str | None = typer.Option(None, help="'latest' or a checkpoint folder (sets run.resume)."),
+    resume: str | None = typer.Option(None, help="'latest' (the newest valid checkpoint), 'auto' (the same, or a fresh "
+                                      "start if there is none) or a checkpoint folder (sets run.resume)."),
     degradation_module: list[str] = typer.Option([], "--degradation-module", help=DEGRADATION_MODULE_HELP),
 ) -> None:
     """Train the base restorer: stage 1 (cleaner, L1) then stage 2 (diffusion, epsilon loss).
@@ -192,7 +193,8 @@ def train_frm_cmd(
     pairs: Path | None = typer.Option(None, help="Preference JSONL (sets pairs)."),
     eval_pairs: Path | None = typer.Option(None, help="Held-out preference JSONL (default: a split of --pairs by LQ input)."),
     output_dir: Path | None = typer.Option(None, help="Run folder (sets run.output_dir)."),
-    resume: str | None = typer.Option(None, help="'latest' or a checkpoint folder (sets run.resume)."),
+    resume: str | None = typer.Option(None, help="'latest' (the newest valid checkpoint), 'auto' (the same, or a fresh "
+                                      "start if there is none) or a checkpoint folder (sets run.resume)."),
 ) -> None:
     """Train the Face Reward Model on preference pairs (Bradley-Terry with a learnable logit scale)."""
     from facereward.config import load_config
@@ -255,7 +257,8 @@ def refl_cmd(
     steps: int | None = typer.Option(None, help="Optimizer steps (sets steps)."),
     lora_rank: int | None = typer.Option(None, help="Train LoRA adapters of this rank instead of the full network."),
     output_dir: Path | None = typer.Option(None, help="Run folder (sets run.output_dir)."),
-    resume: str | None = typer.Option(None, help="'latest' or a checkpoint folder (sets run.resume)."),
+    resume: str | None = typer.Option(None, help="'latest' (the newest valid checkpoint), 'auto' (the same, or a fresh "
+                                      "start if there is none) or a checkpoint folder (sets run.resume)."),
     reward: list[str] = typer.Option([], "--reward", help="NAME=WEIGHT: the reward term's composite (repeatable; replaces frm=1; "
                                      "frm is the dynamic FRM; differentiable rewards only)."),
     reward_module: list[str] = typer.Option([], "--reward-module", help="Module or .py file that registers custom rewards (repeatable)."),
@@ -639,7 +642,8 @@ def lrpo_cmd(
     epochs: int | None = typer.Option(None, help="Epochs (sets epochs)."),
     lora_rank: int | None = typer.Option(None, help="Train LoRA adapters of this rank instead of the full network."),
     output_dir: Path | None = typer.Option(None, help="Run folder (sets run.output_dir)."),
-    resume: str | None = typer.Option(None, help="'latest' or a checkpoint folder (sets run.resume)."),
+    resume: str | None = typer.Option(None, help="'latest' (the newest valid checkpoint), 'auto' (the same, or a fresh "
+                                      "start if there is none) or a checkpoint folder (sets run.resume)."),
     no_regulariser: bool = typer.Option(False, "--no-regulariser", help="Ablation: drop the GT-guided likelihood regulariser."),
     uniform_advantages: bool = typer.Option(False, "--uniform-advantages", help="Ablation: the same advantage at every step."),
     degradation_module: list[str] = typer.Option([], "--degradation-module", help=DEGRADATION_MODULE_HELP),

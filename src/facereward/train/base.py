@@ -23,10 +23,9 @@ from facereward.train.plumbing import (
     ProgressLog,
     RunConfig,
     checkpoint_run,
-    find_checkpoint,
     infinite_batches,
-    load_checkpoint,
     make_accelerator,
+    resume_run,
     write_run_config,
 )
 
@@ -135,8 +134,18 @@ def _lr_lambda(warmup: int, done: int = 0):
     return lambda step: min(1.0, (step + done + 1) / warmup) if warmup > 0 else 1.0
 
 
+def check_config(config: TrainBaseConfig) -> None:
+    """Reject step counts that cannot train (ValueError naming the field)."""
+    for name in ("stage1_steps", "stage2_steps"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
+    if config.stage1_steps == 0 and config.stage2_steps == 0:
+        raise ValueError("stage1_steps and stage2_steps are both 0: nothing to train")
+
+
 def train_base(config: TrainBaseConfig) -> Path:
     """Run both stages (resuming if asked) and write OUTPUT/model and OUTPUT/metrics.json; returns the model folder."""
+    check_config(config)
     run = config.run
     accelerator = make_accelerator(run, "train-base")
     write_run_config(config, run, accelerator)
@@ -153,8 +162,7 @@ def train_base(config: TrainBaseConfig) -> Path:
     modules = {"cleaner": cleaner, "stage2": stage2}
     optimizers = {"stage1": opt1, "stage2": opt2}
     step, epoch = 0, 0
-    if run.resume:
-        state = load_checkpoint(find_checkpoint(run.output_dir, run.resume), modules, optimizers)
+    if state := resume_run(accelerator, run, modules, optimizers):
         step, epoch = state["step"], state["epoch"] + 1
     total = config.stage1_steps + config.stage2_steps
     loader = accelerator.prepare(loader)

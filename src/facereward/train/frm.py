@@ -24,10 +24,9 @@ from facereward.train.plumbing import (
     ProgressLog,
     RunConfig,
     checkpoint_run,
-    find_checkpoint,
     infinite_batches,
-    load_checkpoint,
     make_accelerator,
+    resume_run,
     write_run_config,
 )
 
@@ -131,8 +130,7 @@ def train_frm(config: TrainFRMConfig) -> Path:
     params = [p for p in frm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     step, epoch, best = 0, 0, -1.0
-    if run.resume:
-        state = load_checkpoint(find_checkpoint(run.output_dir, run.resume), {"frm": frm}, {"frm": optimizer})
+    if state := resume_run(accelerator, run, {"frm": frm}, {"frm": optimizer}):
         step, epoch, best = state["step"], state["epoch"] + 1, state.get("best_accuracy", -1.0)
     train_set = PairImages(train_pairs, config.image_size, config.random_flip, run.seed)
     loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, collate_fn=_collate, drop_last=len(train_set) > config.batch_size)

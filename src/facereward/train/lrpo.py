@@ -49,9 +49,8 @@ from facereward.train.plumbing import (
     ProgressLog,
     RunConfig,
     checkpoint_run,
-    find_checkpoint,
-    load_checkpoint,
     make_accelerator,
+    resume_run,
     write_run_config,
 )
 from facereward.train.trainable import (
@@ -113,11 +112,13 @@ class LRPOConfig:
 
 def check_config(config: LRPOConfig) -> int:
     """Validate `config` (ValueError naming the field); returns the number of trained steps."""
-    positive = ("group_size", "inputs_per_batch", "batches_per_epoch", "steps", "inner_epochs", "micro_batch")
+    if config.group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a group of one has advantage 0, so nothing trains), got {config.group_size}")
+    positive = ("epochs", "inputs_per_batch", "batches_per_epoch", "steps", "inner_epochs", "micro_batch")
     for name in positive:
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-    for name in ("epochs", "train_batch_size", "reg_steps"):
+    for name in ("train_batch_size", "reg_steps"):
         if getattr(config, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
     for name in ("clip_range", "adv_clip", "reg_temperature", "lr"):
@@ -618,10 +619,7 @@ def train_lrpo(config: LRPOConfig) -> Path:
     schedule = DDIMSchedule.from_scheduler(restorer.scheduler, config.steps, device=accelerator.device)
     held_out = _held_out(config, reward, restorer.config.size, accelerator.device) if accelerator.is_main_process else None
     start, history = 0, []
-    if run.resume:
-        state = load_checkpoint(find_checkpoint(run.output_dir, run.resume), {"stage2": module}, {"optimizer": optimizer})
-        if state.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
-            raise ValueError(f"run.resume: the checkpoint ran on {state['num_processes']} processes, this run on {accelerator.num_processes}")
+    if state := resume_run(accelerator, run, {"stage2": module}, {"optimizer": optimizer}):
         start, history = int(state["step"]), list(state.get("history", []))
     log = ProgressLog(accelerator, config.epochs, start, "lrpo", run.log_every, run.progress)
     metrics_path = Path(run.output_dir) / "metrics.json"

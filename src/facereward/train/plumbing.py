@@ -4,7 +4,8 @@ A checkpoint is a folder `OUTPUT/checkpoints/step-XXXXXXXX/` holding `NAME.safet
 `NAME.optim.pt` per optimizer (plain tensors and numbers, read back with weights_only=True),
 `rng.safetensors` and `state.json`. It is written under a temporary name and renamed into place,
 and `OUTPUT/checkpoints/latest` names the newest complete one, so a crash never leaves a torn
-checkpoint behind.
+checkpoint behind. Resuming still checks each file (a disk can fill or a copy stop short) and falls back
+to the previous valid checkpoint; `resume_run` is the one call the trainers make for all of it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -42,7 +45,7 @@ class RunConfig:
     log_every: int = 10
     save_every: int = 500
     keep_checkpoints: int = 2
-    resume: str | None = None  # None, "latest", or a checkpoint folder
+    resume: str | None = None  # None, "latest", "auto" (latest, or a fresh start if none) or a checkpoint folder
     cpu: bool = False  # force CPU even where a GPU exists (and enable gloo for multi-process CPU runs)
     progress: bool = True
 
@@ -116,7 +119,9 @@ def save_checkpoint(
     latest_tmp = root / ".latest.tmp"
     latest_tmp.write_text(final.name)
     os.replace(latest_tmp, root / "latest")
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []:
+    # Only folders up to this step: newer ones (a corrupt one a fresh start skipped) must not crowd this one out.
+    older = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name <= final.name)
+    for old in older[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -138,21 +143,157 @@ def checkpoint_run(
     accelerator.wait_for_everyone()
 
 
-def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
-    """The folder `resume` names: "latest" (the newest complete one in OUTPUT) or an explicit path."""
-    if resume != "latest":
+def find_checkpoint(output_dir: str | Path, resume: str, report: Callable[[str], None] | None = None) -> Path | None:
+    """The checkpoint folder `resume` names; None only for "auto" with no valid checkpoint (start fresh).
+
+    "latest" and "auto" try the one OUTPUT/checkpoints/latest names, then the other step-* folders newest first,
+    and take the first valid one (`checkpoint_problem`); the corrupt ones skipped are named in one warning line
+    given to `report` (default: stderr). "latest" with none valid is a CheckpointError, "auto" a fresh start,
+    reported too. Any other value is a folder, which must be a valid checkpoint (CheckpointError naming the file).
+    """
+    report = report or _to_stderr
+    if resume not in ("latest", "auto"):
         path = Path(resume)
         if not (path / "state.json").is_file():
             raise CheckpointError(f"{path}: not a facereward checkpoint (no state.json)")
+        if problem := checkpoint_problem(path):
+            raise CheckpointError(f"{path}: {problem}")
         return path
     root = checkpoint_root(output_dir)
-    latest = root / "latest"
-    if latest.is_file() and (root / latest.read_text().strip() / "state.json").is_file():
-        return root / latest.read_text().strip()
-    candidates = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
-    if not candidates:
-        raise CheckpointError(f"{root}: no checkpoint to resume from")
-    return candidates[-1]
+    skipped = []
+    for path in _resume_candidates(root):
+        if not (problem := checkpoint_problem(path)):
+            if skipped:
+                report(f"warning: {'; '.join(skipped)}; using {path.name}")
+            elif resume == "auto":
+                report(f"run.resume auto: resuming from {path}")
+            return path
+        skipped.append(f"{path}: {problem}")
+    if resume == "latest":
+        raise CheckpointError(f"{root}: no {'valid ' if skipped else ''}checkpoint to resume from" +
+                              (f" ({'; '.join(skipped)})" if skipped else ""))
+    report(f"warning: {'; '.join(skipped)}; starting fresh" if skipped
+           else f"run.resume auto: no checkpoint in {root}; starting fresh")
+    return None
+
+
+def _resume_candidates(root: Path) -> list[Path]:
+    """The step-* folders of `root`: the one `root/latest` names first, then the others newest first."""
+    folders = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    pointer = root / "latest"
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    return ([named] if named in folders else []) + [p for p in folders if p != named]
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from ("truncated model.safetensors"), or None when it is valid.
+
+    Valid: state.json parses to an object with a step, every *.safetensors opens with safetensors (its header
+    and length, no tensor read) and every *.optim.pt loads with torch.load(weights_only=True) memory-mapped.
+    """
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except FileNotFoundError:
+        return "no state.json"
+    except (OSError, ValueError):
+        return "unreadable state.json"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return "state.json has no step"
+    for file in sorted(path.glob("*.safetensors")):
+        if problem := _weights_problem(file):
+            return problem
+    for file in sorted(path.glob("*.optim.pt")):
+        if problem := _optimizer_problem(file):
+            return problem
+    return None
+
+
+def _weights_problem(file: Path) -> str | None:
+    """None if `file` opens as safetensors (which checks the data the header describes is all there)."""
+    try:
+        with safe_open(str(file), framework="pt"):
+            return None
+    except (SafetensorError, OSError) as err:
+        return f"truncated {file.name}" if _shorter_than_its_header(file) else f"corrupt {file.name} ({_first_line(err)})"
+
+
+def _shorter_than_its_header(file: Path) -> bool:
+    """Whether a safetensors file ends before the header and data its first bytes announce (a write cut short)."""
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            return True
+        header_len = int.from_bytes(prefix, "little")
+        if size < 8 + header_len:
+            return True
+        try:
+            header = json.loads(fh.read(header_len))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return False
+    return size < 8 + header_len + end
+
+
+def _optimizer_problem(file: Path) -> str | None:
+    """None if `file` loads with torch.load(weights_only=True); mmap keeps the check from reading the tensors."""
+    try:
+        torch.load(file, weights_only=True, mmap=True, map_location="cpu")
+        return None
+    except Exception as err:  # torch.load raises RuntimeError, OSError, EOFError or UnpicklingError for a bad file
+        return f"corrupt {file.name} ({_first_line(err)})"
+
+
+def _first_line(err: BaseException) -> str:
+    """An error's message cut to its first line and sentence (torch's zip errors run on for lines)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text.split(". ")[0].rstrip(".")
+
+
+def remove_orphaned_temps(output_dir: str | Path) -> list[Path]:
+    """Delete the `.tmp-step-*` folders and `.latest.tmp` a save killed midway leaves; returns what it removed."""
+    root = checkpoint_root(output_dir)
+    orphans = [p for p in (*root.glob(".tmp-step-*"), root / ".latest.tmp") if p.exists()]
+    for orphan in orphans:
+        shutil.rmtree(orphan, ignore_errors=True) if orphan.is_dir() else orphan.unlink(missing_ok=True)
+    return orphans
+
+
+def resume_run(
+    accelerator: Accelerator,
+    run: RunConfig,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+) -> dict[str, Any] | None:
+    """Start or resume a trainer's run: the one call every trainer makes before its first step.
+
+    Removes orphaned temporary checkpoint files (main process), then, if `run.resume` asks, restores the
+    checkpoint `find_checkpoint` picks into `modules` and `optimizers` and returns its state.json; None means
+    start from step 0. A checkpoint written by a different number of processes is a CheckpointError.
+    """
+    if accelerator.is_main_process:
+        remove_orphaned_temps(run.output_dir)
+    if not run.resume:
+        return None
+    report = _to_stderr if accelerator.is_main_process else (lambda line: None)
+    path = find_checkpoint(run.output_dir, run.resume, report)
+    if path is None:
+        return None
+    state = load_checkpoint(path, modules, optimizers)
+    check_num_processes(state, accelerator.num_processes, path)
+    return state
+
+
+def check_num_processes(state: dict[str, Any], num_processes: int, path: Path) -> None:
+    """Raise a CheckpointError when checkpoint `path` (its `state`) ran on a different number of processes."""
+    saved = state.get("num_processes", num_processes)
+    if saved != num_processes:
+        raise CheckpointError(f"run.resume: {path} ran on {saved} processes, this run on {num_processes} "
+                              "(resume with the same number of processes)")
 
 
 def load_checkpoint(
@@ -160,24 +301,48 @@ def load_checkpoint(
     modules: dict[str, nn.Module],
     optimizers: dict[str, torch.optim.Optimizer],
 ) -> dict[str, Any]:
-    """Restore modules, optimizers and the RNG from `path`; returns its state.json."""
+    """Restore modules, optimizers and the RNG from `path`; returns its state.json.
+
+    A missing, corrupt or unfitting file is a one-line CheckpointError naming it.
+    """
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a facereward checkpoint (no state.json)") from None
+    except (OSError, ValueError):
+        raise CheckpointError(f"{path}: unreadable state.json") from None
     for name, module in modules.items():
         file = path / f"{name}.safetensors"
         if not file.is_file():
             raise CheckpointError(f"{path}: no weights for {name!r} ({file.name} missing)")
         try:
-            module.load_state_dict(load_file(file))
+            module.load_state_dict(_read_weights(file))
         except RuntimeError as err:
             raise CheckpointError(f"{file}: does not fit the model ({str(err).splitlines()[0]})") from None
     for name, optimizer in optimizers.items():
         file = path / f"{name}.optim.pt"
         if not file.is_file():
             raise CheckpointError(f"{path}: no optimizer state for {name!r} ({file.name} missing)")
-        optimizer.load_state_dict(torch.load(file, weights_only=True, map_location="cpu"))
+        try:
+            saved = torch.load(file, weights_only=True, map_location="cpu")
+        except Exception:  # see _optimizer_problem
+            raise CheckpointError(f"{path}: {_optimizer_problem(file) or f'corrupt {file.name}'}") from None
+        try:
+            optimizer.load_state_dict(saved)
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{file}: does not fit the optimizer ({_first_line(err)})") from None
     rng = path / "rng.safetensors"
     if rng.is_file():
-        torch.set_rng_state(load_file(rng)["torch"])
-    return json.loads((path / "state.json").read_text())
+        torch.set_rng_state(_read_weights(rng)["torch"])
+    return state
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """load_file, with a corrupt file a one-line CheckpointError naming it."""
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError):
+        raise CheckpointError(f"{file.parent}: {_weights_problem(file) or f'corrupt {file.name}'}") from None
 
 
 def infinite_batches(loader: torch.utils.data.DataLoader, start_epoch: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:

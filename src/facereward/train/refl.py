@@ -32,10 +32,9 @@ from facereward.train.plumbing import (
     ProgressLog,
     RunConfig,
     checkpoint_run,
-    find_checkpoint,
     infinite_batches,
-    load_checkpoint,
     make_accelerator,
+    resume_run,
     write_run_config,
 )
 from facereward.train.trainable import (
@@ -352,8 +351,7 @@ def train_refl(config: ReFLConfig) -> Path:
     modules: dict[str, nn.Module] = {"stage2": trainable, "frm": frm}
     optimizers = {"restorer": optimizer, **({"frm": frm_optimizer} if frm_optimizer else {})}
     step, epoch, history = 0, 0, []
-    if run.resume:
-        state = load_checkpoint(find_checkpoint(run.output_dir, run.resume), modules, optimizers)
+    if state := resume_run(accelerator, run, modules, optimizers):
         step, epoch, history = state["step"], state["epoch"] + 1, state.get("history", [])
     dataset = build_dataset(config.data)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, num_workers=config.data.num_workers,
