@@ -160,7 +160,8 @@ def test_two_cpu_processes_train_together(tmp_path):
                            "--dynamo_backend", "no", "-m", "facereward.cli", "train-base", "--config", str(tmp_path / "c.yaml")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("saved restorer to") == 1  # only the main process reports
+    assert proc.stdout.count("saved the restorer to") == 1  # only the main process reports
+    assert proc.stdout.count("train-base: 2 steps") == 1
     state = json.loads((find_checkpoint(tmp_path / "run", "latest") / "state.json").read_text())
     assert state["num_processes"] == 2 and state["step"] == 2
 

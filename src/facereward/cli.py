@@ -80,9 +80,9 @@ def _done(message: str) -> None:
 
 
 def _is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    # From the launcher's RANK, not accelerate's PartialState: creating that state before the trainer's
+    # Accelerator would fix its settings (a CPU multi-process run would then not join its peers).
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _device(name: str | None):

@@ -37,7 +37,7 @@ def describe_run(kind: str, config: Any) -> str:
         unit = "epochs"
     else:
         raise ValueError(f"describe_run: unknown trainer {kind!r}")
-    resume = f"; resuming from {run.resume}" if run.resume else ""
+    resume = {None: "", "auto": "; resuming from its newest checkpoint if it has one"}.get(run.resume, f"; resuming from {run.resume}")
     return (f"{kind}: {what} -> {run.output_dir}{resume} (a checkpoint every {run.save_every:,} {unit}; "
             f"after Ctrl-C, the same command with --resume latest continues)")
 
