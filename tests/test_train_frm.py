@@ -58,7 +58,7 @@ def test_train_frm_learns_the_preference_and_resumes(tmp_path, pairs_file):
     train_frm(cfg)
     assert find_checkpoint(tmp_path / "run", "latest").name == "step-00000060"
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
-    assert [h["step"] for h in history] == [60]  # the resumed run continued at 40
+    assert [h["step"] for h in history] == [20, 40, 60]  # the resumed run continued at 40, keeping the earlier entries
 
 
 def test_train_frm_needs_pairs(tmp_path):

@@ -14,17 +14,20 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from facereward.data.datasets import HQFolderDataset, InMemoryHQDataset, collate_batch
 from facereward.models.ddim import q_sample
 from facereward.models.restorer import Restorer, RestorerConfig
 from facereward.train.plumbing import (
+    BatchStream,
     ProgressLog,
     RunConfig,
     checkpoint_run,
-    infinite_batches,
+    data_position,
     make_accelerator,
+    restore_rng,
+    resumable_loader,
     resume_run,
     write_run_config,
 )
@@ -154,20 +157,20 @@ def train_base(config: TrainBaseConfig) -> Path:
         raise ValueError(f"data.size {config.data.size} differs from the model size {restorer.config.size}")
     restorer.to(accelerator.device)
     dataset = build_dataset(config.data)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, num_workers=config.data.num_workers,
-                        collate_fn=collate_batch, drop_last=len(dataset) >= config.batch_size)
+    loader = resumable_loader(dataset, config.batch_size, run.seed, num_workers=config.data.num_workers, collate_fn=collate_batch,
+                              drop_last=len(dataset) >= config.batch_size)
     cleaner, stage2 = restorer.cleaner, restorer.stage2_trainable()
     opt1 = torch.optim.AdamW(cleaner.parameters(), lr=config.stage1_lr, weight_decay=config.weight_decay)
     opt2 = torch.optim.AdamW(stage2.parameters(), lr=config.stage2_lr, weight_decay=config.weight_decay)
     modules = {"cleaner": cleaner, "stage2": stage2}
     optimizers = {"stage1": opt1, "stage2": opt2}
-    step, epoch = 0, 0
-    if state := resume_run(accelerator, run, modules, optimizers):
-        step, epoch = state["step"], state["epoch"] + 1
+    state = resume_run(accelerator, run, modules, optimizers)
+    step = state["step"] if state else 0
     total = config.stage1_steps + config.stage2_steps
-    loader = accelerator.prepare(loader)
-    batches = infinite_batches(loader, start_epoch=epoch)
-    log = ProgressLog(accelerator, total, step, "train-base", run.log_every, run.progress)
+    batches = BatchStream(accelerator.prepare(loader), accelerator, data_position(state))
+    log = ProgressLog(accelerator, total, step, "train-base", run.log_every, run.progress,
+                      history=state.get("train_log") if state else None)
+    restore_rng(state)  # last, after every setup that draws random numbers
 
     for stage, n_steps, module, opt, lr in (
         (1, config.stage1_steps, cleaner, opt1, config.stage1_lr),
@@ -183,7 +186,7 @@ def train_base(config: TrainBaseConfig) -> Path:
         _set_trainable(restorer, stage, wrapped)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.warmup_steps, done=step - start))
         while step < start + n_steps:
-            epoch, batch = next(batches)
+            _, batch = next(batches)
             with accelerator.accumulate(wrapped):
                 with accelerator.autocast():
                     loss = (stage1_loss(restorer, batch) if stage == 1
@@ -199,7 +202,7 @@ def train_base(config: TrainBaseConfig) -> Path:
             step += 1
             log.step(step, {f"stage{stage}/loss": loss, f"stage{stage}/lr": sched.get_last_lr()[0]})
             if step % run.save_every == 0 or step == total:
-                checkpoint_run(accelerator, run, step, modules, optimizers, {"epoch": epoch})
+                checkpoint_run(accelerator, run, step, modules, optimizers, {"data": batches.position(), "train_log": log.history})
         _set_trainable(restorer, stage, accelerator.unwrap_model(wrapped))
         module.eval()
     log.close()

@@ -21,12 +21,15 @@ from facereward.data.imageio import read_image
 from facereward.data.preferences import PreferencePair, load_pairs, split_pairs
 from facereward.models.frm import FaceRewardModel, FRMConfig, bradley_terry_loss
 from facereward.train.plumbing import (
+    BatchStream,
     ProgressLog,
     RunConfig,
     checkpoint_run,
-    infinite_batches,
+    data_position,
     make_accelerator,
+    restore_rng,
     resume_run,
+    resumable_loader,
     write_run_config,
 )
 
@@ -129,20 +132,19 @@ def train_frm(config: TrainFRMConfig) -> Path:
     frm.to(accelerator.device)
     params = [p for p in frm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    step, epoch, best = 0, 0, -1.0
-    if state := resume_run(accelerator, run, {"frm": frm}, {"frm": optimizer}):
-        step, epoch, best = state["step"], state["epoch"] + 1, state.get("best_accuracy", -1.0)
+    state = resume_run(accelerator, run, {"frm": frm}, {"frm": optimizer}) or {}
+    step, best, history = state.get("step", 0), state.get("best_accuracy", -1.0), list(state.get("history", []))
     train_set = PairImages(train_pairs, config.image_size, config.random_flip, run.seed)
-    loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, collate_fn=_collate, drop_last=len(train_set) > config.batch_size)
+    loader = resumable_loader(train_set, config.batch_size, run.seed, collate_fn=_collate, drop_last=len(train_set) > config.batch_size)
     eval_loader = DataLoader(PairImages(eval_pairs, config.image_size), batch_size=config.batch_size, collate_fn=_collate)
     wrapped, optimizer, loader = accelerator.prepare(frm, optimizer, loader)
-    batches = infinite_batches(loader, start_epoch=epoch)
-    log = ProgressLog(accelerator, config.steps, step, "train-frm", run.log_every, run.progress)
-    history: list[dict[str, float]] = []
+    batches = BatchStream(loader, accelerator, data_position(state))
+    log = ProgressLog(accelerator, config.steps, step, "train-frm", run.log_every, run.progress, history=state.get("train_log"))
     out = Path(run.output_dir)
+    restore_rng(state)  # last, after every setup that draws random numbers
     while step < config.steps:
         wrapped.train()
-        epoch, batch = next(batches)
+        _, batch = next(batches)
         captions = batch["caption"] if config.use_captions else None
         with accelerator.accumulate(wrapped), accelerator.autocast():
             # one forward through the (DDP-)wrapped model so gradients are synchronised across processes
@@ -167,11 +169,13 @@ def train_frm(config: TrainFRMConfig) -> Path:
                 frm.save_pretrained(out / "best")
         log.step(step, scalars)
         if step % run.save_every == 0 or step == config.steps:
-            checkpoint_run(accelerator, run, step, {"frm": frm}, {"frm": optimizer}, {"epoch": epoch, "best_accuracy": best})
+            checkpoint_run(accelerator, run, step, {"frm": frm}, {"frm": optimizer},
+                           {"data": batches.position(), "best_accuracy": best, "history": history, "train_log": log.history})
     log.close()
     if accelerator.is_main_process:
         frm.save_pretrained(out / "model")
-        summary = {"best_held_out_accuracy": best, "train_pairs": len(train_pairs), "held_out_pairs": len(eval_pairs), "history": history}
+        summary = {"best_held_out_accuracy": best, "train_pairs": len(train_pairs), "held_out_pairs": len(eval_pairs), "history": history,
+                   "train_log": log.history}
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()
     return out / "best"

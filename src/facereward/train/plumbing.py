@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -94,6 +95,7 @@ def save_checkpoint(
     optimizers: dict[str, torch.optim.Optimizer],
     state: dict[str, Any],
     keep: int = 2,
+    generators: dict[str, torch.Generator] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and prune all but the newest `keep`; returns its folder."""
     root = checkpoint_root(output_dir)
@@ -108,7 +110,7 @@ def save_checkpoint(
         save_file(tensors, tmp / f"{name}.safetensors")
     for name, optimizer in optimizers.items():
         torch.save(optimizer.state_dict(), tmp / f"{name}.optim.pt")
-    save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+    save_file(rng_state(generators), tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -133,13 +135,14 @@ def checkpoint_run(
     modules: dict[str, nn.Module],
     optimizers: dict[str, torch.optim.Optimizer],
     state: dict[str, Any],
+    generators: dict[str, torch.Generator] | None = None,
 ) -> None:
     """Save a checkpoint from the main process (unwrapped modules), with every process waiting for it."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = {k: accelerator.unwrap_model(m) for k, m in modules.items()}
         full_state = {**state, "num_processes": accelerator.num_processes}
-        save_checkpoint(run.output_dir, step, unwrapped, optimizers, full_state, keep=run.keep_checkpoints)
+        save_checkpoint(run.output_dir, step, unwrapped, optimizers, full_state, keep=run.keep_checkpoints, generators=generators)
     accelerator.wait_for_everyone()
 
 
@@ -331,10 +334,38 @@ def load_checkpoint(
             optimizer.load_state_dict(saved)
         except (ValueError, KeyError) as err:
             raise CheckpointError(f"{file}: does not fit the optimizer ({_first_line(err)})") from None
-    rng = path / "rng.safetensors"
-    if rng.is_file():
-        torch.set_rng_state(_read_weights(rng)["torch"])
-    return state
+    return {**state, "checkpoint": str(path)}
+
+
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, torch.Tensor]:
+    """The global CPU (and current CUDA device) RNG states plus each named generator's, as tensors to save."""
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    for name, generator in (generators or {}).items():
+        out[f"generator/{name}"] = generator.get_state()
+    return out
+
+
+def restore_rng(state: dict[str, Any] | None, generators: dict[str, torch.Generator] | None = None) -> None:
+    """Put back the RNG states of the checkpoint `state` came from (`resume_run`'s result); nothing for a fresh run.
+
+    Call it just before the first step, after every setup that draws random numbers, so the resumed run
+    draws what the uninterrupted one drew.
+    """
+    if not state or "checkpoint" not in state:
+        return
+    file = Path(state["checkpoint"]) / "rng.safetensors"
+    if not file.is_file():
+        return
+    saved = _read_weights(file)
+    torch.set_rng_state(saved["torch"])
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["cuda"])
+    for name, generator in (generators or {}).items():
+        if f"generator/{name}" not in saved:
+            raise CheckpointError(f"{file}: no state for the random generator {name!r} (a checkpoint of another trainer?)")
+        generator.set_state(saved[f"generator/{name}"].to(generator.get_state().device))
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
@@ -343,6 +374,98 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
         return load_file(file)
     except (SafetensorError, OSError):
         raise CheckpointError(f"{file.parent}: {_weights_problem(file) or f'corrupt {file.name}'}") from None
+
+
+def data_position(state: dict[str, Any] | None) -> dict[str, int] | None:
+    """Where a resumed run's data continues ({"epoch", "batch"}); checkpoints from before positions were saved
+    restart at the epoch after the saved one."""
+    if not state:
+        return None
+    return state.get("data") or {"epoch": int(state.get("epoch", -1)) + 1, "batch": 0}
+
+
+def resumable_loader(dataset, batch_size: int, seed: int, shuffle: bool = True, **kwargs) -> torch.utils.data.DataLoader:
+    """A DataLoader whose order is a function of (seed, epoch) and which never draws from the global RNG.
+
+    (A plain DataLoader draws a base seed from the global RNG each time an epoch starts, so where a
+    resumed run starts its epochs would change the model's random draws.)
+    """
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed, shuffle),
+                                       generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A shuffle that is a function of (seed, epoch) alone, so a resumed run sees the same order (no global RNG)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        return iter(np.random.default_rng([self.seed, self.epoch, 0x5EED]).permutation(self.n).tolist())
+
+
+class BatchStream:
+    """(epoch, batch) forever from a prepared loader, knowing where it is: `position()` -> {"epoch", "batch"}.
+
+    Built from a saved position, it continues inside the interrupted epoch at the next batch (the skipped
+    batches are not loaded: accelerate's `skip_first_batches` skips them in the sampler).
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader, accelerator: Accelerator, position: dict[str, int] | None = None):
+        self.loader, self.accelerator = loader, accelerator
+        self.epoch = int(position["epoch"]) if position else 0
+        self.batch = int(position["batch"]) if position else 0
+        self._iter: Iterator | None = None
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def _start_epoch(self) -> None:
+        if self.batch and self.batch >= len(self.loader):  # saved at an epoch's last batch: the next one starts
+            self.epoch, self.batch = self.epoch + 1, 0
+        _set_epoch(self.loader, self.epoch)
+        skip = self.batch
+        source = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+        self._iter = iter(source)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, dict[str, Any]]:
+        if self._iter is None:
+            self._start_epoch()
+        while True:
+            try:
+                item = next(self._iter)
+            except StopIteration:
+                self.epoch, self.batch = self.epoch + 1, 0
+                self._start_epoch()
+                continue
+            self.batch += 1
+            return self.epoch, item
+
+
+def _set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
+    """Tell the dataset, the sampler and accelerate's wrapper which epoch starts."""
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+    if hasattr(loader, "set_epoch"):  # accelerate's DataLoaderShard forwards it to its sampler
+        loader.set_epoch(epoch)
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    inner = getattr(getattr(batch_sampler, "batch_sampler", batch_sampler), "sampler", None)
+    if hasattr(inner, "set_epoch"):
+        inner.set_epoch(epoch)
 
 
 def infinite_batches(loader: torch.utils.data.DataLoader, start_epoch: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -363,13 +486,14 @@ def infinite_batches(loader: torch.utils.data.DataLoader, start_epoch: int = 0) 
 class ProgressLog:
     """A progress bar plus scalar logging to TensorBoard every `log_every` steps (main process only)."""
 
-    def __init__(self, accelerator: Accelerator, total: int, initial: int, desc: str, log_every: int, enabled: bool = True):
+    def __init__(self, accelerator: Accelerator, total: int, initial: int, desc: str, log_every: int, enabled: bool = True,
+                 history: list[dict[str, float]] | None = None):
         self.accelerator = accelerator
         self.log_every = max(1, log_every)
         self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and accelerator.is_main_process), dynamic_ncols=True)
         self.plain = not enabled and accelerator.is_main_process  # no bar: print a line per log step instead
         self.desc, self.total = desc, total
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, float]] = list(history or [])  # a resumed run continues the saved log
 
     def step(self, step: int, scalars: dict[str, torch.Tensor | float]) -> None:
         """Advance one step; every `log_every` steps sync the scalars to the host and log them."""
