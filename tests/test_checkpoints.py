@@ -143,12 +143,13 @@ def test_train_base_with_resume_auto_twice(tmp_path, capsys):
     assert f"run.resume auto: no checkpoint in {root}; starting fresh" in capsys.readouterr().err
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002"]
     before = (root / "step-00000002" / "state.json").stat().st_mtime_ns
+    first_log = json.loads((tmp_path / "run" / "metrics.json").read_text())["train_log"]
 
     train_base(_base_config(tmp_path))  # resumes at the end: no more steps, the model saved again
     assert f"run.resume auto: resuming from {root / 'step-00000002'}" in capsys.readouterr().err
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002"]
     assert (root / "step-00000002" / "state.json").stat().st_mtime_ns == before
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train_log"] == []
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train_log"] == first_log  # no steps, the log kept
 
     state = json.loads((root / "step-00000002" / "state.json").read_text())
     (root / "step-00000002" / "state.json").write_text(json.dumps({**state, "num_processes": 2}))

@@ -81,3 +81,19 @@ def test_train_frm_resumes_bit_identically_after_sigkill(tmp_path):
     ref, killed = _kill_and_resume(tmp_path, ["train-frm"], config, ["train-frm step 3/", "train-frm step 6/"])
     _assert_same_run(ref, killed)
     _assert_same_run(ref, killed, model="best")
+
+
+def test_refl_resumes_bit_identically_after_sigkill(tmp_path, pixel_restorer):
+    from facereward.models.frm import FaceRewardModel, FRMConfig
+
+    pixel_restorer.save_pretrained(tmp_path / "restorer")
+    torch.manual_seed(1)
+    FaceRewardModel(FRMConfig(backbone="cnn", input_size=32, cnn_widths=[8, 16], cnn_depth=1)).save_pretrained(tmp_path / "frm")
+    config = {"run": {"save_every": 2, "log_every": 1, "progress": False}, "init_from": str(tmp_path / "restorer"),
+              "frm": str(tmp_path / "frm"), "data": {"toy_faces": 6, "size": 32, "toy_identities": 10},
+              "steps": 6, "batch_size": 4, "sampling_steps": 3, "eta": "random", "lr": 1e-4, "reward_weight": 0.1,
+              "lpips_weight": 0.0, "dynamic_frm": {"every": 1, "lr": 1e-3},
+              "held_out": {"every": 3, "toy_faces": 2, "steps": 2}}
+    ref, killed = _kill_and_resume(tmp_path, ["refl"], config, ["refl step 3/", "refl step 5/"])
+    _assert_same_run(ref, killed)
+    _assert_same_run(ref, killed, model="frm")  # the dynamic FRM too

@@ -25,6 +25,7 @@ from facereward.train.plumbing import (
     RunConfig,
     find_checkpoint,
     load_checkpoint,
+    restore_rng,
     save_checkpoint,
 )
 
@@ -96,11 +97,18 @@ def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
-    path = save_checkpoint(tmp_path, 5, {"m": model}, {"o": opt}, {"epoch": 2})
+    gen = torch.Generator().manual_seed(5)
+    path = save_checkpoint(tmp_path, 5, {"m": model}, {"o": opt}, {"epoch": 2}, generators={"sampler": gen})
+    expected = (torch.rand(3), torch.rand(3, generator=gen))  # what the run draws next
     model2 = torch.nn.Linear(3, 2)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
     state = load_checkpoint(path, {"m": model2}, {"o": opt2})
-    assert state == {"step": 5, "epoch": 2}
+    assert state == {"step": 5, "epoch": 2, "checkpoint": str(path)}
+    gen2 = torch.Generator().manual_seed(99)
+    restore_rng(state, {"sampler": gen2})
+    assert torch.equal(torch.rand(3), expected[0]) and torch.equal(torch.rand(3, generator=gen2), expected[1])
+    with pytest.raises(CheckpointError, match="no state for the random generator 'other'"):
+        restore_rng(state, {"other": torch.Generator()})
     assert torch.equal(model.weight, model2.weight)
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"])
     with pytest.raises(CheckpointError, match="does not fit"):

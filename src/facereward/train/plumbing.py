@@ -468,21 +468,6 @@ def _set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
         inner.set_epoch(epoch)
 
 
-def infinite_batches(loader: torch.utils.data.DataLoader, start_epoch: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(epoch, batch) forever, calling the dataset's `set_epoch` (if any) at each epoch start."""
-    epoch = start_epoch
-    while True:
-        dataset = loader.dataset
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        for batch in loader:
-            yield epoch, batch
-        epoch += 1
-
-
 class ProgressLog:
     """A progress bar plus scalar logging to TensorBoard every `log_every` steps (main process only)."""
 

@@ -19,7 +19,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from facereward.data.datasets import collate_batch
 from facereward.models.ddim import DDIMSchedule, truncated_rollout
@@ -29,12 +28,15 @@ from facereward.rewards import CompositeReward, RewardsConfig
 from facereward.train.base import DataConfig, build_dataset
 from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator
 from facereward.train.plumbing import (
+    BatchStream,
     ProgressLog,
     RunConfig,
     checkpoint_run,
-    infinite_batches,
+    data_position,
     make_accelerator,
+    restore_rng,
     resume_run,
+    resumable_loader,
     write_run_config,
 )
 from facereward.train.trainable import (
@@ -295,8 +297,8 @@ def build_reward_term(config: ReFLConfig, device: torch.device) -> CompositeRewa
     return composite
 
 
-def _preference_batches(config: DynamicFRMConfig, seed: int, size: int):
-    """An endless iterator of pair batches from the original preference set (resized to `size`), or None."""
+def _preference_batches(config: DynamicFRMConfig, seed: int, size: int, accelerator, position: dict[str, int] | None = None):
+    """An endless stream of pair batches from the original preference set (resized to `size`), from `position`; or None."""
     if not config.pairs or config.pairs_per_update <= 0:
         return None
     from facereward.data.preferences import load_pairs
@@ -305,9 +307,9 @@ def _preference_batches(config: DynamicFRMConfig, seed: int, size: int):
     pairs = [p for p in load_pairs(config.pairs) if not p.tie]
     if not pairs:
         raise ValueError(f"{config.pairs}: no non-tie preference pairs to mix into the dynamic FRM updates")
-    loader = DataLoader(PairImages(pairs, image_size=size, random_flip=True, seed=seed), batch_size=config.pairs_per_update, shuffle=True,
-                        collate_fn=_collate, drop_last=len(pairs) >= config.pairs_per_update)
-    return (batch for _, batch in infinite_batches(loader))
+    loader = resumable_loader(PairImages(pairs, image_size=size, random_flip=True, seed=seed), config.pairs_per_update, seed,
+                              collate_fn=_collate, drop_last=len(pairs) >= config.pairs_per_update)
+    return BatchStream(loader, accelerator, position)
 
 
 def _validate(config: ReFLConfig) -> None:
@@ -350,12 +352,11 @@ def train_refl(config: ReFLConfig) -> Path:
         raise ValueError(f"{frm_path}: the FRM has no trainable parameters for dynamic updates (set dynamic_frm.every: 0)")
     modules: dict[str, nn.Module] = {"stage2": trainable, "frm": frm}
     optimizers = {"restorer": optimizer, **({"frm": frm_optimizer} if frm_optimizer else {})}
-    step, epoch, history = 0, 0, []
-    if state := resume_run(accelerator, run, modules, optimizers):
-        step, epoch, history = state["step"], state["epoch"] + 1, state.get("history", [])
+    state = resume_run(accelerator, run, modules, optimizers) or {}
+    step, history = state.get("step", 0), list(state.get("history", []))
     dataset = build_dataset(config.data)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, num_workers=config.data.num_workers,
-                        collate_fn=collate_batch, drop_last=len(dataset) >= config.batch_size)
+    loader = resumable_loader(dataset, config.batch_size, run.seed, num_workers=config.data.num_workers, collate_fn=collate_batch,
+                              drop_last=len(dataset) >= config.batch_size)
     wrapped, optimizer, loader = accelerator.prepare(trainable, optimizer, loader)
     set_stage2(restorer, wrapped)
     refl_step = ReFLStep(config, restorer, frm, reference, _load_lpips(config), build_reward_term(config, device))
@@ -363,10 +364,12 @@ def train_refl(config: ReFLConfig) -> Path:
     if config.held_out.every > 0 and accelerator.is_main_process:
         frms = {"initial": initial_frm, **({"live": frm} if frm_optimizer else {})}
         evaluator = HeldOutEvaluator(config.held_out, config.data, restorer.config.size, device, frms)
-    preference_batches = _preference_batches(dyn, run.seed, restorer.config.size) if frm_optimizer else None
-    generator = torch.Generator(device=device).manual_seed(run.seed * 7919 + accelerator.process_index + 1000 * step)
-    batches = infinite_batches(loader, start_epoch=epoch)
-    log = ProgressLog(accelerator, config.steps, step, "refl", run.log_every, run.progress)
+    preference_batches = (_preference_batches(dyn, run.seed, restorer.config.size, accelerator, state.get("preference_data"))
+                          if frm_optimizer else None)
+    # the sampler's noise, eta and grad-step draws; saved in checkpoints, so a resumed run draws what this one would
+    generator = torch.Generator(device=device).manual_seed(run.seed * 7919 + accelerator.process_index)
+    batches = BatchStream(loader, accelerator, data_position(state))
+    log = ProgressLog(accelerator, config.steps, step, "refl", run.log_every, run.progress, history=state.get("train_log"))
     out_dir = Path(run.output_dir)
 
     def held_out(at: int) -> None:
@@ -382,9 +385,10 @@ def train_refl(config: ReFLConfig) -> Path:
 
     if step == 0 and not history:
         held_out(0)
+    restore_rng(state, {"sampler": generator})  # last, after every setup that draws random numbers
     while step < config.steps:
         wrapped.train()
-        epoch, batch = next(batches)
+        _, batch = next(batches)
         with accelerator.accumulate(wrapped):
             if config.accumulate_last_only:
                 optimizer.zero_grad(set_to_none=True)  # acts only on the sync micro-step: the earlier ones are wiped
@@ -405,7 +409,10 @@ def train_refl(config: ReFLConfig) -> Path:
         if config.held_out.every > 0 and (step % config.held_out.every == 0 or step == config.steps):
             held_out(step)
         if step % run.save_every == 0 or step == config.steps:
-            checkpoint_run(accelerator, run, step, modules, optimizers, {"epoch": epoch, "history": history})
+            positions = {"data": batches.position(),
+                         **({"preference_data": preference_batches.position()} if preference_batches is not None else {})}
+            checkpoint_run(accelerator, run, step, modules, optimizers, {**positions, "history": history, "train_log": log.history},
+                           generators={"sampler": generator})
     log.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -423,7 +430,7 @@ def _dynamic_frm_update(frm: FaceRewardModel, optimizer: torch.optim.Optimizer, 
     chosen, rejected = batch["hq"], restored.to(batch["hq"].dtype)
     captions = list(batch["caption"]) if dyn.use_captions else None
     if preference_batches is not None:
-        pref = next(preference_batches)
+        _, pref = next(preference_batches)
         chosen = torch.cat([chosen, pref["chosen"].to(chosen.device)])
         rejected = torch.cat([rejected, pref["rejected"].to(rejected.device)])
         if captions is not None:
