@@ -97,3 +97,13 @@ def test_refl_resumes_bit_identically_after_sigkill(tmp_path, pixel_restorer):
     ref, killed = _kill_and_resume(tmp_path, ["refl"], config, ["refl step 3/", "refl step 5/"])
     _assert_same_run(ref, killed)
     _assert_same_run(ref, killed, model="frm")  # the dynamic FRM too
+
+
+def test_lrpo_resumes_bit_identically_after_sigkill(tmp_path, pixel_restorer):
+    pixel_restorer.save_pretrained(tmp_path / "restorer")
+    config = {"run": {"save_every": 1, "log_every": 1, "progress": False}, "init_from": str(tmp_path / "restorer"),
+              "data": {"toy_faces": 6, "size": 32, "toy_identities": 10}, "rewards": {"weights": {"wavelet": 0.5, "ssim": 0.5}},
+              "group_size": 3, "inputs_per_batch": 2, "batches_per_epoch": 1, "epochs": 4, "steps": 4, "micro_batch": 3,
+              "train_batch_size": 3, "reg_steps": 2, "lr": 1e-4, "held_out": {"every": 2, "toy_faces": 2, "steps": 2}}
+    ref, killed = _kill_and_resume(tmp_path, ["lrpo"], config, ["lrpo step 2/", "lrpo step 3/"])
+    _assert_same_run(ref, killed)
