@@ -50,6 +50,7 @@ from facereward.train.plumbing import (
     RunConfig,
     checkpoint_run,
     make_accelerator,
+    restore_rng,
     resume_run,
     write_run_config,
 )
@@ -623,6 +624,7 @@ def train_lrpo(config: LRPOConfig) -> Path:
         start, history = int(state["step"]), list(state.get("history", []))
     log = ProgressLog(accelerator, config.epochs, start, "lrpo", run.log_every, run.progress)
     metrics_path = Path(run.output_dir) / "metrics.json"
+    restore_rng(state)  # every draw of an epoch has its own (seed, epoch) generator; this covers any other
     for epoch in range(start, config.epochs):
         buffer, scores = sample_epoch(restorer, dataset, schedule, config, n_train, reward, accelerator, epoch)
         _, advantages = assign_advantages(buffer, scores["reward"], config, n_train, accelerator, epoch)

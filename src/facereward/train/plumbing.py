@@ -304,9 +304,10 @@ def load_checkpoint(
     modules: dict[str, nn.Module],
     optimizers: dict[str, torch.optim.Optimizer],
 ) -> dict[str, Any]:
-    """Restore modules, optimizers and the RNG from `path`; returns its state.json.
+    """Restore modules and optimizers from `path`; returns its state.json plus {"checkpoint": path}.
 
-    A missing, corrupt or unfitting file is a one-line CheckpointError naming it.
+    The RNG states are put back separately, by `restore_rng`, once the trainer's setup is done. A missing,
+    corrupt or unfitting file is a one-line CheckpointError naming it.
     """
     try:
         state = json.loads((path / "state.json").read_text())
