@@ -19,7 +19,7 @@ from facereward.models.ddim import DDIMSchedule, ddim_step_with_logprob, predict
 from facereward.models.frm import FaceRewardModel
 from facereward.models.restorer import Restorer
 from facereward.train.refl import ReFLConfig, ReFLStep
-from facereward.train.trainable import LoraSettings, frozen_copy, prepare_trainable, set_stage2
+from facereward.train.trainable import LoraSettings, frozen_copy, prepare_trainable
 from facereward.weights import WEIGHTS_DIR, default_restorer_path
 
 
@@ -79,11 +79,8 @@ def main() -> None:
             eps, residuals = restorer.predict_eps(x, t_b, cond, return_residuals=True)
             loss = frm(restorer.decode(predict_x0(x, eps, schedule.alpha_bars(t_b)[0].view(-1, 1, 1, 1)))).mean()
             if reg:
-                current = restorer.stage2_trainable()
-                set_stage2(restorer, reference)
                 with torch.no_grad():
-                    restorer.predict_eps(x, t_b, cond)
-                set_stage2(restorer, current)
+                    restorer.predict_eps(x, t_b, cond, net=reference)
             loss.backward()
             trainable.zero_grad(set_to_none=True)
 

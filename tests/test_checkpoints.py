@@ -84,6 +84,11 @@ def test_auto_without_checkpoints_starts_fresh_and_says_so(tmp_path, capsys):
         find_checkpoint(tmp_path, "latest")
 
 
+def test_a_missing_process_rng_file_makes_the_checkpoint_invalid(tmp_path):
+    path = _save(tmp_path, 6, num_processes=2)
+    assert checkpoint_problem(path) == "no rng-1.safetensors"
+
+
 def test_an_explicit_corrupt_folder_is_one_line_naming_the_file(tmp_path):
     path = _save(tmp_path, 3)
     _truncate(path / "stage1.optim.pt")
@@ -117,12 +122,12 @@ def test_a_fresh_start_beside_a_corrupt_newer_checkpoint_keeps_its_own(tmp_path)
 
 
 def test_resume_run_rejects_a_different_number_of_processes(tmp_path):
-    _save(tmp_path, 5, num_processes=2)
+    path = _save(tmp_path, 5, num_processes=2)
+    (path / "rng-1.safetensors").write_bytes((path / "rng-0.safetensors").read_bytes())  # the other process's
     accelerator = SimpleNamespace(is_main_process=True, num_processes=1)
-    modules, optimizers = _fresh()
     with pytest.raises(CheckpointError, match=r"^run\.resume: .*step-00000005 ran on 2 processes, this run on 1"):
-        resume_run(accelerator, RunConfig(output_dir=str(tmp_path), resume="latest"), modules, optimizers)
-    assert resume_run(accelerator, RunConfig(output_dir=str(tmp_path)), modules, optimizers) is None
+        resume_run(accelerator, RunConfig(output_dir=str(tmp_path), resume="latest"))
+    assert resume_run(accelerator, RunConfig(output_dir=str(tmp_path))) is None
 
 
 def _base_config(tmp_path: Path) -> TrainBaseConfig:
@@ -153,6 +158,7 @@ def test_train_base_with_resume_auto_twice(tmp_path, capsys):
 
     state = json.loads((root / "step-00000002" / "state.json").read_text())
     (root / "step-00000002" / "state.json").write_text(json.dumps({**state, "num_processes": 2}))
+    (root / "step-00000002" / "rng-1.safetensors").write_bytes((root / "step-00000002" / "rng-0.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="ran on 2 processes, this run on 1"):
         train_base(_base_config(tmp_path))
 

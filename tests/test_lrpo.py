@@ -91,7 +91,8 @@ def _buffer(n: int, n_train: int, groups=None, seed: int = 0) -> EpochBuffer:
     g = torch.Generator().manual_seed(seed)
     return EpochBuffer(samples=torch.randn(n_train + 1, n, 2, 4, 4, generator=g), log_probs=torch.randn(n, n_train, generator=g),
                        sigmas=torch.rand(n, n_train + 1, generator=g) + 0.1, cond=torch.randn(n, 2, 4, 4, generator=g),
-                       z_gt=torch.randn(n, 2, 4, 4, generator=g), group_ids=groups if groups is not None else torch.arange(n))
+                       z_gt=torch.randn(n, 2, 4, 4, generator=g), group_ids=groups if groups is not None else torch.arange(n),
+                       rows=torch.arange(n))
 
 
 def test_pad_zero_advantage_and_minibatches():
@@ -107,7 +108,7 @@ def test_pad_zero_advantage_and_minibatches():
 class FakeRestorer:
     """eps = 0.3 x_t + cond: enough to exercise the step loss without a network."""
 
-    def predict_eps(self, x_t, t, cond):
+    def predict_eps(self, x_t, t, cond, net=None):
         return 0.3 * x_t + cond
 
 
@@ -123,7 +124,7 @@ def test_step_loss_is_the_originals_per_step_scale():
     config = LRPOConfig(init_from="x", steps=4, reg_steps=2, clip_range=0.2)
     k, rows = 2, torch.arange(n)
     stats = zero_stats(torch.device("cpu"))
-    got = step_loss(FakeRestorer(), buffer, rows, k, schedule, config, n_train, 4.0, None, OneProcess(), stats, True)
+    got = step_loss(FakeRestorer(), None, buffer, rows, k, schedule, config, n_train, 4.0, None, OneProcess(), stats, True)
     x_t, x_prev, t = buffer.samples[k], buffer.samples[k + 1], schedule.timesteps[k].expand(n)
     step = ddim_step_with_logprob(0.3 * x_t + buffer.cond, t, x_t, schedule, 1.0, prev_sample=x_prev)
     ratio = torch.exp(step.log_prob - buffer.log_probs[:, k])
@@ -133,7 +134,7 @@ def test_step_loss_is_the_originals_per_step_scale():
     kept = buffer.keep
     assert torch.allclose(got, pg[kept].mean() + 0.001 * reg[kept].mean(), rtol=1e-5)
     # an unregularised step is the policy term alone, on the same scale
-    got0 = step_loss(FakeRestorer(), buffer, rows, 0, schedule, config, n_train, 4.0, None, OneProcess(), stats, False)
+    got0 = step_loss(FakeRestorer(), None, buffer, rows, 0, schedule, config, n_train, 4.0, None, OneProcess(), stats, False)
     step0 = ddim_step_with_logprob(0.3 * buffer.samples[0] + buffer.cond, schedule.timesteps[0].expand(n), buffer.samples[0],
                                    schedule, 1.0, prev_sample=buffer.samples[1])
     r0 = torch.exp(step0.log_prob - buffer.log_probs[:, 0])

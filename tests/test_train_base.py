@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -99,7 +100,7 @@ def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path):
     opt.step()
     gen = torch.Generator().manual_seed(5)
     path = save_checkpoint(tmp_path, 5, {"m": model}, {"o": opt}, {"epoch": 2}, generators={"sampler": gen})
-    expected = (torch.rand(3), torch.rand(3, generator=gen))  # what the run draws next
+    expected = (torch.rand(3), torch.rand(3, generator=gen), np.random.rand(2), random.random())  # what the run draws next
     model2 = torch.nn.Linear(3, 2)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
     state = load_checkpoint(path, {"m": model2}, {"o": opt2})
@@ -107,6 +108,7 @@ def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path):
     gen2 = torch.Generator().manual_seed(99)
     restore_rng(state, {"sampler": gen2})
     assert torch.equal(torch.rand(3), expected[0]) and torch.equal(torch.rand(3, generator=gen2), expected[1])
+    assert np.array_equal(np.random.rand(2), expected[2]) and random.random() == expected[3]  # numpy's and Python's too
     with pytest.raises(CheckpointError, match="no state for the random generator 'other'"):
         restore_rng(state, {"other": torch.Generator()})
     assert torch.equal(model.weight, model2.weight)

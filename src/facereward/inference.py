@@ -36,11 +36,12 @@ def restore_batch(
     steps: int = 50,
     eta: Eta = 0.0,
     seed: int = 0,
+    net: torch.nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Both stages on a [0, 1] batch with per-image seeded x_T: {"clean", "restored"} in [0, 1]."""
+    """Both stages on a [0, 1] batch with per-image seeded x_T: {"clean", "restored"} in [0, 1]; `net`: see `Restorer.predict_eps`."""
     x_T = initial_noise(restorer, indices, lq.shape[2], lq.shape[3], seed, lq.device)
     step_gen = torch.Generator(device=lq.device).manual_seed(seed * 1_000_003 + indices[0])
-    return restorer.restore(lq, steps=steps, eta=eta, generator=step_gen, x_T=x_T)
+    return restorer.restore(lq, steps=steps, eta=eta, generator=step_gen, x_T=x_T, net=net)
 
 
 def collect_inputs(path: str | Path) -> list[Path]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Callable, Literal, Union
 
 import torch
@@ -19,7 +20,32 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Eta = Union[float, Literal["random"]]
 """A fixed eta, or "random": redrawn from U(0, 1) at every step (the DiffusionReward quirk, docs/methods.md 1.2)."""
 
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+"""One generator for the batch, or one per sample (row i's noise from generator i, so a sample's draws do not depend
+on which other samples share its batch or process)."""
+
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def randn(shape: Sequence[int], generator: Generators, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise of `shape` (rows first) from one generator or one per row."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+
+
+def row_generators(device: torch.device | str, *seeds: int) -> list[torch.Generator]:
+    """One generator per row, seeded with the given ints (see `Generators`)."""
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def mix_seed(*words: int) -> int:
+    """One 32-bit seed from several ints (numpy's SeedSequence): e.g. (run seed, step, sample row, purpose)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1)[0])
 
 
 def make_scheduler(
@@ -119,7 +145,7 @@ def ddim_step_with_logprob(
     schedule: DDIMSchedule,
     eta: float | torch.Tensor = 1.0,
     prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> StepOutput:
     """One DDIM step as a Gaussian policy (docs/methods.md 2.1).
 
@@ -140,7 +166,7 @@ def ddim_step_with_logprob(
     mean = torch.sqrt(abar_prev).to(x_t.dtype) * pred_x0 + dir_coef.to(x_t.dtype) * eps
     std_x = std.to(x_t.dtype)
     if prev_sample is None:
-        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        noise = randn(x_t.shape, generator, x_t.device, x_t.dtype)
         prev_sample = mean + std_x * noise
     log_prob = gaussian_log_prob(prev_sample.detach(), mean, std)
     return StepOutput(prev_sample=prev_sample, mean=mean, std=std_x, log_prob=log_prob, pred_x0=pred_x0)
@@ -148,6 +174,8 @@ def ddim_step_with_logprob(
 
 def _eta_for_step(eta: Eta, batch: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor | float:
     if eta == "random":
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError("eta 'random' with per-row generators needs eta_generator (one draw for the whole batch)")
         return torch.rand((), generator=generator, device=device).expand(batch)
     if isinstance(eta, str):
         raise ValueError(f"eta must be a number or 'random', got {eta!r}")
@@ -175,16 +203,20 @@ def rollout(
     x_T: torch.Tensor,
     schedule: DDIMSchedule,
     eta: Eta = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     record: bool = True,
+    eta_generator: torch.Generator | None = None,
 ) -> Trajectory | torch.Tensor:
-    """Sample from x_T through every step without grad; the trajectory, or only x_0 if not `record`."""
+    """Sample from x_T through every step without grad; the trajectory, or only x_0 if not `record`.
+
+    Step noise comes from `generator`; eta="random" draws from `eta_generator` (default: `generator`).
+    """
     x = x_T
     batch = x.shape[0]
     samples, log_probs, sigmas, etas = [x], [], [], []
     for t in schedule.timesteps:
         t_b = t.expand(batch)
-        step_eta = _eta_for_step(eta, batch, x.device, generator)
+        step_eta = _eta_for_step(eta, batch, x.device, eta_generator if eta_generator is not None else generator)
         out = ddim_step_with_logprob(eps_fn(x, t_b), t_b, x, schedule, step_eta, generator=generator)
         x = out.prev_sample
         if record:
@@ -217,9 +249,13 @@ def truncated_rollout(
     schedule: DDIMSchedule,
     grad_step: int,
     eta: Eta = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
+    eta_generator: torch.Generator | None = None,
 ) -> TruncatedOutput:
-    """Run steps 0..k-1 without grad, then step k's model call with grad; k = `grad_step` (docs/methods.md 1.2)."""
+    """Run steps 0..k-1 without grad, then step k's model call with grad; k = `grad_step` (docs/methods.md 1.2).
+
+    Step noise comes from `generator`; eta="random" draws from `eta_generator` (default: `generator`).
+    """
     if not 0 <= grad_step < schedule.num_steps:
         raise ValueError(f"grad_step must be in [0, {schedule.num_steps - 1}], got {grad_step}")
     batch = x_T.shape[0]
@@ -227,7 +263,7 @@ def truncated_rollout(
     with torch.no_grad():
         for t in schedule.timesteps[:grad_step]:
             t_b = t.expand(batch)
-            step_eta = _eta_for_step(eta, batch, x.device, generator)
+            step_eta = _eta_for_step(eta, batch, x.device, eta_generator if eta_generator is not None else generator)
             x = ddim_step_with_logprob(eps_fn(x, t_b), t_b, x, schedule, step_eta, generator=generator).prev_sample
     x = x.detach()
     t_b = schedule.timesteps[grad_step].expand(batch)

@@ -265,20 +265,26 @@ class Restorer(nn.Module):
         return self.encode(clean)
 
     def predict_eps(
-        self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, return_residuals: bool = False
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, return_residuals: bool = False,
+        net: nn.Module | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Noise prediction; with `return_residuals`, also the trainable net's outputs (ControlNet residuals, or [eps])."""
+        """Noise prediction; with `return_residuals`, also the stage-2 net's outputs (ControlNet residuals, or [eps]).
+
+        `net` replaces the restorer's own stage-2 network for this call (a trainer's DDP/FSDP/DeepSpeed-wrapped
+        copy, a frozen reference), as diffusers' ControlNet training passes its ControlNet to the UNet.
+        """
         if self.mode == "pixel":
-            eps = self.unet(torch.cat([x_t, cond.to(x_t.dtype)], dim=1), t).sample
+            eps = (net or self.unet)(torch.cat([x_t, cond.to(x_t.dtype)], dim=1), t).sample
             return (eps, [eps]) if return_residuals else eps
         text = self.prompt_embeds.to(x_t.dtype).expand(x_t.shape[0], -1, -1)
-        down, mid = self.controlnet(x_t, t, encoder_hidden_states=text, controlnet_cond=cond.to(x_t.dtype), return_dict=False)
+        down, mid = (net or self.controlnet)(x_t, t, encoder_hidden_states=text, controlnet_cond=cond.to(x_t.dtype),
+                                             return_dict=False)
         eps = self.unet(x_t, t, encoder_hidden_states=text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
         return (eps, [*down, mid]) if return_residuals else eps
 
-    def eps_fn(self, cond: torch.Tensor):
-        """The denoiser with `cond` bound, as the sampler takes it."""
-        return lambda x_t, t: self.predict_eps(x_t, t, cond)
+    def eps_fn(self, cond: torch.Tensor, net: nn.Module | None = None):
+        """The denoiser with `cond` (and `net`, see `predict_eps`) bound, as the sampler takes it."""
+        return lambda x_t, t: self.predict_eps(x_t, t, cond, net=net)
 
     @torch.no_grad()
     def restore(
@@ -288,10 +294,11 @@ class Restorer(nn.Module):
         eta: Eta = 0.0,
         generator: torch.Generator | None = None,
         x_T: torch.Tensor | None = None,
+        net: nn.Module | None = None,
     ) -> dict[str, torch.Tensor]:
         """Both stages on a [0, 1] batch: {"clean": C(lq), "restored": the diffusion output}, both in [0, 1].
 
-        `x_T` (the initial noise) is drawn from `generator` unless given; step noise always is.
+        `x_T` (the initial noise) is drawn from `generator` unless given; step noise always is. `net`: see `predict_eps`.
         """
         clean = self.clean(lq)
         cond = self.condition(clean)
@@ -299,21 +306,24 @@ class Restorer(nn.Module):
         if x_T is None:
             b, _, h, w = lq.shape
             x_T = torch.randn(self.latent_shape(b, h, w), generator=generator, device=lq.device, dtype=cond.dtype)
-        z0 = rollout(self.eps_fn(cond), x_T.to(self.unet.dtype), schedule, eta=eta, generator=generator, record=False)
+        z0 = rollout(self.eps_fn(cond, net), x_T.to(self.unet.dtype), schedule, eta=eta, generator=generator, record=False)
         return {"clean": clean.clamp(0, 1), "restored": self.decode(z0).clamp(0, 1)}
 
     # ---- save / load ---------------------------------------------------------------------
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write the restorer as one folder; written beside and moved in place, so a crash leaves no half folder."""
+    def save_pretrained(self, folder: str | Path, stage2: nn.Module | None = None) -> None:
+        """Write the restorer as one folder; written beside and moved in place, so a crash leaves no half folder.
+
+        `stage2` is saved in place of the restorer's own stage-2 network (a trainer's plain, LoRA-merged copy).
+        """
         folder = Path(folder)
         tmp = staging_folder(folder)
         (tmp / "cleaner").mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in self.cleaner.state_dict().items()}, tmp / "cleaner" / "model.safetensors")
         self.scheduler.save_pretrained(tmp / "scheduler")
-        self.unet.save_pretrained(tmp / "unet")
+        (stage2 if stage2 is not None and self.mode == "pixel" else self.unet).save_pretrained(tmp / "unet")
         if self.mode == "latent":
             self.vae.save_pretrained(tmp / "vae")
-            self.controlnet.save_pretrained(tmp / "controlnet")
+            (stage2 if stage2 is not None else self.controlnet).save_pretrained(tmp / "controlnet")
             save_file({"prompt_embeds": self.prompt_embeds.detach().contiguous().cpu()}, tmp / "prompt_embeds.safetensors")
         meta = {"format_version": FORMAT_VERSION, "config": asdict(self.config)}
         (tmp / "facereward.json").write_text(json.dumps(meta, indent=2))

@@ -25,8 +25,9 @@ from facereward.train.plumbing import (
     RunConfig,
     checkpoint_run,
     data_position,
+    engine_of,
     make_accelerator,
-    restore_rng,
+    restore_run,
     resumable_loader,
     resume_run,
     write_run_config,
@@ -103,14 +104,15 @@ def toy_world(data: DataConfig):
     return ToyFaceWorld(seed=data.toy_seed, n_identities=data.toy_identities or max(10, data.toy_faces // 10))
 
 
-def stage1_loss(restorer: Restorer, batch: dict[str, Any]) -> torch.Tensor:
-    """L1 between C(lq) and the HQ image."""
-    return F.l1_loss(restorer.clean(batch["lq"]), batch["hq"])
+def stage1_loss(restorer: Restorer, batch: dict[str, Any], net: torch.nn.Module | None = None) -> torch.Tensor:
+    """L1 between C(lq) and the HQ image; `net` is the (wrapped) cleaner being trained, default the restorer's own."""
+    return F.l1_loss((net or restorer.cleaner)(batch["lq"]), batch["hq"])
 
 
 def stage2_loss(restorer: Restorer, batch: dict[str, Any], generator: torch.Generator | None = None,
-                weighting: str = "uniform", min_snr_gamma: float = 5.0) -> torch.Tensor:
-    """Epsilon-prediction MSE at a uniform random training timestep, conditioned on the frozen C(lq).
+                weighting: str = "uniform", min_snr_gamma: float = 5.0, net: torch.nn.Module | None = None) -> torch.Tensor:
+    """Epsilon-prediction MSE at a uniform random training timestep, conditioned on the frozen C(lq); `net` is the
+    (wrapped) stage-2 network being trained (`Restorer.predict_eps`).
 
     `weighting="min_snr"` weights each sample by min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t),
     which shifts the effort to the high-noise steps where an eps error is amplified most in x0.
@@ -124,7 +126,7 @@ def stage2_loss(restorer: Restorer, batch: dict[str, Any], generator: torch.Gene
     t = torch.randint(0, n_train, (x0.shape[0],), device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     x_t = q_sample(x0, noise, t, restorer.scheduler.alphas_cumprod)
-    per_sample = (restorer.predict_eps(x_t, t, cond).float() - noise.float()).pow(2).flatten(1).mean(1)
+    per_sample = (restorer.predict_eps(x_t, t, cond, net=net).float() - noise.float()).pow(2).flatten(1).mean(1)
     if weighting == "min_snr":
         abar = restorer.scheduler.alphas_cumprod.to(x0.device)[t].float()
         snr = abar / (1 - abar)
@@ -164,13 +166,16 @@ def train_base(config: TrainBaseConfig) -> Path:
     opt2 = torch.optim.AdamW(stage2.parameters(), lr=config.stage2_lr, weight_decay=config.weight_decay)
     modules = {"cleaner": cleaner, "stage2": stage2}
     optimizers = {"stage1": opt1, "stage2": opt2}
-    state = resume_run(accelerator, run, modules, optimizers)
+    if engine_of(accelerator):
+        raise ValueError(f"train-base runs on one process or DDP, not {engine_of(accelerator)} (it trains two networks one "
+                         "after the other; use configs/accelerate/ddp.yaml)")
+    state = resume_run(accelerator, run)
     step = state["step"] if state else 0
     total = config.stage1_steps + config.stage2_steps
     batches = BatchStream(accelerator.prepare(loader), accelerator, data_position(state))
     log = ProgressLog(accelerator, total, step, "train-base", run.log_every, run.progress,
                       history=state.get("train_log") if state else None)
-    restore_rng(state)  # last, after every setup that draws random numbers
+    restore_run(accelerator, state, modules, optimizers)  # last, after every setup that draws random numbers
 
     for stage, n_steps, module, opt, lr in (
         (1, config.stage1_steps, cleaner, opt1, config.stage1_lr),
@@ -183,14 +188,14 @@ def train_base(config: TrainBaseConfig) -> Path:
         module.requires_grad_(True)
         module.train()
         wrapped, opt = accelerator.prepare(module, opt)
-        _set_trainable(restorer, stage, wrapped)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.warmup_steps, done=step - start))
         while step < start + n_steps:
             _, batch = next(batches)
             with accelerator.accumulate(wrapped):
                 with accelerator.autocast():
-                    loss = (stage1_loss(restorer, batch) if stage == 1
-                            else stage2_loss(restorer, batch, weighting=config.loss_weighting, min_snr_gamma=config.min_snr_gamma))
+                    loss = (stage1_loss(restorer, batch, net=wrapped) if stage == 1
+                            else stage2_loss(restorer, batch, weighting=config.loss_weighting, min_snr_gamma=config.min_snr_gamma,
+                                             net=wrapped))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.grad_clip > 0:
                     accelerator.clip_grad_norm_(wrapped.parameters(), config.grad_clip)
@@ -203,7 +208,6 @@ def train_base(config: TrainBaseConfig) -> Path:
             log.step(step, {f"stage{stage}/loss": loss, f"stage{stage}/lr": sched.get_last_lr()[0]})
             if step % run.save_every == 0 or step == total:
                 checkpoint_run(accelerator, run, step, modules, optimizers, {"data": batches.position(), "train_log": log.history})
-        _set_trainable(restorer, stage, accelerator.unwrap_model(wrapped))
         module.eval()
     log.close()
     out = Path(run.output_dir) / "model"
@@ -213,14 +217,4 @@ def train_base(config: TrainBaseConfig) -> Path:
         (Path(run.output_dir) / "metrics.json").write_text(json.dumps({"train_log": log.history}, indent=1))
     accelerator.end_training()
     return out
-
-
-def _set_trainable(restorer: Restorer, stage: int, module: torch.nn.Module) -> None:
-    """Put the (possibly DDP-wrapped) trained module back so the restorer's forward goes through it."""
-    if stage == 1:
-        restorer.cleaner = module
-    elif restorer.mode == "latent":
-        restorer.controlnet = module
-    else:
-        restorer.unet = module
 

@@ -26,8 +26,9 @@ from facereward.train.plumbing import (
     RunConfig,
     checkpoint_run,
     data_position,
+    engine_of,
     make_accelerator,
-    restore_rng,
+    restore_run,
     resume_run,
     resumable_loader,
     write_run_config,
@@ -132,7 +133,9 @@ def train_frm(config: TrainFRMConfig) -> Path:
     frm.to(accelerator.device)
     params = [p for p in frm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    state = resume_run(accelerator, run, {"frm": frm}, {"frm": optimizer}) or {}
+    if engine_of(accelerator):
+        raise ValueError(f"train-frm runs on one process or DDP, not {engine_of(accelerator)} (use configs/accelerate/ddp.yaml)")
+    state = resume_run(accelerator, run) or {}
     step, best, history = state.get("step", 0), state.get("best_accuracy", -1.0), list(state.get("history", []))
     train_set = PairImages(train_pairs, config.image_size, config.random_flip, run.seed)
     loader = resumable_loader(train_set, config.batch_size, run.seed, collate_fn=_collate, drop_last=len(train_set) > config.batch_size)
@@ -141,7 +144,7 @@ def train_frm(config: TrainFRMConfig) -> Path:
     batches = BatchStream(loader, accelerator, data_position(state))
     log = ProgressLog(accelerator, config.steps, step, "train-frm", run.log_every, run.progress, history=state.get("train_log"))
     out = Path(run.output_dir)
-    restore_rng(state)  # last, after every setup that draws random numbers
+    restore_run(accelerator, state, {"frm": wrapped}, {"frm": optimizer})  # last, after every setup that draws random numbers
     while step < config.steps:
         wrapped.train()
         _, batch = next(batches)
@@ -169,7 +172,7 @@ def train_frm(config: TrainFRMConfig) -> Path:
                 frm.save_pretrained(out / "best")
         log.step(step, scalars)
         if step % run.save_every == 0 or step == config.steps:
-            checkpoint_run(accelerator, run, step, {"frm": frm}, {"frm": optimizer},
+            checkpoint_run(accelerator, run, step, {"frm": wrapped}, {"frm": optimizer},
                            {"data": batches.position(), "best_accuracy": best, "history": history, "train_log": log.history})
     log.close()
     if accelerator.is_main_process:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from facereward.data.datasets import PairedFolderDataset, collate_batch
 from facereward.data.degradation import degrade
@@ -74,8 +74,8 @@ class HeldOutEvaluator:
         self.identity = None if config.identity == "auto" and not toy else identity_judge(config.identity, toy)
 
     @torch.no_grad()
-    def restore(self, restorer: Restorer) -> Tensor:
-        """The held-out restorations (CPU, [0, 1]), per-image seeded."""
+    def restore(self, restorer: Restorer, net: nn.Module | None = None) -> Tensor:
+        """The held-out restorations (CPU, [0, 1]), per-image seeded; `net` replaces the stage-2 network (`Restorer.predict_eps`)."""
         from facereward.inference import restore_batch
 
         was_training = restorer.training
@@ -85,14 +85,14 @@ class HeldOutEvaluator:
         for start in range(0, n, bs):
             idx = list(range(start, min(n, start + bs)))
             lq = self.batch["lq"][idx].to(self.device)
-            res = restore_batch(restorer, lq, idx, steps=self.config.steps, eta=self.config.eta, seed=self.config.seed)
+            res = restore_batch(restorer, lq, idx, steps=self.config.steps, eta=self.config.eta, seed=self.config.seed, net=net)
             out.append(res["restored"].float().cpu())
         restorer.train(was_training)
         return torch.cat(out)
 
     @torch.no_grad()
-    def __call__(self, restorer: Restorer) -> dict[str, float]:
-        restored, hq, captions = self.restore(restorer), self.batch["hq"], self.batch["caption"]
+    def __call__(self, restorer: Restorer, net: nn.Module | None = None) -> dict[str, float]:
+        restored, hq, captions = self.restore(restorer, net), self.batch["hq"], self.batch["caption"]
         scores = {"psnr": float(psnr(restored, hq).mean()), "ssim": float(ssim(restored, hq).mean())}
         if self.identity is not None:
             scores["ids"] = float(identity_similarity(self.identity.embed(restored), self.identity.embed(hq)).mean())

@@ -38,8 +38,11 @@ from facereward.models.ddim import (
     DDIMSchedule,
     ddim_step_with_logprob,
     gaussian_log_prob,
+    mix_seed,
     q_sample,
+    randn,
     rollout,
+    row_generators,
 )
 from facereward.models.restorer import Restorer
 from facereward.rewards import CompositeReward, RewardsConfig
@@ -49,8 +52,10 @@ from facereward.train.plumbing import (
     ProgressLog,
     RunConfig,
     checkpoint_run,
+    full_network,
     make_accelerator,
-    restore_rng,
+    micro_step,
+    restore_run,
     resume_run,
     write_run_config,
 )
@@ -61,7 +66,6 @@ from facereward.train.trainable import (
     has_lora,
     prepare_trainable,
     save_restorer,
-    set_stage2,
     trainable_parameters,
 )
 from facereward.weights import WEIGHTS_DIR, default_restorer_path
@@ -136,8 +140,9 @@ def check_config(config: LRPOConfig) -> int:
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
-    if config.run.mixed_precision == "fp16":
-        raise ValueError("run.mixed_precision: lrpo supports 'no' or 'bf16' (fp16 loss scaling is not supported)")
+    if config.run.gradient_accumulation_steps != 1:
+        raise ValueError("run.gradient_accumulation_steps: lrpo accumulates by its own rule (stepping, train_batch_size); "
+                         f"leave it at 1, got {config.run.gradient_accumulation_steps}")
     n_train = min(int(config.timestep_fraction * config.steps), config.steps - 1)
     if not 0 < config.timestep_fraction <= 1 or n_train < 1:
         raise ValueError(f"timestep_fraction {config.timestep_fraction} of {config.steps} steps trains no step "
@@ -248,6 +253,7 @@ class GroupBatch:
     hq: Tensor
     captions: list[str]
     group_ids: Tensor  # (n,) long: the input's position in the epoch (the group)
+    rows: Tensor  # (n,) long: the rows' positions in the sampling batch (the same on 1 or N processes)
 
 
 def group_batch(dataset: Dataset, input_indices: list[int], group_size: int, group_offset: int,
@@ -267,7 +273,7 @@ def group_batch(dataset: Dataset, input_indices: list[int], group_size: int, gro
     items = collate_batch([dataset[int(input_indices[j])] for j in unique])
     inv = torch.from_numpy(inverse)
     return GroupBatch(lq=items["lq"][inv], hq=items["hq"][inv], captions=[items["caption"][i] for i in inverse],
-                      group_ids=torch.from_numpy(inputs + group_offset).long())
+                      group_ids=torch.from_numpy(inputs + group_offset).long(), rows=torch.from_numpy(rows).long())
 
 
 # ---- rollouts -----------------------------------------------------------------------------------
@@ -283,16 +289,13 @@ class EpochBuffer:
     cond: Tensor  # (N, ...)
     z_gt: Tensor  # (N, ...)
     group_ids: Tensor  # (N,) long
+    rows: Tensor  # (N,) long: each sample's row in the epoch, over all processes: its random draws are seeded by it
     targets: Tensor | None = None  # (K, N, ...) noised GT for the regulariser
     advantages: Tensor | None = None  # (N, n_train)
     keep: Tensor | None = None  # (N,) bool: the sample carries loss
 
     def __len__(self) -> int:
         return self.log_probs.shape[0]
-
-
-def _seed(*words: int) -> int:
-    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1)[0])
 
 
 def rollout_order(n: int, seed: int, epoch: int, rank: int) -> Tensor:
@@ -308,28 +311,32 @@ def sample_epoch(restorer: Restorer, dataset: Dataset, schedule: DDIMSchedule, c
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
     indices = epoch_input_indices(len(dataset), config.batches_per_epoch * config.inputs_per_batch, config.run.seed, epoch)
-    parts: dict[str, list] = {"cond": [], "z_gt": [], "hq": [], "x_T": [], "groups": [], "captions": []}
+    parts: dict[str, list] = {"cond": [], "z_gt": [], "hq": [], "x_T": [], "groups": [], "rows": [], "captions": []}
+    per_batch = config.inputs_per_batch * config.group_size
     for b in range(config.batches_per_epoch):
         inputs = indices[b * config.inputs_per_batch: (b + 1) * config.inputs_per_batch].tolist()
         batch = group_batch(dataset, inputs, config.group_size, b * config.inputs_per_batch, rank, world)
-        generator = torch.Generator(device=device).manual_seed(_seed(config.run.seed, epoch, b, rank))
+        rows = b * per_batch + batch.rows  # seeds per sample, not per process (docs/methods.md 2.4)
+        generators = row_generators(device, *(mix_seed(config.run.seed, epoch, r, 1) for r in rows.tolist()))
         lq, hq = batch.lq.to(device), batch.hq.to(device)
         with accelerator.autocast():
             parts["cond"].append(restorer.condition(restorer.clean(lq)))
-            parts["z_gt"].append(restorer.encode(hq, sample=config.gt_latent == "sample", generator=generator))
-        parts["x_T"].append(torch.randn(restorer.latent_shape(lq.shape[0], lq.shape[2], lq.shape[3]), generator=generator, device=device))
+            parts["z_gt"].append(restorer.encode(hq, sample=config.gt_latent == "sample", generator=generators))
+        parts["x_T"].append(randn(restorer.latent_shape(lq.shape[0], lq.shape[2], lq.shape[3]), generators, device))
         parts["hq"].append(hq)
         parts["groups"].append(batch.group_ids.to(device))
+        parts["rows"].append(rows.to(device))
         parts["captions"] += batch.captions
     order = rollout_order(len(parts["captions"]), config.run.seed, epoch, rank)
-    cond, z_gt, hq, x_T, groups = (torch.cat(parts[k])[order.to(device)] for k in ("cond", "z_gt", "hq", "x_T", "groups"))
+    cond, z_gt, hq, x_T, groups, rows = (torch.cat(parts[k])[order.to(device)]
+                                         for k in ("cond", "z_gt", "hq", "x_T", "groups", "rows"))
     captions = [parts["captions"][i] for i in order.tolist()]
-    generator = torch.Generator(device=device).manual_seed(_seed(config.run.seed, epoch, rank, 5))
     samples, log_probs, sigmas, scores = [], [], [], {}
     for start in range(0, len(captions), config.micro_batch):
         sl = slice(start, start + config.micro_batch)
+        generators = row_generators(device, *(mix_seed(config.run.seed, epoch, r, 5) for r in rows[sl].tolist()))
         with accelerator.autocast():
-            traj = rollout(restorer.eps_fn(cond[sl]), x_T[sl].to(cond.dtype), schedule, eta=config.eta, generator=generator)
+            traj = rollout(restorer.eps_fn(cond[sl]), x_T[sl].to(cond.dtype), schedule, eta=config.eta, generator=generators)
             images = restorer.decode(traj.final).clamp(0, 1)
         out = reward(images.float(), hq[sl], captions[sl])
         for name, value in {"reward": out.total, **{f"reward/{k}": v for k, v in out.components.items()}}.items():
@@ -338,7 +345,7 @@ def sample_epoch(restorer: Restorer, dataset: Dataset, schedule: DDIMSchedule, c
         log_probs.append(traj.log_probs[:, :n_train])
         sigmas.append(traj.sigmas)
     buffer = EpochBuffer(samples=torch.cat(samples, dim=1), log_probs=torch.cat(log_probs), sigmas=torch.cat(sigmas),
-                         cond=cond, z_gt=z_gt, group_ids=groups)
+                         cond=cond, z_gt=z_gt, group_ids=groups, rows=rows)
     return buffer, {k: torch.cat(v) for k, v in scores.items()}
 
 
@@ -370,16 +377,17 @@ def assign_advantages(buffer: EpochBuffer, rewards: Tensor, config: LRPOConfig, 
     return all_rewards, advantages
 
 
-def set_regulariser_targets(buffer: EpochBuffer, schedule: DDIMSchedule, config: LRPOConfig, n_train: int,
-                            generator: torch.Generator) -> None:
-    """Noise the GT latents to the regularised steps' levels, once per epoch, a micro-batch at a time."""
+def set_regulariser_targets(buffer: EpochBuffer, schedule: DDIMSchedule, config: LRPOConfig, n_train: int, epoch: int) -> None:
+    """Noise the GT latents to the regularised steps' levels, once per epoch, a micro-batch at a time (seeded per sample)."""
     if config.reg_weight <= 0:
         return
     reg_steps = list(range(n_train - config.reg_steps, n_train))
     targets = []
     for start in range(0, len(buffer), config.micro_batch):
         z_gt = buffer.z_gt[start: start + config.micro_batch]
-        noise = torch.randn((schedule.num_steps, *z_gt.shape), generator=generator, device=z_gt.device, dtype=z_gt.dtype)
+        rows = buffer.rows[start: start + config.micro_batch].tolist()
+        generators = row_generators(z_gt.device, *(mix_seed(config.run.seed, epoch, r, 3) for r in rows))
+        noise = randn((len(rows), schedule.num_steps, *z_gt.shape[1:]), generators, z_gt.device, z_gt.dtype).transpose(0, 1)
         targets.append(noised_gt_targets(z_gt, schedule, reg_steps, noise, config.reg_noising))
     buffer.targets = torch.cat(targets, dim=1)
 
@@ -402,34 +410,10 @@ class Reference:
 
     @torch.no_grad()
     def eps(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        if self.copy is None:
+        if self.copy is None:  # the restorer's own (unwrapped) network with its adapters off: no collectives, no grad
             with adapters_disabled(self.module):
-                return self.restorer.predict_eps(x_t, t, cond)
-        set_stage2(self.restorer, self.copy)
-        try:
-            return self.restorer.predict_eps(x_t, t, cond)
-        finally:
-            set_stage2(self.restorer, self.module)
-
-
-def all_reduce_gradients(params: list[nn.Parameter], accelerator: Accelerator) -> None:
-    """Sum the gradients of `params` over processes in one flat all-reduce (missing gradients count as 0)."""
-    if accelerator.num_processes == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    torch.distributed.all_reduce(flat)
-    offset = 0
-    for p in params:
-        p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
-
-
-def broadcast_parameters(module: nn.Module, accelerator: Accelerator) -> None:
-    """Make every process start from the main process's weights (LoRA initialisation is random)."""
-    if accelerator.num_processes > 1:
-        for tensor in module.state_dict().values():
-            torch.distributed.broadcast(tensor, 0)
+                return self.restorer.predict_eps(x_t, t, cond, net=self.module)
+        return self.restorer.predict_eps(x_t, t, cond, net=self.copy)
 
 
 def _zero_stats(device: torch.device) -> dict[str, Tensor]:
@@ -446,19 +430,20 @@ def minibatches(n: int, train_batch_size: int, order: Tensor) -> list[Tensor]:
     return [order[s: s + size] for s in range(0, n, size)]
 
 
-def step_loss(restorer: Restorer, buffer: EpochBuffer, rows: Tensor, k: int, schedule: DDIMSchedule, config: LRPOConfig,
-              n_train: int, count: float, reference: Reference | None, accelerator: Accelerator, stats: dict[str, Tensor],
-              first: bool) -> Tensor:
+def step_loss(restorer: Restorer, net: nn.Module, buffer: EpochBuffer, rows: Tensor, k: int, schedule: DDIMSchedule,
+              config: LRPOConfig, n_train: int, count: float, reference: Reference | None, accelerator: Accelerator,
+              stats: dict[str, Tensor], first: bool) -> Tensor:
     """The loss of trained step k on `rows`: their share of `mean pg_k + reg_weight * mean reg_k` (+ KL) (docs/methods.md 2.3).
 
-    Sums over the rows' kept samples divided by `count`, the minibatch's kept samples on all processes.
+    Sums over the rows' kept samples divided by `count`, the minibatch's kept samples on all processes; `net` is the
+    trained network as `accelerator.prepare` returned it.
     """
     rows = rows.to(buffer.log_probs.device)
     keep = buffer.keep[rows].float()
     x_t, x_prev, cond = buffer.samples[k][rows], buffer.samples[k + 1][rows], buffer.cond[rows]
     t = schedule.timesteps[k].expand(x_t.shape[0])
     with accelerator.autocast():
-        eps = restorer.predict_eps(x_t, t, cond)
+        eps = restorer.predict_eps(x_t, t, cond, net=net)
     step = ddim_step_with_logprob(eps, t, x_t, schedule, config.eta, prev_sample=x_prev)
     old = buffer.log_probs[rows, k]
     terms = ppo_clip_loss(step.log_prob, old, buffer.advantages[rows, k], config.clip_range)
@@ -488,31 +473,43 @@ def step_loss(restorer: Restorer, buffer: EpochBuffer, rows: Tensor, k: int, sch
     return loss
 
 
-def update_epoch(restorer: Restorer, module: nn.Module, optimizer: torch.optim.Optimizer, buffer: EpochBuffer,
+def update_epoch(restorer: Restorer, net: nn.Module, optimizer: torch.optim.Optimizer, buffer: EpochBuffer,
                  schedule: DDIMSchedule, config: LRPOConfig, n_train: int, reference: Reference | None,
                  accelerator: Accelerator, epoch: int) -> list[dict[str, Tensor]]:
-    """The `inner_epochs` PPO passes over this epoch's samples; per inner epoch, summed statistics (tensors, no host sync)."""
-    params = trainable_parameters(module)
+    """The `inner_epochs` PPO passes over this epoch's samples; per inner epoch, summed statistics (tensors, no host sync).
+
+    `net` and `optimizer` are as `accelerator.prepare` returned them. Every process makes the same number of
+    backward calls per optimizer step (the same number of rows each), those with no kept sample with a zero loss;
+    gradients are synchronised on the step's last one only (`micro_step`).
+    """
     n, all_stats, stepped = len(buffer), [], False
+    # DDP and DeepSpeed average gradients over processes; the loss is a share of a global mean, so their sum is wanted
+    scale = float(accelerator.num_processes)
     for inner in range(config.inner_epochs):
         # the rollout order already is the first inner epoch's shuffle; later passes reshuffle
         order = torch.arange(n) if inner == 0 else torch.from_numpy(
             np.random.default_rng([config.run.seed, epoch, inner, accelerator.process_index, 7]).permutation(n))
         batches = minibatches(n, config.train_batch_size, order)
         counts = torch.stack([buffer.keep[mb.to(buffer.keep.device)].sum() for mb in batches]).float()
-        if accelerator.num_processes > 1:
-            torch.distributed.all_reduce(counts)  # the global number of kept samples of each minibatch
+        counts = accelerator.reduce(counts, "sum")  # the global number of kept samples of each minibatch
         stats = _zero_stats(accelerator.device)
 
         def optimizer_step() -> None:
             nonlocal stepped
-            all_reduce_gradients(params, accelerator)
             if config.grad_clip > 0:
-                stats["grad_norm"] += torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                norm = accelerator.clip_grad_norm_(net.parameters(), config.grad_clip)
+                if norm is not None:
+                    stats["grad_norm"] += torch.as_tensor(norm, device=accelerator.device).float()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             stats["opt_steps"] += 1
             stepped = True
+
+        def backward(rows: Tensor, k: int, divisor: float, last: bool) -> None:
+            with micro_step(accelerator, net, sync=last):
+                loss = step_loss(restorer, net, buffer, rows, k, schedule, config, n_train, count, reference, accelerator,
+                                 stats, not stepped)
+                accelerator.backward(loss * (scale / divisor))
 
         for mb, count in zip(batches, counts.tolist()):
             if count == 0:
@@ -521,15 +518,13 @@ def update_epoch(restorer: Restorer, module: nn.Module, optimizer: torch.optim.O
             optimizer.zero_grad(set_to_none=True)
             if config.stepping == "per_timestep":  # the original: one step per (minibatch, timestep)
                 for k in range(n_train):
-                    for rows in pieces:
-                        step_loss(restorer, buffer, rows, k, schedule, config, n_train, count, reference, accelerator,
-                                  stats, not stepped).backward()
+                    for i, rows in enumerate(pieces):
+                        backward(rows, k, 1.0, last=i == len(pieces) - 1)
                     optimizer_step()
             else:  # the minibatch's timesteps in one step: the per-step losses averaged over the trained steps
-                for rows in pieces:
+                for i, rows in enumerate(pieces):
                     for k in range(n_train):
-                        (step_loss(restorer, buffer, rows, k, schedule, config, n_train, count, reference, accelerator,
-                                   stats, not stepped) / n_train).backward()
+                        backward(rows, k, float(n_train), last=i == len(pieces) - 1 and k == n_train - 1)
                 optimizer_step()
         all_stats.append(stats)
     return all_stats
@@ -566,7 +561,7 @@ def epoch_scalars(scores: dict[str, Tensor], advantages: Tensor, inner_stats: li
         out[prefix + "ratio_dev_first"] = first
         out[prefix + "regulariser"] = summed["reg"] / summed["reg_count"].clamp_min(1)
         out[prefix + "kl"] = summed["kl"] / count
-        out[prefix + "grad_norm"] = summed["grad_norm"] / summed["opt_steps"].clamp_min(1) / accelerator.num_processes
+        out[prefix + "grad_norm"] = summed["grad_norm"] / summed["opt_steps"].clamp_min(1)
         out[prefix + "optimizer_steps"] = summed["opt_steps"] / accelerator.num_processes
     values = torch.stack([v.float().reshape(()) for v in out.values()]).cpu().tolist()
     return dict(zip(out, values))
@@ -611,41 +606,44 @@ def train_lrpo(config: LRPOConfig) -> Path:
     if config.data.size != restorer.config.size:
         raise ValueError(f"data.size {config.data.size} differs from the model size {restorer.config.size}")
     restorer.to(accelerator.device)
-    module = prepare_trainable(restorer, config.lora)
-    broadcast_parameters(module, accelerator)
+    module = prepare_trainable(restorer, config.lora, gradient_checkpointing=run.gradient_checkpointing)
     optimizer = torch.optim.AdamW(trainable_parameters(module), lr=config.lr, weight_decay=config.weight_decay)
     reference = Reference(restorer, module, config.kl_reference) if config.kl_beta > 0 else None
+    # Only the trained network goes through prepare (DeepSpeed's one-model rule); rewards and the reference stay plain.
+    net, optimizer = accelerator.prepare(module, optimizer)
     reward = CompositeReward.from_config(rewards_with_defaults(config.rewards, config.init_from is None), accelerator.device)
     dataset = build_dataset(config.data)
     schedule = DDIMSchedule.from_scheduler(restorer.scheduler, config.steps, device=accelerator.device)
     held_out = _held_out(config, reward, restorer.config.size, accelerator.device) if accelerator.is_main_process else None
-    start, history = 0, []
-    if state := resume_run(accelerator, run, {"stage2": module}, {"optimizer": optimizer}):
-        start, history = int(state["step"]), list(state.get("history", []))
+    state = resume_run(accelerator, run)
+    start, history = (int(state["step"]), list(state.get("history", []))) if state else (0, [])
     log = ProgressLog(accelerator, config.epochs, start, "lrpo", run.log_every, run.progress)
     metrics_path = Path(run.output_dir) / "metrics.json"
-    restore_rng(state)  # every draw of an epoch has its own (seed, epoch) generator; this covers any other
+    # every draw of an epoch has its own (seed, epoch, sample) generator; this covers any other
+    restore_run(accelerator, state, {"stage2": net}, {"optimizer": optimizer})
     for epoch in range(start, config.epochs):
         buffer, scores = sample_epoch(restorer, dataset, schedule, config, n_train, reward, accelerator, epoch)
         _, advantages = assign_advantages(buffer, scores["reward"], config, n_train, accelerator, epoch)
-        generator = torch.Generator(device=accelerator.device).manual_seed(_seed(run.seed, epoch, accelerator.process_index, 3))
-        set_regulariser_targets(buffer, schedule, config, n_train, generator)
-        inner = update_epoch(restorer, module, optimizer, buffer, schedule, config, n_train, reference, accelerator, epoch)
+        set_regulariser_targets(buffer, schedule, config, n_train, epoch)
+        inner = update_epoch(restorer, net, optimizer, buffer, schedule, config, n_train, reference, accelerator, epoch)
         del buffer
         scalars = epoch_scalars(scores, advantages, inner, accelerator)
-        if held_out is not None and ((epoch + 1) % config.held_out.every == 0 or epoch + 1 == config.epochs):
-            scalars.update({f"held_out/{k}": v for k, v in held_out(restorer).items()})
+        if config.held_out.every > 0 and ((epoch + 1) % config.held_out.every == 0 or epoch + 1 == config.epochs):
+            full = full_network(accelerator, net, module)
+            if held_out is not None:
+                scalars.update({f"held_out/{k}": v for k, v in held_out(restorer, net=full).items()})
         history.append({"epoch": epoch + 1, **scalars})
         log.step(epoch + 1, scalars)
         if accelerator.is_main_process:
             _write_metrics(metrics_path, history)
         if (epoch + 1) % run.save_every == 0 or epoch + 1 == config.epochs:
-            checkpoint_run(accelerator, run, epoch + 1, {"stage2": module}, {"optimizer": optimizer}, {"history": history})
+            checkpoint_run(accelerator, run, epoch + 1, {"stage2": net}, {"optimizer": optimizer}, {"history": history})
     log.close()
     out = Path(run.output_dir) / "model"
     accelerator.wait_for_everyone()
+    full = full_network(accelerator, net, module)
     if accelerator.is_main_process:
-        save_restorer(restorer, out)
+        save_restorer(restorer, out, net=full)
         _write_metrics(metrics_path, history)
     accelerator.end_training()
     return out

@@ -1,17 +1,22 @@
 """What every trainer shares: accelerate setup, TensorBoard logging, progress, atomic checkpoints, resume.
 
 A checkpoint is a folder `OUTPUT/checkpoints/step-XXXXXXXX/` holding `NAME.safetensors` per module,
-`NAME.optim.pt` per optimizer (plain tensors and numbers, read back with weights_only=True),
-`rng.safetensors` and `state.json`. It is written under a temporary name and renamed into place,
-and `OUTPUT/checkpoints/latest` names the newest complete one, so a crash never leaves a torn
-checkpoint behind. Resuming still checks each file (a disk can fill or a copy stop short) and falls back
-to the previous valid checkpoint; `resume_run` is the one call the trainers make for all of it.
+`NAME.optim.pt` per optimizer that was not prepared and accelerate's `optimizer*.bin` for the prepared ones
+(plain tensors and numbers, read back with weights_only=True), `rng-RANK.safetensors` per process and
+`state.json`; under FSDP or DeepSpeed the prepared model and optimizer are the engine's own files from
+`accelerator.save_state`. It is written under a temporary name and renamed into place, and
+`OUTPUT/checkpoints/latest` names the newest complete one, so a crash never leaves a torn checkpoint
+behind. Resuming still checks each file (a disk can fill or a copy stop short) and falls back to the
+previous valid checkpoint. The trainers make two calls: `resume_run` (which checkpoint, its state) before
+setup and `restore_run` (load it all) after `prepare`, just before the first step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -43,6 +48,7 @@ class RunConfig:
     seed: int = 0
     mixed_precision: str = "no"  # "no", "bf16" or "fp16", through accelerate
     gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False  # recompute the trained network's activations in backward (refl, lrpo): less memory
     log_every: int = 10
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -77,6 +83,21 @@ def make_accelerator(run: RunConfig, project_name: str) -> Accelerator:
     return accelerator
 
 
+@contextlib.contextmanager
+def micro_step(accelerator: Accelerator, model: nn.Module, sync: bool) -> Iterator[None]:
+    """One backward of the several that make an optimizer step: gradients are synchronised over processes (and
+    DeepSpeed's engine steps) only when `sync`, on the step's last backward.
+
+    `accelerator.accumulate` counts a fixed number of micro-steps; LRPO's vary per step (docs/methods.md 2.3), so
+    this sets accelerate's sync flag itself, as `accumulate` does.
+    """
+    accelerator.gradient_state._set_sync_gradients(sync)
+    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        yield
+    if not sync:
+        accelerator.gradient_state._set_sync_gradients(True)
+
+
 def write_run_config(config: Any, run: RunConfig, accelerator: Accelerator) -> None:
     """Save the full config as OUTPUT/config.yaml (main process only)."""
     if accelerator.is_main_process:
@@ -97,24 +118,36 @@ def save_checkpoint(
     keep: int = 2,
     generators: dict[str, torch.Generator] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically and prune all but the newest `keep`; returns its folder."""
+    """Write checkpoint `step` of a single process atomically and prune all but the newest `keep`; returns its folder."""
+    tmp = _fresh_temp(output_dir, step)
+    save_file(rng_state(generators), tmp / "rng-0.safetensors")
+    return _publish(output_dir, step, tmp, modules, optimizers, state, keep)
+
+
+def _fresh_temp(output_dir: str | Path, step: int) -> Path:
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def _publish(output_dir: str | Path, step: int, tmp: Path, modules: dict[str, nn.Module],
+             optimizers: dict[str, torch.optim.Optimizer], state: dict[str, Any], keep: int) -> Path:
+    """Add our own files (modules, optimizers, state.json) to `tmp`, fsync, rename it into place, point `latest` at it, prune."""
+    root = checkpoint_root(output_dir)
+    final = root / f"step-{step:08d}"
     for name, module in modules.items():
-        tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-        save_file(tensors, tmp / f"{name}.safetensors")
+        save_file(_plain_state_dict(module), tmp / f"{name}.safetensors")
     for name, optimizer in optimizers.items():
         torch.save(optimizer.state_dict(), tmp / f"{name}.optim.pt")
-    save_file(rng_state(generators), tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -128,6 +161,65 @@ def save_checkpoint(
     return final
 
 
+def _plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in _unwrap_model(module).state_dict().items()}
+
+
+def _unwrap_model(module: nn.Module) -> nn.Module:
+    """The module inside a DDP (or compile) wrapper; itself otherwise."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(module)
+
+
+def _unwrap_optimizer(optimizer: Any) -> Any:
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer holds the torch one
+
+
+def engine_of(accelerator: Accelerator) -> str | None:
+    """"fsdp" or "deepspeed" when an engine shards or owns the prepared state, else None (one process or DDP)."""
+    from accelerate.utils import DistributedType
+
+    return {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(accelerator.distributed_type)
+
+
+def full_network(accelerator: Accelerator, wrapped: nn.Module, module: nn.Module) -> nn.Module | None:
+    """The trained network with all its weights, for held-out evaluation and the final save; call it on every process.
+
+    Under DDP and DeepSpeed ZeRO-1/2 every process holds the full weights, so that is `module` (the unwrapped
+    network) itself. Under FSDP and ZeRO-3 the weights are sharded: they are gathered (`get_state_dict`, a collective)
+    into a copy of `module` on the main process; the other processes get None.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    engine = engine_of(accelerator)
+    if engine is None or (engine == "deepspeed" and plugin is not None and plugin.zero_stage < 3):
+        return module
+    if any("lora_" in name for name, _ in module.named_parameters()):
+        raise ValueError("LoRA training under FSDP or DeepSpeed ZeRO-3 is not supported (LoRA weights are small: use "
+                         "DDP or ZeRO-2, configs/accelerate/ddp.yaml or deepspeed_zero2_offload.yaml)")
+    state = accelerator.get_state_dict(wrapped)
+    if not accelerator.is_main_process:
+        return None
+    plain = _unwrap_model(module)
+    if not (hasattr(plain, "config") and hasattr(type(plain), "from_config")):
+        raise ValueError(f"cannot rebuild a {type(plain).__name__} to gather its sharded weights into")
+    gathered = type(plain).from_config(plain.config)
+    gathered.load_state_dict(state)
+    return gathered.to(accelerator.device).eval()
+
+
+def _prepared_names(accelerator: Accelerator, modules: dict[str, nn.Module],
+                    optimizers: dict[str, torch.optim.Optimizer]) -> tuple[list[str], list[str]]:
+    """The names (keys of `modules`, `optimizers`) of what went through `accelerator.prepare`, in accelerate's order."""
+    by_module = {id(_unwrap_model(m)): name for name, m in modules.items()}
+    by_optimizer = {id(_unwrap_optimizer(o)): name for name, o in optimizers.items()}
+    models = [by_module.get(id(_unwrap_model(m))) for m in accelerator._models]
+    opts = [by_optimizer.get(id(_unwrap_optimizer(o))) for o in accelerator._optimizers]
+    if None in models or None in opts:
+        raise ValueError("checkpoint: a prepared model or optimizer has no name in the checkpoint's modules/optimizers")
+    return models, opts
+
+
 def checkpoint_run(
     accelerator: Accelerator,
     run: RunConfig,
@@ -137,12 +229,39 @@ def checkpoint_run(
     state: dict[str, Any],
     generators: dict[str, torch.Generator] | None = None,
 ) -> None:
-    """Save a checkpoint from the main process (unwrapped modules), with every process waiting for it."""
+    """Save checkpoint `step`; every process calls it. Atomic: written into a temp folder that is renamed into place.
+
+    What went through `accelerator.prepare` is saved by `accelerator.save_state` (each process's shards under
+    FSDP or DeepSpeed; without an engine a hook writes each prepared model as `NAME.safetensors`, the layout
+    `load_checkpoint` reads). The other modules and optimizers are written by the main process as
+    `NAME.safetensors` / `NAME.optim.pt`, and every process writes its RNG states to `rng-RANK.safetensors`.
+    """
+    accelerator.wait_for_everyone()
+    root = checkpoint_root(run.output_dir)
+    tmp = _fresh_temp(run.output_dir, step) if accelerator.is_main_process else root / f".tmp-step-{step:08d}"
+    accelerator.wait_for_everyone()
+    prepared_models, prepared_optimizers = _prepared_names(accelerator, modules, optimizers)
+
+    def write_prepared_models(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
+        if weights:  # no engine: write them in our layout (plain keys, named), and let accelerate skip its model.safetensors
+            if accelerator.is_main_process:
+                for name, model in zip(prepared_models, models):
+                    save_file(_plain_state_dict(model), Path(output_dir) / f"{name}.safetensors")
+            weights.clear()
+
+    handle = accelerator.register_save_state_pre_hook(write_prepared_models)
+    try:
+        accelerator.save_state(str(tmp))
+    finally:
+        handle.remove()
+    save_file(rng_state(generators), tmp / f"rng-{accelerator.process_index}.safetensors")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unwrapped = {k: accelerator.unwrap_model(m) for k, m in modules.items()}
-        full_state = {**state, "num_processes": accelerator.num_processes}
-        save_checkpoint(run.output_dir, step, unwrapped, optimizers, full_state, keep=run.keep_checkpoints, generators=generators)
+        own_modules = {k: m for k, m in modules.items() if k not in prepared_models}
+        own_optimizers = {k: _unwrap_optimizer(o) for k, o in optimizers.items() if k not in prepared_optimizers}
+        full_state = {**state, "num_processes": accelerator.num_processes,
+                      "accelerate": {"engine": engine_of(accelerator), "models": prepared_models, "optimizers": prepared_optimizers}}
+        _publish(run.output_dir, step, tmp, own_modules, own_optimizers, full_state, run.keep_checkpoints)
     accelerator.wait_for_everyone()
 
 
@@ -196,7 +315,7 @@ def checkpoint_problem(path: Path) -> str | None:
     """Why `path` cannot be resumed from ("truncated model.safetensors"), or None when it is valid.
 
     Valid: state.json parses to an object with a step, every *.safetensors opens with safetensors (its header
-    and length, no tensor read) and every *.optim.pt loads with torch.load(weights_only=True) memory-mapped.
+    and length, no tensor read) and every *.optim.pt and accelerate optimizer*.bin loads with torch.load(weights_only=True) memory-mapped.
     """
     try:
         state = json.loads((path / "state.json").read_text())
@@ -209,9 +328,13 @@ def checkpoint_problem(path: Path) -> str | None:
     for file in sorted(path.glob("*.safetensors")):
         if problem := _weights_problem(file):
             return problem
-    for file in sorted(path.glob("*.optim.pt")):
+    for file in sorted([*path.glob("*.optim.pt"), *path.glob("optimizer*.bin")]):
         if problem := _optimizer_problem(file):
             return problem
+    if not (path / "rng.safetensors").is_file():  # (one file for all before per-process RNG states)
+        missing = [i for i in range(int(state.get("num_processes", 1))) if not (path / f"rng-{i}.safetensors").is_file()]
+        if missing:
+            return f"no rng-{missing[0]}.safetensors"
     return None
 
 
@@ -266,17 +389,12 @@ def remove_orphaned_temps(output_dir: str | Path) -> list[Path]:
     return orphans
 
 
-def resume_run(
-    accelerator: Accelerator,
-    run: RunConfig,
-    modules: dict[str, nn.Module],
-    optimizers: dict[str, torch.optim.Optimizer],
-) -> dict[str, Any] | None:
-    """Start or resume a trainer's run: the one call every trainer makes before its first step.
+def resume_run(accelerator: Accelerator, run: RunConfig) -> dict[str, Any] | None:
+    """Start or resume a trainer's run: the first of the two calls every trainer makes (`restore_run` is the second).
 
-    Removes orphaned temporary checkpoint files (main process), then, if `run.resume` asks, restores the
-    checkpoint `find_checkpoint` picks into `modules` and `optimizers` and returns its state.json; None means
-    start from step 0. A checkpoint written by a different number of processes is a CheckpointError.
+    Removes orphaned temporary checkpoint files (main process), then, if `run.resume` asks, returns the state.json
+    of the checkpoint `find_checkpoint` picks, plus {"checkpoint": its folder}; None means start from step 0.
+    Nothing is loaded yet. A checkpoint written by a different number of processes is a CheckpointError.
     """
     if accelerator.is_main_process:
         remove_orphaned_temps(run.output_dir)
@@ -286,9 +404,44 @@ def resume_run(
     path = find_checkpoint(run.output_dir, run.resume, report)
     if path is None:
         return None
-    state = load_checkpoint(path, modules, optimizers)
+    state = _read_state(path)
     check_num_processes(state, accelerator.num_processes, path)
-    return state
+    return {**state, "checkpoint": str(path)}
+
+
+def restore_run(
+    accelerator: Accelerator,
+    state: dict[str, Any] | None,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    generators: dict[str, torch.Generator] | None = None,
+) -> None:
+    """Load the checkpoint `resume_run` found into `modules`, `optimizers` and the RNGs; nothing for a fresh run.
+
+    Call it after `accelerator.prepare` and every other setup that draws random numbers, just before the first
+    step, so the resumed run draws what the uninterrupted one drew. Without an engine everything is read by name
+    (`load_checkpoint`), so what is prepared may differ from the saving run (train-base prepares one stage at a
+    time); under FSDP or DeepSpeed `accelerator.load_state` restores the prepared state, which must be the same
+    models and optimizers the checkpoint holds.
+    """
+    if not state or "checkpoint" not in state:
+        return
+    path = Path(state["checkpoint"])
+    saved = state.get("accelerate") or {"engine": None, "models": [], "optimizers": []}
+    engine = engine_of(accelerator)
+    if engine or saved["engine"]:
+        if saved["engine"] != engine:
+            raise CheckpointError(f"run.resume: {path} was saved under {saved['engine'] or 'no engine'}, this run uses "
+                                  f"{engine or 'none'} (resume with the same accelerate config)")
+        now = _prepared_names(accelerator, modules, optimizers)
+        if [saved["models"], saved["optimizers"]] != list(now):
+            raise CheckpointError(f"run.resume: {path} holds the prepared {saved['models']} / {saved['optimizers']}, "
+                                  f"this run prepared {now[0]} / {now[1]}")
+        accelerator.load_state(str(path))
+        modules = {k: m for k, m in modules.items() if k not in saved["models"]}
+        optimizers = {k: o for k, o in optimizers.items() if k not in saved["optimizers"]}
+    load_checkpoint(path, modules, optimizers)
+    restore_rng(state, generators, accelerator.process_index)
 
 
 def check_num_processes(state: dict[str, Any], num_processes: int, path: Path) -> None:
@@ -299,32 +452,41 @@ def check_num_processes(state: dict[str, Any], num_processes: int, path: Path) -
                               "(resume with the same number of processes)")
 
 
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "state.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a facereward checkpoint (no state.json)") from None
+    except (OSError, ValueError):
+        raise CheckpointError(f"{path}: unreadable state.json") from None
+
+
 def load_checkpoint(
     path: Path,
     modules: dict[str, nn.Module],
     optimizers: dict[str, torch.optim.Optimizer],
 ) -> dict[str, Any]:
-    """Restore modules and optimizers from `path`; returns its state.json plus {"checkpoint": path}.
+    """Restore modules and optimizers from `path` by name; returns its state.json plus {"checkpoint": path}.
 
-    The RNG states are put back separately, by `restore_rng`, once the trainer's setup is done. A missing,
-    corrupt or unfitting file is a one-line CheckpointError naming it.
+    A module is read from `NAME.safetensors`; an optimizer from `NAME.optim.pt`, or from the `optimizer*.bin`
+    accelerate wrote for it when it was prepared. The RNG states are put back separately (`restore_rng`).
+    A missing, corrupt or unfitting file is a one-line CheckpointError naming it.
     """
-    try:
-        state = json.loads((path / "state.json").read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not a facereward checkpoint (no state.json)") from None
-    except (OSError, ValueError):
-        raise CheckpointError(f"{path}: unreadable state.json") from None
+    state = _read_state(path)
+    prepared = (state.get("accelerate") or {}).get("optimizers", [])
     for name, module in modules.items():
         file = path / f"{name}.safetensors"
         if not file.is_file():
             raise CheckpointError(f"{path}: no weights for {name!r} ({file.name} missing)")
         try:
-            module.load_state_dict(_read_weights(file))
+            _unwrap_model(module).load_state_dict(_read_weights(file))
         except RuntimeError as err:
             raise CheckpointError(f"{file}: does not fit the model ({str(err).splitlines()[0]})") from None
     for name, optimizer in optimizers.items():
         file = path / f"{name}.optim.pt"
+        if not file.is_file() and name in prepared:
+            i = prepared.index(name)
+            file = path / ("optimizer.bin" if i == 0 else f"optimizer_{i}.bin")
         if not file.is_file():
             raise CheckpointError(f"{path}: no optimizer state for {name!r} ({file.name} missing)")
         try:
@@ -332,37 +494,55 @@ def load_checkpoint(
         except Exception:  # see _optimizer_problem
             raise CheckpointError(f"{path}: {_optimizer_problem(file) or f'corrupt {file.name}'}") from None
         try:
-            optimizer.load_state_dict(saved)
+            _unwrap_optimizer(optimizer).load_state_dict(saved)
         except (ValueError, KeyError) as err:
             raise CheckpointError(f"{file}: does not fit the optimizer ({_first_line(err)})") from None
     return {**state, "checkpoint": str(path)}
 
 
 def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, torch.Tensor]:
-    """The global CPU (and current CUDA device) RNG states plus each named generator's, as tensors to save."""
+    """This process's RNG states as tensors to save: torch's CPU and every CUDA device's, numpy's and Python's
+    global generators, and each named generator's."""
     out = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state()
+        out.update({f"cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    out["numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    out["numpy/extra"] = torch.tensor([pos, has_gauss], dtype=torch.int64)
+    out["numpy/gauss"] = torch.tensor([gauss], dtype=torch.float64)
+    version, internal, _ = random.getstate()
+    out["python"] = torch.tensor([version, *internal], dtype=torch.int64)
     for name, generator in (generators or {}).items():
         out[f"generator/{name}"] = generator.get_state()
     return out
 
 
-def restore_rng(state: dict[str, Any] | None, generators: dict[str, torch.Generator] | None = None) -> None:
-    """Put back the RNG states of the checkpoint `state` came from (`resume_run`'s result); nothing for a fresh run.
+def restore_rng(state: dict[str, Any] | None, generators: dict[str, torch.Generator] | None = None, rank: int = 0) -> None:
+    """Put back process `rank`'s RNG states from the checkpoint `state` came from; nothing for a fresh run.
 
-    Call it just before the first step, after every setup that draws random numbers, so the resumed run
-    draws what the uninterrupted one drew.
+    `restore_run` calls it last; a checkpoint from before per-process RNG files falls back to its one `rng.safetensors`.
     """
     if not state or "checkpoint" not in state:
         return
-    file = Path(state["checkpoint"]) / "rng.safetensors"
+    folder = Path(state["checkpoint"])
+    file = folder / f"rng-{rank}.safetensors"
+    if not file.is_file() and rank == 0:
+        file = folder / "rng.safetensors"
     if not file.is_file():
-        return
+        raise CheckpointError(f"{folder}: no random state for process {rank} ({file.name} missing)")
     saved = _read_weights(file)
     torch.set_rng_state(saved["torch"])
-    if "cuda" in saved and torch.cuda.is_available():
+    cuda = [saved[k] for k in sorted((k for k in saved if k.startswith("cuda/")), key=lambda k: int(k.split("/")[1]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    elif "cuda" in saved and torch.cuda.is_available():
         torch.cuda.set_rng_state(saved["cuda"])
+    if "numpy" in saved:
+        pos, has_gauss = saved["numpy/extra"].tolist()
+        np.random.set_state(("MT19937", saved["numpy"].numpy().astype(np.uint32), pos, has_gauss, float(saved["numpy/gauss"][0])))
+    if "python" in saved:
+        values = saved["python"].tolist()
+        random.setstate((values[0], tuple(values[1:]), None))
     for name, generator in (generators or {}).items():
         if f"generator/{name}" not in saved:
             raise CheckpointError(f"{file}: no state for the random generator {name!r} (a checkpoint of another trainer?)")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facereward.data.datasets import collate_batch
-from facereward.models.ddim import DDIMSchedule, truncated_rollout
+from facereward.models.ddim import DDIMSchedule, Generators, mix_seed, randn, row_generators, truncated_rollout
 from facereward.models.frm import FaceRewardModel, bradley_terry_loss
 from facereward.models.restorer import Restorer
 from facereward.rewards import CompositeReward, RewardsConfig
@@ -33,8 +33,9 @@ from facereward.train.plumbing import (
     RunConfig,
     checkpoint_run,
     data_position,
+    full_network,
     make_accelerator,
-    restore_rng,
+    restore_run,
     resume_run,
     resumable_loader,
     write_run_config,
@@ -46,7 +47,6 @@ from facereward.train.trainable import (
     has_lora,
     prepare_trainable,
     save_restorer,
-    set_stage2,
     trainable_parameters,
 )
 
@@ -174,14 +174,15 @@ class ReFLStep:
     """The ReFL generator loss for one batch (docs/methods.md 1.2 steps 1-4), independent of the training loop."""
 
     def __init__(self, config: ReFLConfig, restorer: Restorer, frm: FaceRewardModel, reference: nn.Module | None,
-                 lpips: nn.Module | None = None, rewards: CompositeReward | None = None):
-        """`rewards`: the reward term's other rewards (all but "frm", which is `frm`), weighted as in config.rewards."""
+                 lpips: nn.Module | None = None, rewards: CompositeReward | None = None, net: nn.Module | None = None):
+        """`rewards`: the reward term's other rewards (all but "frm", which is `frm`), weighted as in config.rewards;
+        `net`: the trained network as `accelerator.prepare` returned it (default: the restorer's own)."""
         if config.reward_form not in REWARD_FORMS:
             raise ValueError(f"reward_form must be one of {', '.join(REWARD_FORMS)}, got {config.reward_form!r}")
         if not 1 <= config.grad_window <= config.sampling_steps:
             raise ValueError(f"grad_window must be in [1, sampling_steps={config.sampling_steps}], got {config.grad_window}")
         self.config, self.restorer, self.frm, self.reference, self.lpips = config, restorer, frm, reference, lpips
-        self.rewards = rewards
+        self.rewards, self.net = rewards, net
         self.frm_weight = float(config.rewards.weights.get("frm", 0.0))
         self.schedule = DDIMSchedule.from_scheduler(restorer.scheduler, config.sampling_steps, device=restorer.device)
 
@@ -189,35 +190,36 @@ class ReFLStep:
         """The initial network's outputs at the same inputs: LoRA adapters off, or the frozen copy."""
         restorer = self.restorer
         with torch.no_grad():
-            if self.reference is None:
-                with adapters_disabled(restorer.stage2_trainable()):
-                    return restorer.predict_eps(x_t, t, cond, return_residuals=True)[1]
-            current = restorer.stage2_trainable()
-            set_stage2(restorer, self.reference)
-            try:
-                return restorer.predict_eps(x_t, t, cond, return_residuals=True)[1]
-            finally:
-                set_stage2(restorer, current)
+            if self.reference is None:  # the restorer's own (unwrapped) network with its adapters off
+                module = restorer.stage2_trainable()
+                with adapters_disabled(module):
+                    return restorer.predict_eps(x_t, t, cond, return_residuals=True, net=module)[1]
+            return restorer.predict_eps(x_t, t, cond, return_residuals=True, net=self.reference)[1]
 
-    def __call__(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> ReFLOutput:
+    def __call__(self, batch: dict[str, Any], generator: Generators = None, shared: torch.Generator | None = None) -> ReFLOutput:
+        """The loss of `batch`. `generator` draws x_T and the step noise (one per row: see `Generators`); `shared`
+        draws the grad step k and a random eta, one draw for the whole global batch (default: `generator`)."""
         cfg, restorer = self.config, self.restorer
+        shared = shared if shared is not None else generator
+        if shared is not None and not isinstance(shared, torch.Generator):
+            raise ValueError("ReFLStep: per-row generators need a shared generator for k and eta")
         lq, hq = batch["lq"], batch["hq"]
         with torch.no_grad():
             cond = restorer.condition(restorer.clean(lq))
         b, _, h, w = lq.shape
-        x_T = torch.randn(restorer.latent_shape(b, h, w), generator=generator, device=lq.device, dtype=cond.dtype)
+        x_T = randn(restorer.latent_shape(b, h, w), generator, lq.device, cond.dtype)
         # step 1: k from the last `grad_window` steps
-        device = generator.device if generator is not None else "cpu"
-        k = cfg.sampling_steps - 1 - int(torch.randint(cfg.grad_window, (), generator=generator, device=device))
+        device = shared.device if shared is not None else "cpu"
+        k = cfg.sampling_steps - 1 - int(torch.randint(cfg.grad_window, (), generator=shared, device=device))
         captured: dict[str, list[Tensor]] = {}
 
         def eps_fn(x_t: Tensor, t: Tensor) -> Tensor:
-            eps, residuals = restorer.predict_eps(x_t, t, cond, return_residuals=True)
+            eps, residuals = restorer.predict_eps(x_t, t, cond, return_residuals=True, net=self.net)
             captured["residuals"] = residuals  # only the last call (step k, with grad) is used
             return eps
 
         # steps 2-3: no-grad rollout to k, then step k with grad and x0_hat
-        out = truncated_rollout(eps_fn, x_T, self.schedule, k, eta=cfg.eta, generator=generator)
+        out = truncated_rollout(eps_fn, x_T, self.schedule, k, eta=cfg.eta, generator=generator, eta_generator=shared)
         x_hat = restorer.decode(out.pred_x0)
         x_r = x_hat.clamp(0, 1) if cfg.clamp_x_hat else x_hat  # the original clamps before the FRM and the DWT term
         parts: dict[str, Tensor] = {}
@@ -338,7 +340,7 @@ def train_refl(config: ReFLConfig) -> Path:
         raise ValueError(f"data.size {config.data.size} differs from the restorer's size {restorer.config.size} ({restorer_path})")
     frm = FaceRewardModel.from_pretrained(frm_path).to(device)
     initial_frm = copy.deepcopy(frm).requires_grad_(False).eval()  # frozen: held-out scores on a fixed scale
-    trainable = prepare_trainable(restorer, config.lora)
+    trainable = prepare_trainable(restorer, config.lora, gradient_checkpointing=run.gradient_checkpointing)
     reference = None if has_lora(trainable) else (frozen_copy(trainable) if config.reg_weight > 0 else None)
     params = trainable_parameters(trainable)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.adam_betas))
@@ -350,33 +352,31 @@ def train_refl(config: ReFLConfig) -> Path:
                      if dyn.every > 0 and frm_params else None)
     if dyn.every > 0 and frm_optimizer is None:
         raise ValueError(f"{frm_path}: the FRM has no trainable parameters for dynamic updates (set dynamic_frm.every: 0)")
-    modules: dict[str, nn.Module] = {"stage2": trainable, "frm": frm}
-    optimizers = {"restorer": optimizer, **({"frm": frm_optimizer} if frm_optimizer else {})}
-    state = resume_run(accelerator, run, modules, optimizers) or {}
+    state = resume_run(accelerator, run) or {}
     step, history = state.get("step", 0), list(state.get("history", []))
     dataset = build_dataset(config.data)
     loader = resumable_loader(dataset, config.batch_size, run.seed, num_workers=config.data.num_workers, collate_fn=collate_batch,
                               drop_last=len(dataset) >= config.batch_size)
+    # Only the restorer's network goes through prepare (DeepSpeed's one-model rule): the dynamic FRM stays a plain
+    # module on every process, its gradients averaged by hand (`frm_preference_step`), its optimizer saved by us.
     wrapped, optimizer, loader = accelerator.prepare(trainable, optimizer, loader)
-    set_stage2(restorer, wrapped)
-    refl_step = ReFLStep(config, restorer, frm, reference, _load_lpips(config), build_reward_term(config, device))
+    modules: dict[str, nn.Module] = {"stage2": wrapped, "frm": frm}
+    optimizers = {"restorer": optimizer, **({"frm": frm_optimizer} if frm_optimizer else {})}
+    refl_step = ReFLStep(config, restorer, frm, reference, _load_lpips(config), build_reward_term(config, device), net=wrapped)
     evaluator = None
     if config.held_out.every > 0 and accelerator.is_main_process:
         frms = {"initial": initial_frm, **({"live": frm} if frm_optimizer else {})}
         evaluator = HeldOutEvaluator(config.held_out, config.data, restorer.config.size, device, frms)
     preference_batches = (_preference_batches(dyn, run.seed, restorer.config.size, accelerator, state.get("preference_data"))
                           if frm_optimizer else None)
-    # the sampler's noise, eta and grad-step draws; saved in checkpoints, so a resumed run draws what this one would
-    generator = torch.Generator(device=device).manual_seed(run.seed * 7919 + accelerator.process_index)
     batches = BatchStream(loader, accelerator, data_position(state))
     log = ProgressLog(accelerator, config.steps, step, "refl", run.log_every, run.progress, history=state.get("train_log"))
     out_dir = Path(run.output_dir)
 
     def held_out(at: int) -> None:
+        full = full_network(accelerator, wrapped, trainable)  # the unwrapped network: no collectives from one process
         if evaluator is not None:
-            set_stage2(restorer, accelerator.unwrap_model(wrapped))  # no DDP collectives from one process
-            scores = evaluator(restorer)
-            set_stage2(restorer, wrapped)
+            scores = evaluator(restorer, net=full)
             history.append({"step": at, **scores})
             accelerator.log({f"held_out/{k}": v for k, v in scores.items()}, step=at)
             if not run.progress:
@@ -385,15 +385,20 @@ def train_refl(config: ReFLConfig) -> Path:
 
     if step == 0 and not history:
         held_out(0)
-    restore_rng(state, {"sampler": generator})  # last, after every setup that draws random numbers
+    restore_run(accelerator, state, modules, optimizers)  # last, after every setup that draws random numbers
+    micro = 0  # micro-batches since the start, over the run: each one's draws are seeded by it (docs/methods.md 1.2)
+    if step:
+        micro = step * run.gradient_accumulation_steps
     while step < config.steps:
         wrapped.train()
         _, batch = next(batches)
+        generators, shared = _step_generators(run.seed, micro, len(batch["lq"]), accelerator)
+        micro += 1
         with accelerator.accumulate(wrapped):
             if config.accumulate_last_only:
                 optimizer.zero_grad(set_to_none=True)  # acts only on the sync micro-step: the earlier ones are wiped
             with accelerator.autocast():
-                result = refl_step(batch, generator)
+                result = refl_step(batch, generators, shared)
             accelerator.backward(result.loss)
             if accelerator.sync_gradients and config.grad_clip > 0:
                 accelerator.clip_grad_norm_(params, config.grad_clip)
@@ -402,7 +407,7 @@ def train_refl(config: ReFLConfig) -> Path:
         if not accelerator.sync_gradients:
             continue
         step += 1
-        scalars = dict(result.parts)
+        scalars = _mean_over_processes(result.parts, accelerator)
         if frm_optimizer is not None and step % dyn.every == 0:
             scalars.update(_dynamic_frm_update(frm, frm_optimizer, dyn, batch, result.restored, preference_batches, accelerator))
         log.step(step, scalars)
@@ -411,17 +416,33 @@ def train_refl(config: ReFLConfig) -> Path:
         if step % run.save_every == 0 or step == config.steps:
             positions = {"data": batches.position(),
                          **({"preference_data": preference_batches.position()} if preference_batches is not None else {})}
-            checkpoint_run(accelerator, run, step, modules, optimizers, {**positions, "history": history, "train_log": log.history},
-                           generators={"sampler": generator})
+            checkpoint_run(accelerator, run, step, modules, optimizers, {**positions, "history": history, "train_log": log.history})
     log.close()
     accelerator.wait_for_everyone()
+    full = full_network(accelerator, wrapped, trainable)
     if accelerator.is_main_process:
-        set_stage2(restorer, accelerator.unwrap_model(wrapped))
-        save_restorer(restorer, out_dir / "model")
+        save_restorer(restorer, out_dir / "model", net=full)
         frm.save_pretrained(out_dir / "frm")
         (out_dir / "metrics.json").write_text(json.dumps({"held_out": history, "train_log": log.history}, indent=2))
     accelerator.end_training()
     return out_dir / "model"
+
+
+def _step_generators(seed: int, micro: int, batch: int, accelerator) -> tuple[list[torch.Generator], torch.Generator]:
+    """Micro-batch `micro`'s generators: one per sample, seeded by its row in the global batch (so 1 or N processes draw
+    the same), and one shared by all processes for the grad step k and a random eta."""
+    rows = [accelerator.process_index * batch + i for i in range(batch)]
+    device = accelerator.device
+    return (row_generators(device, *(mix_seed(seed, micro, r, 1) for r in rows)),
+            torch.Generator(device=device).manual_seed(mix_seed(seed, micro, 2)))
+
+
+def _mean_over_processes(parts: dict[str, Tensor], accelerator) -> dict[str, Tensor]:
+    """The logged numbers averaged over processes, in one collective."""
+    if accelerator.num_processes == 1 or not parts:
+        return dict(parts)
+    stacked = accelerator.reduce(torch.stack([v.float().reshape(()).to(accelerator.device) for v in parts.values()]), "mean")
+    return dict(zip(parts, stacked))
 
 
 def _dynamic_frm_update(frm: FaceRewardModel, optimizer: torch.optim.Optimizer, dyn: DynamicFRMConfig, batch: dict[str, Any],

@@ -45,20 +45,19 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if hasattr(module, "module") and isinstance(module.module, nn.Module) else module
 
 
-def set_stage2(restorer: Restorer, module: nn.Module) -> None:
-    """Put `module` (possibly DDP-wrapped) in the restorer's stage-2 slot so `predict_eps` goes through it."""
-    if restorer.mode == "latent":
-        restorer.controlnet = module
-    else:
-        restorer.unet = module
+def prepare_trainable(restorer: Restorer, lora: LoraSettings, gradient_checkpointing: bool = False) -> nn.Module:
+    """Freeze the whole restorer except its stage-2 network (or LoRA adapters injected into it); returns that network.
 
-
-def prepare_trainable(restorer: Restorer, lora: LoraSettings) -> nn.Module:
-    """Freeze the whole restorer except its stage-2 network (or LoRA adapters injected into it); returns that network."""
+    `gradient_checkpointing` turns on the network's own (diffusers) activation checkpointing.
+    """
     if lora.rank < 0:
         raise ValueError(f"lora.rank must be >= 0, got {lora.rank}")
     restorer.requires_grad_(False)
     module = restorer.stage2_trainable()
+    if gradient_checkpointing:
+        if not getattr(module, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"run.gradient_checkpointing: the {type(module).__name__} does not support it")
+        module.enable_gradient_checkpointing()
     if lora.rank == 0:
         module.requires_grad_(True)
         return module
@@ -70,10 +69,9 @@ def prepare_trainable(restorer: Restorer, lora: LoraSettings) -> nn.Module:
         raise ValueError(f"lora.target_modules: no module named {unknown or '(empty list)'} in the {type(module).__name__}")
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,
                         lora_dropout=lora.dropout, target_modules=list(lora.target_modules))
-    module = inject_adapter_in_model(config, module)
+    module = inject_adapter_in_model(config, module)  # in place: the restorer's own network now carries the adapters
     for name, p in module.named_parameters():
         p.requires_grad_("lora_" in name)
-    set_stage2(restorer, module)
     return module
 
 
@@ -126,18 +124,17 @@ def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
             layer.unmerge()
 
 
-def save_restorer(restorer: Restorer, folder: str | Path) -> None:
-    """Save the restorer as a plain folder (LoRA merged, wrappers removed); loadable with `Restorer.from_pretrained`."""
-    trained = _unwrap(restorer.stage2_trainable())
+def save_restorer(restorer: Restorer, folder: str | Path, net: nn.Module | None = None) -> None:
+    """Save the restorer as a plain folder (LoRA merged, wrappers removed); loadable with `Restorer.from_pretrained`.
+
+    `net` is the trained stage-2 network when it is not the restorer's own (a gathered copy, see `full_network`).
+    """
+    trained = _unwrap(net if net is not None else restorer.stage2_trainable())
     plain = type(trained).from_config(trained.config) if hasattr(trained, "config") else copy.deepcopy(trained)
     plain.load_state_dict(merged_state_dict(trained))
     ref = next(trained.parameters())
     plain.to(ref.device)
     if ref.dtype != torch.float32:
         plain.to(ref.dtype)
-    current = restorer.stage2_trainable()
-    set_stage2(restorer, plain)
-    try:
-        restorer.save_pretrained(folder)
-    finally:
-        set_stage2(restorer, current)
+    restorer.save_pretrained(folder, stage2=plain)
+
