@@ -432,3 +432,24 @@ def test_cli_lrpo_runs_an_ablation_and_reports_bad_rewards(tmp_path, pixel_dir):
     assert epoch["ppo/regulariser"] == 0.0
     bad = CliRunner().invoke(app, ["lrpo", "--reward", "wavelet"])
     assert bad.exit_code == 2 and "NAME=WEIGHT" in bad.output
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path, latent_restorer):
+    """run.gradient_checkpointing recomputes the ControlNet's activations in backward: same weights, less memory."""
+    latent_restorer.save_pretrained(tmp_path / "latent")
+    plain = _config(tmp_path, tmp_path / "latent", "plain", lr=1e-3)
+    checkpointed = _config(tmp_path, tmp_path / "latent", "checkpointed", lr=1e-3)
+    checkpointed.run.gradient_checkpointing = True
+    a = Restorer.from_pretrained(train_lrpo(plain)).controlnet.state_dict()
+    b = Restorer.from_pretrained(train_lrpo(checkpointed)).controlnet.state_dict()
+    base = Restorer.from_pretrained(tmp_path / "latent").controlnet.state_dict()
+    assert any(not torch.equal(a[k], base[k]) for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_gradient_checkpointing_on_a_network_without_it_is_one_line(pixel_restorer):
+    from facereward.train.trainable import LoraSettings, prepare_trainable
+
+    pixel_restorer.unet._supports_gradient_checkpointing = False  # as a user's own stage-2 network might be
+    with pytest.raises(ValueError, match=r"^run\.gradient_checkpointing: the UNet2DModel does not support it$"):
+        prepare_trainable(pixel_restorer, LoraSettings(), gradient_checkpointing=True)

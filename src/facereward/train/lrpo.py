@@ -51,6 +51,7 @@ from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator
 from facereward.train.plumbing import (
     ProgressLog,
     RunConfig,
+    check_engine,
     checkpoint_run,
     full_network,
     make_accelerator,
@@ -305,8 +306,12 @@ def rollout_order(n: int, seed: int, epoch: int, rank: int) -> Tensor:
 
 @torch.no_grad()
 def sample_epoch(restorer: Restorer, dataset: Dataset, schedule: DDIMSchedule, config: LRPOConfig, n_train: int,
-                 reward: CompositeReward, accelerator: Accelerator, epoch: int) -> tuple[EpochBuffer, dict[str, Tensor]]:
-    """All of `epoch`'s group batches on this process, rolled out and scored: (buffer, {"reward", "reward/NAME"})."""
+                 reward: CompositeReward, accelerator: Accelerator, epoch: int,
+                 net: nn.Module | None = None) -> tuple[EpochBuffer, dict[str, Tensor]]:
+    """All of `epoch`'s group batches on this process, rolled out and scored: (buffer, {"reward", "reward/NAME"}).
+
+    `net`: the trained network as prepared (FSDP needs its forward; every process makes the same number of calls).
+    """
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
@@ -316,7 +321,7 @@ def sample_epoch(restorer: Restorer, dataset: Dataset, schedule: DDIMSchedule, c
     for b in range(config.batches_per_epoch):
         inputs = indices[b * config.inputs_per_batch: (b + 1) * config.inputs_per_batch].tolist()
         batch = group_batch(dataset, inputs, config.group_size, b * config.inputs_per_batch, rank, world)
-        rows = b * per_batch + batch.rows  # seeds per sample, not per process (docs/methods.md 2.4)
+        rows = b * per_batch + batch.rows  # seeds per sample, not per process (docs/methods.md 4)
         generators = row_generators(device, *(mix_seed(config.run.seed, epoch, r, 1) for r in rows.tolist()))
         lq, hq = batch.lq.to(device), batch.hq.to(device)
         with accelerator.autocast():
@@ -336,7 +341,7 @@ def sample_epoch(restorer: Restorer, dataset: Dataset, schedule: DDIMSchedule, c
         sl = slice(start, start + config.micro_batch)
         generators = row_generators(device, *(mix_seed(config.run.seed, epoch, r, 5) for r in rows[sl].tolist()))
         with accelerator.autocast():
-            traj = rollout(restorer.eps_fn(cond[sl]), x_T[sl].to(cond.dtype), schedule, eta=config.eta, generator=generators)
+            traj = rollout(restorer.eps_fn(cond[sl], net), x_T[sl].to(cond.dtype), schedule, eta=config.eta, generator=generators)
             images = restorer.decode(traj.final).clamp(0, 1)
         out = reward(images.float(), hq[sl], captions[sl])
         for name, value in {"reward": out.total, **{f"reward/{k}": v for k, v in out.components.items()}}.items():
@@ -607,6 +612,7 @@ def train_lrpo(config: LRPOConfig) -> Path:
         raise ValueError(f"data.size {config.data.size} differs from the model size {restorer.config.size}")
     restorer.to(accelerator.device)
     module = prepare_trainable(restorer, config.lora, gradient_checkpointing=run.gradient_checkpointing)
+    check_engine(accelerator, module)
     optimizer = torch.optim.AdamW(trainable_parameters(module), lr=config.lr, weight_decay=config.weight_decay)
     reference = Reference(restorer, module, config.kl_reference) if config.kl_beta > 0 else None
     # Only the trained network goes through prepare (DeepSpeed's one-model rule); rewards and the reference stay plain.
@@ -622,7 +628,7 @@ def train_lrpo(config: LRPOConfig) -> Path:
     # every draw of an epoch has its own (seed, epoch, sample) generator; this covers any other
     restore_run(accelerator, state, {"stage2": net}, {"optimizer": optimizer})
     for epoch in range(start, config.epochs):
-        buffer, scores = sample_epoch(restorer, dataset, schedule, config, n_train, reward, accelerator, epoch)
+        buffer, scores = sample_epoch(restorer, dataset, schedule, config, n_train, reward, accelerator, epoch, net)
         _, advantages = assign_advantages(buffer, scores["reward"], config, n_train, accelerator, epoch)
         set_regulariser_targets(buffer, schedule, config, n_train, epoch)
         inner = update_epoch(restorer, net, optimizer, buffer, schedule, config, n_train, reference, accelerator, epoch)

@@ -46,7 +46,7 @@ class RunConfig:
 
     output_dir: str = "runs/train"
     seed: int = 0
-    mixed_precision: str = "no"  # "no", "bf16" or "fp16", through accelerate
+    mixed_precision: str | None = None  # "no", "bf16" or "fp16", through accelerate; unset: the launcher's, else "no"
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False  # recompute the trained network's activations in backward (refl, lrpo): less memory
     log_every: int = 10
@@ -58,16 +58,31 @@ class RunConfig:
 
 
 def make_accelerator(run: RunConfig, project_name: str) -> Accelerator:
-    """An Accelerator logging to TensorBoard under OUTPUT/logs, seeded per process."""
-    if run.mixed_precision not in ("no", "bf16", "fp16"):
+    """An Accelerator logging to TensorBoard under OUTPUT/logs, seeded per process.
+
+    `run.mixed_precision` unset takes the launcher's (`accelerate launch --config_file ...`, e.g. configs/accelerate/),
+    else "no"; set, it wins, and a launcher that says otherwise is named in one line.
+    """
+    if run.mixed_precision not in (None, "no", "bf16", "fp16"):
         raise ValueError(f"run.mixed_precision must be 'no', 'bf16' or 'fp16', got {run.mixed_precision!r}")
     if run.gradient_accumulation_steps < 1:
         raise ValueError("run.gradient_accumulation_steps must be >= 1")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    # Without cpu=True, several CPU processes each start as a lone process and silently train apart.
-    cpu = run.cpu or (world_size > 1 and not torch.cuda.is_available())
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if run.mixed_precision and launcher and launcher != run.mixed_precision and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: run.mixed_precision {run.mixed_precision!r} overrides the launcher's {launcher!r}", file=sys.stderr)
+    on_cpu = world_size > 1 and not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if on_cpu and deepspeed:
+        # DeepSpeed on several CPU processes: accelerate sets no backend there, so each process would think it is alone
+        from accelerate import PartialState
+
+        PartialState(backend="gloo")
+    # Without cpu=True, several CPU processes each start as a lone process and silently train apart
+    # (but cpu=True turns DeepSpeed off, so not with it).
+    cpu = run.cpu or (on_cpu and not deepspeed)
     accelerator = Accelerator(
-        mixed_precision=run.mixed_precision,
+        mixed_precision=run.mixed_precision or launcher or "no",
         gradient_accumulation_steps=run.gradient_accumulation_steps,
         log_with="tensorboard",
         project_dir=run.output_dir,
@@ -183,6 +198,21 @@ def engine_of(accelerator: Accelerator) -> str | None:
     return {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(accelerator.distributed_type)
 
 
+def _sharded(accelerator: Accelerator) -> bool:
+    """Whether the prepared weights are split over processes (FSDP, DeepSpeed ZeRO-3)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    engine = engine_of(accelerator)
+    return engine == "fsdp" or (engine == "deepspeed" and plugin is not None and plugin.zero_stage == 3)
+
+
+def check_engine(accelerator: Accelerator, module: nn.Module) -> None:
+    """Refuse what the engine cannot do with `module` before training starts: LoRA under FSDP or ZeRO-3 (the
+    reference is the LoRA-free network in place, which sharding hides)."""
+    if _sharded(accelerator) and any("lora_" in name for name, _ in module.named_parameters()):
+        raise ValueError("LoRA training under FSDP or DeepSpeed ZeRO-3 is not supported (LoRA weights are small: use "
+                         "DDP or ZeRO-2, configs/accelerate/ddp.yaml or deepspeed_zero2_offload.yaml)")
+
+
 def full_network(accelerator: Accelerator, wrapped: nn.Module, module: nn.Module) -> nn.Module | None:
     """The trained network with all its weights, for held-out evaluation and the final save; call it on every process.
 
@@ -190,13 +220,9 @@ def full_network(accelerator: Accelerator, wrapped: nn.Module, module: nn.Module
     network) itself. Under FSDP and ZeRO-3 the weights are sharded: they are gathered (`get_state_dict`, a collective)
     into a copy of `module` on the main process; the other processes get None.
     """
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    engine = engine_of(accelerator)
-    if engine is None or (engine == "deepspeed" and plugin is not None and plugin.zero_stage < 3):
+    if not _sharded(accelerator):
         return module
-    if any("lora_" in name for name, _ in module.named_parameters()):
-        raise ValueError("LoRA training under FSDP or DeepSpeed ZeRO-3 is not supported (LoRA weights are small: use "
-                         "DDP or ZeRO-2, configs/accelerate/ddp.yaml or deepspeed_zero2_offload.yaml)")
+    check_engine(accelerator, module)
     state = accelerator.get_state_dict(wrapped)
     if not accelerator.is_main_process:
         return None

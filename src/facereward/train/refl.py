@@ -31,6 +31,7 @@ from facereward.train.plumbing import (
     BatchStream,
     ProgressLog,
     RunConfig,
+    check_engine,
     checkpoint_run,
     data_position,
     full_network,
@@ -341,6 +342,7 @@ def train_refl(config: ReFLConfig) -> Path:
     frm = FaceRewardModel.from_pretrained(frm_path).to(device)
     initial_frm = copy.deepcopy(frm).requires_grad_(False).eval()  # frozen: held-out scores on a fixed scale
     trainable = prepare_trainable(restorer, config.lora, gradient_checkpointing=run.gradient_checkpointing)
+    check_engine(accelerator, trainable)
     reference = None if has_lora(trainable) else (frozen_copy(trainable) if config.reg_weight > 0 else None)
     params = trainable_parameters(trainable)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.adam_betas))
@@ -386,9 +388,8 @@ def train_refl(config: ReFLConfig) -> Path:
     if step == 0 and not history:
         held_out(0)
     restore_run(accelerator, state, modules, optimizers)  # last, after every setup that draws random numbers
-    micro = 0  # micro-batches since the start, over the run: each one's draws are seeded by it (docs/methods.md 1.2)
-    if step:
-        micro = step * run.gradient_accumulation_steps
+    # micro-batches since the run's start: each one's draws are seeded by it and its rows (docs/methods.md 4)
+    micro = step * run.gradient_accumulation_steps
     while step < config.steps:
         wrapped.train()
         _, batch = next(batches)
@@ -407,9 +408,10 @@ def train_refl(config: ReFLConfig) -> Path:
         if not accelerator.sync_gradients:
             continue
         step += 1
-        scalars = _mean_over_processes(result.parts, accelerator)
+        scalars = dict(result.parts)
         if frm_optimizer is not None and step % dyn.every == 0:
             scalars.update(_dynamic_frm_update(frm, frm_optimizer, dyn, batch, result.restored, preference_batches, accelerator))
+        scalars = _mean_over_processes(scalars, accelerator)
         log.step(step, scalars)
         if config.held_out.every > 0 and (step % config.held_out.every == 0 or step == config.steps):
             held_out(step)
