@@ -127,6 +127,10 @@ def _tiny_latent_parts(cfg: RestorerConfig) -> tuple[AutoencoderKL, UNet2DCondit
     return vae, unet, controlnet, prompt_embeds
 
 
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
 def controlnet_from_unet(unet: UNet2DConditionModel, latent_channels: int, embedding_channels: int) -> ControlNetModel:
     """A ControlNet initialised from `unet` whose condition is a latent (no pixel-hint downsampling)."""
     return ControlNetModel.from_unet(
@@ -273,12 +277,18 @@ class Restorer(nn.Module):
         `net` replaces the restorer's own stage-2 network for this call (a trainer's DDP/FSDP/DeepSpeed-wrapped
         copy, a frozen reference), as diffusers' ControlNet training passes its ControlNet to the UNet.
         """
+        # An engine may hold the trained network in bf16 with no autocast around it (DeepSpeed): feed it its own dtype.
         if self.mode == "pixel":
-            eps = (net or self.unet)(torch.cat([x_t, cond.to(x_t.dtype)], dim=1), t).sample
+            unet = net or self.unet
+            dtype = _dtype_of(unet)
+            eps = unet(torch.cat([x_t, cond.to(x_t.dtype)], dim=1).to(dtype), t).sample
+            eps = eps.to(x_t.dtype) if dtype != x_t.dtype else eps
             return (eps, [eps]) if return_residuals else eps
         text = self.prompt_embeds.to(x_t.dtype).expand(x_t.shape[0], -1, -1)
-        down, mid = (net or self.controlnet)(x_t, t, encoder_hidden_states=text, controlnet_cond=cond.to(x_t.dtype),
-                                             return_dict=False)
+        control = net or self.controlnet
+        dtype = _dtype_of(control)
+        down, mid = control(x_t.to(dtype), t, encoder_hidden_states=text.to(dtype), controlnet_cond=cond.to(dtype),
+                            return_dict=False)
         eps = self.unet(x_t, t, encoder_hidden_states=text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
         return (eps, [*down, mid]) if return_residuals else eps
 

@@ -58,6 +58,7 @@ from facereward.train.plumbing import (
     micro_step,
     restore_run,
     resume_run,
+    set_deepspeed_micro_batch,
     write_run_config,
 )
 from facereward.train.trainable import (
@@ -616,6 +617,7 @@ def train_lrpo(config: LRPOConfig) -> Path:
     optimizer = torch.optim.AdamW(trainable_parameters(module), lr=config.lr, weight_decay=config.weight_decay)
     reference = Reference(restorer, module, config.kl_reference) if config.kl_beta > 0 else None
     # Only the trained network goes through prepare (DeepSpeed's one-model rule); rewards and the reference stay plain.
+    set_deepspeed_micro_batch(accelerator, config.micro_batch)
     net, optimizer = accelerator.prepare(module, optimizer)
     reward = CompositeReward.from_config(rewards_with_defaults(config.rewards, config.init_from is None), accelerator.device)
     dataset = build_dataset(config.data)

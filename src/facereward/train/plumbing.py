@@ -205,6 +205,14 @@ def _sharded(accelerator: Accelerator) -> bool:
     return engine == "fsdp" or (engine == "deepspeed" and plugin is not None and plugin.zero_stage == 3)
 
 
+def set_deepspeed_micro_batch(accelerator: Accelerator, size: int) -> None:
+    """Give DeepSpeed the per-process micro-batch its config leaves "auto" (accelerate reads it from a prepared
+    dataloader, and LRPO prepares none; DeepSpeed only logs it: the trainer batches itself)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = size
+
+
 def check_engine(accelerator: Accelerator, module: nn.Module) -> None:
     """Refuse what the engine cannot do with `module` before training starts: LoRA under FSDP or ZeRO-3 (the
     reference is the LoRA-free network in place, which sharding hides)."""
