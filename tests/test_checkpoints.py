@@ -186,3 +186,10 @@ def test_lrpo_rejects_values_that_cannot_train(field, value):
     with pytest.raises(ValueError, match=f"^{field} must be >= {2 if field == 'group_size' else 1}") as err:
         check_lrpo_config(config)
     assert "\n" not in str(err.value)
+
+
+def test_fp16_on_cpu_is_one_line_not_a_silent_fp32_run(tmp_path):
+    from facereward.train.plumbing import make_accelerator
+
+    with pytest.raises(ValueError, match=r"^run\.mixed_precision: fp16 needs a GPU .*use bf16 or no$"):
+        make_accelerator(RunConfig(output_dir=str(tmp_path), mixed_precision="fp16", cpu=True), "x")

@@ -40,12 +40,16 @@ def _assert_same_run(a: Path, b: Path, model: str = "model") -> None:
     assert all(torch.equal(wa[k], wb[k]) for k in wa), [k for k in wa if not torch.equal(wa[k], wb[k])][:3]
 
 
-def _kill_and_resume(tmp_path: Path, command: list[str], config: dict, kill_lines: list[str]) -> tuple[Path, Path]:
-    """The uninterrupted run, and one killed at each of `kill_lines` in turn, resumed with --resume auto."""
+def _kill_and_resume(tmp_path: Path, command: list[str], config: dict, kill_lines: list[str | int]) -> tuple[Path, Path]:
+    """The uninterrupted run, and one killed at each of `kill_lines` in turn, resumed with --resume auto.
+
+    A string kills when the run prints it; a number N kills the run in the middle of writing checkpoint N.
+    """
     (tmp_path / "ref.yaml").write_text(yaml.safe_dump({**config, "run": {**config["run"], "output_dir": str(tmp_path / "ref")}}))
     (tmp_path / "kill.yaml").write_text(yaml.safe_dump({**config, "run": {**config["run"], "output_dir": str(tmp_path / "kill")}}))
     phases = [{"argv": [*command, "--config", str(tmp_path / "ref.yaml")]}]
-    phases += [{"argv": [*command, "--config", str(tmp_path / "kill.yaml"), "--resume", "auto"], "kill_on": line} for line in kill_lines]
+    phases += [{"argv": [*command, "--config", str(tmp_path / "kill.yaml"), "--resume", "auto"],
+                **({"kill_in_save": line} if isinstance(line, int) else {"kill_on": line})} for line in kill_lines]
     phases += [{"argv": [*command, "--config", str(tmp_path / "kill.yaml"), "--resume", "auto"]}]
     results = _plan(tmp_path, phases)
     assert results[0]["rc"] == 0 and results[-1]["rc"] == 0, results
@@ -57,9 +61,10 @@ def test_train_base_resumes_bit_identically_after_sigkill(tmp_path):
     config = {"run": {"save_every": 2, "log_every": 1, "progress": False, "seed": 3},
               "data": {"toy_faces": 6, "size": 32, "toy_identities": 10}, "model": PIXEL,
               "stage1_steps": 4, "stage2_steps": 5, "batch_size": 4, "warmup_steps": 2}
-    # 6 faces in batches of 4: an epoch is 2 batches, so kills land inside epochs and across the stage switch
+    # 6 faces in batches of 4: an epoch is 2 batches, so kills land inside epochs and across the stage switch; the
+    # second kill lands in the middle of writing checkpoint 6 (the resume removes the torn folder, goes back to 4)
     ref, killed = _kill_and_resume(tmp_path, ["train-base"], config,
-                                   ["train-base step 3/", "train-base step 6/", "train-base step 8/"])
+                                   ["train-base step 3/", 6, "train-base step 8/"])
     _assert_same_run(ref, killed)
 
 
@@ -105,5 +110,5 @@ def test_lrpo_resumes_bit_identically_after_sigkill(tmp_path, pixel_restorer):
               "data": {"toy_faces": 6, "size": 32, "toy_identities": 10}, "rewards": {"weights": {"wavelet": 0.5, "ssim": 0.5}},
               "group_size": 3, "inputs_per_batch": 2, "batches_per_epoch": 1, "epochs": 4, "steps": 4, "micro_batch": 3,
               "train_batch_size": 3, "reg_steps": 2, "lr": 1e-4, "held_out": {"every": 2, "toy_faces": 2, "steps": 2}}
-    ref, killed = _kill_and_resume(tmp_path, ["lrpo"], config, ["lrpo step 2/", "lrpo step 3/"])
+    ref, killed = _kill_and_resume(tmp_path, ["lrpo"], config, ["lrpo step 2/", 3, "lrpo step 3/"])
     _assert_same_run(ref, killed)

@@ -71,6 +71,9 @@ def make_accelerator(run: RunConfig, project_name: str) -> Accelerator:
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if run.mixed_precision and launcher and launcher != run.mixed_precision and int(os.environ.get("RANK", "0")) == 0:
         print(f"note: run.mixed_precision {run.mixed_precision!r} overrides the launcher's {launcher!r}", file=sys.stderr)
+    if (run.mixed_precision or launcher) == "fp16" and (run.cpu or not torch.cuda.is_available()):
+        raise ValueError("run.mixed_precision: fp16 needs a GPU (accelerate has no fp16 autocast or loss scaling on CPU, "
+                         "the run would silently train in fp32); use bf16 or no")
     on_cpu = world_size > 1 and not torch.cuda.is_available()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if on_cpu and deepspeed:
