@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -221,71 +218,6 @@ def test_group_batch_rows_of_a_group_share_one_degraded_input():
     assert [h.group_ids.tolist() for h in split] == [[0, 0], [0, 0]]
     with pytest.raises(ValueError, match="divide among 4 processes"):
         group_batch(ds, [2, 0], 3, 0, 0, 4)
-
-
-TWO_PROCESS_SCRIPT = """
-import json, sys
-import numpy as np
-import torch
-from accelerate import PartialState
-from facereward.data.datasets import InMemoryHQDataset
-from facereward.train.lrpo import group_batch
-state = PartialState(cpu=True)
-rng = np.random.default_rng(0)
-ds = InMemoryHQDataset([rng.random((32, 32, 3), dtype=np.float32) for _ in range(3)], preset="diffbir", seed=3)
-ds.set_epoch(1)
-batch = group_batch(ds, [1], 4, 0, state.process_index, state.num_processes)  # one group of 4, 2 rows per process
-from accelerate.utils import gather
-lq = gather(batch.lq.contiguous())
-if state.is_main_process:
-    same = all(torch.equal(lq[0], lq[i]) for i in range(4))
-    json.dump({"world": state.num_processes, "rows": lq.shape[0], "same": same,
-               "matches_dataset": torch.equal(lq[0], ds[1]["lq"])}, open(sys.argv[1], "w"))
-
-# a short run: 1 input x G=4 per batch, so every group is split over the two processes
-from facereward.config import load_config
-from facereward.train.lrpo import LRPOConfig, train_lrpo
-import facereward.train.lrpo as lrpo
-seen = []
-original = lrpo.update_epoch
-def spy(restorer, module, *args, **kwargs):
-    out = original(restorer, module, *args, **kwargs)
-    weights = gather(torch.cat([p.detach().flatten() for p in module.parameters()])[None])
-    seen.append(torch.equal(weights[0], weights[1]))
-    return out
-lrpo.update_epoch = spy
-train_lrpo(load_config(LRPOConfig, sys.argv[2]))
-if state.is_main_process:
-    json.dump({"same_weights": seen}, open(sys.argv[3], "w"))
-"""
-
-
-def _launch(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", *args]
-    return subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300)
-
-
-def test_a_group_split_over_two_processes_gets_one_degraded_input(tmp_path, pixel_dir):
-    """Launched as 2 gloo processes: the split group's rows hold one LQ; a short run keeps both processes in step."""
-    import yaml
-
-    from facereward.config import config_to_dict
-
-    script = tmp_path / "split.py"
-    script.write_text(TWO_PROCESS_SCRIPT)
-    config = _config(tmp_path, pixel_dir, group_size=4, inputs_per_batch=1, micro_batch=2, lr=1e-3, epochs=2)
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config_to_dict(config)))
-    proc = _launch([str(script), str(tmp_path / "out.json"), str(tmp_path / "c.yaml"), str(tmp_path / "weights.json")])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads((tmp_path / "out.json").read_text())
-    assert result == {"world": 2, "rows": 4, "same": True, "matches_dataset": True}
-    assert json.loads((tmp_path / "weights.json").read_text()) == {"same_weights": [True, True]}
-    history = _history(tmp_path / "run")
-    assert len(history) == 2 and history[0]["ppo/ratio_dev_first"] == 0.0
-    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "state.json").read_text())
-    assert state["num_processes"] == 2
 
 
 # ---- runs ---------------------------------------------------------------------------------------

@@ -58,8 +58,9 @@ def restorer_dir(tmp_path, pixel_restorer):
 def test_lrpo_on_two_processes_matches_one(tmp_path, restorer_dir):
     config = {"run": {"save_every": 2, "log_every": 1, "progress": False}, "init_from": str(restorer_dir),
               "data": {"toy_faces": 6, "size": 32, "toy_identities": 10}, "rewards": {"weights": {"wavelet": 0.5, "ssim": 0.5}},
-              "group_size": 4, "inputs_per_batch": 2, "batches_per_epoch": 1, "epochs": 2, "steps": 4, "micro_batch": 2,
+              "group_size": 4, "inputs_per_batch": 1, "batches_per_epoch": 2, "epochs": 2, "steps": 4, "micro_batch": 2,
               "train_batch_size": 0, "reg_steps": 2, "lr": 1e-4, "held_out": {"every": 0}}
+    # 1 input x G = 4 per sampling batch: on 2 processes every group is split, 2 rows on each (one degraded input)
     assert cli_run(["lrpo", "--config", str(_write(tmp_path, "one", config, "one"))]) == 0
     proc = _launch_two(["lrpo", "--config", str(_write(tmp_path, "two", config, "two"))])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -68,6 +69,7 @@ def test_lrpo_on_two_processes_matches_one(tmp_path, restorer_dir):
     for key in ("reward", "reward_std", "reward/wavelet", "reward/ssim"):  # the first epoch's rollouts: before any update
         assert two[0][key] == pytest.approx(one[0][key], rel=1e-6, abs=1e-7), key
     assert two[0]["ppo/optimizer_steps"] == one[0]["ppo/optimizer_steps"] == 3.0
+    assert two[0]["ppo/ratio_dev_first"] == 0.0
     assert two[1]["reward"] == pytest.approx(one[1]["reward"], rel=1e-5)
     _assert_close_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", restorer_dir)
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-00000002" / "state.json").read_text())
