@@ -4,13 +4,15 @@
 
 Bare compute of one step: the k no-grad network calls down to the grad step, the grad-step call, the decode,
 the FRM forward and the backward (plus the reference network's call when the regulariser is on), timed as one
-tight loop with none of the trainer's glue. The ratio is `ReFLStep` + backward over that. Memory: the bytes
+tight loop with none of the trainer's glue. The ratio is `ReFLStep` + backward over that, per interleaved pair
+(step, bare, step, bare, ...), as min/median/max. Memory: the bytes
 autograd saves for backward (the graph), for T = 10 and T = 50; on CUDA also the peak allocated memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -28,14 +30,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats: int, device: torch.device) -> float:
-    fn()
-    sync(device)
-    start = time.perf_counter()
+def interleaved(a, b, repeats: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """Seconds of `a` and of `b`, alternating a, b, a, b, ... after one warm-up call each (so drift lands on both)."""
+    a(), b()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeats
+        for fn, out in ((a, times[0]), (b, times[1])):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
@@ -84,8 +90,11 @@ def main() -> None:
             loss.backward()
             trainable.zero_grad(set_to_none=True)
 
-        t_refl, t_bare = timed(refl, args.repeats, device), timed(bare, args.repeats, device)
-        print(f"reg_weight={reg:g}: ReFL step {t_refl * 1000:.1f} ms, bare compute {t_bare * 1000:.1f} ms, ratio {t_refl / t_bare:.3f}")
+        t_refl, t_bare = interleaved(refl, bare, args.repeats, device)
+        ratios = [r / b for r, b in zip(t_refl, t_bare)]
+        print(f"reg_weight={reg:g}: ReFL step {statistics.median(t_refl) * 1000:.1f} ms, bare compute "
+              f"{statistics.median(t_bare) * 1000:.1f} ms (medians); ratio per pair min {min(ratios):.3f} "
+              f"median {statistics.median(ratios):.3f} max {max(ratios):.3f}")
 
     for steps in (10, 50):
         step = ReFLStep(ReFLConfig(sampling_steps=steps, grad_window=1, eta=1.0), restorer, frm, reference)
