@@ -94,14 +94,12 @@ def bench(mode: str, repeats: int) -> list[float]:
             samples = torch.cat(samples, dim=1)
         for s in range(0, n, config.train_batch_size):
             for k in range(n_train):
-                rows = slice(s, s + config.train_batch_size)
                 for p in range(s, min(n, s + config.train_batch_size), config.micro_batch):
                     piece = slice(p, p + config.micro_batch)
                     t_b = schedule.timesteps[k].expand(samples[k][piece].shape[0])
                     eps = restorer.predict_eps(samples[k][piece], t_b, cond[piece], net=net)
                     out = ddim_step_with_logprob(eps, t_b, samples[k][piece], schedule, 1.0, prev_sample=samples[k + 1][piece])
                     out.log_prob.mean().backward()
-                del rows
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -99,7 +98,7 @@ def test_refl_resumes_bit_identically_after_sigkill(tmp_path, pixel_restorer):
               "steps": 6, "batch_size": 4, "sampling_steps": 3, "eta": "random", "lr": 1e-4, "reward_weight": 0.1,
               "lpips_weight": 0.0, "dynamic_frm": {"every": 1, "lr": 1e-3},
               "held_out": {"every": 3, "toy_faces": 2, "steps": 2}}
-    ref, killed = _kill_and_resume(tmp_path, ["refl"], config, ["refl step 3/", "refl step 5/"])
+    ref, killed = _kill_and_resume(tmp_path, ["refl"], config, ["refl step 3/", 4, "refl step 5/"])
     _assert_same_run(ref, killed)
     _assert_same_run(ref, killed, model="frm")  # the dynamic FRM too
 

@@ -511,7 +511,7 @@ def update_epoch(restorer: Restorer, net: nn.Module, optimizer: torch.optim.Opti
             stats["opt_steps"] += 1
             stepped = True
 
-        def backward(rows: Tensor, k: int, divisor: float, last: bool) -> None:
+        def backward(rows: Tensor, k: int, count: float, divisor: float, last: bool) -> None:
             with micro_step(accelerator, net, sync=last):
                 loss = step_loss(restorer, net, buffer, rows, k, schedule, config, n_train, count, reference, accelerator,
                                  stats, not stepped)
@@ -525,12 +525,12 @@ def update_epoch(restorer: Restorer, net: nn.Module, optimizer: torch.optim.Opti
             if config.stepping == "per_timestep":  # the original: one step per (minibatch, timestep)
                 for k in range(n_train):
                     for i, rows in enumerate(pieces):
-                        backward(rows, k, 1.0, last=i == len(pieces) - 1)
+                        backward(rows, k, count, 1.0, last=i == len(pieces) - 1)
                     optimizer_step()
             else:  # the minibatch's timesteps in one step: the per-step losses averaged over the trained steps
                 for i, rows in enumerate(pieces):
                     for k in range(n_train):
-                        backward(rows, k, float(n_train), last=i == len(pieces) - 1 and k == n_train - 1)
+                        backward(rows, k, count, float(n_train), last=i == len(pieces) - 1 and k == n_train - 1)
                 optimizer_step()
         all_stats.append(stats)
     return all_stats
