@@ -57,7 +57,7 @@ def test_schedule_timesteps_981_to_1(schedule50):
     assert schedule50.timesteps.dtype == torch.long
     assert schedule50.timesteps.tolist() == list(range(981, 0, -20))
     assert schedule50.num_steps == 50
-    assert schedule50.step_size == 20
+    assert schedule50.prev_timestep[981].item() == 961 and schedule50.prev_timestep[1].item() == -1
     assert schedule50.timesteps[0].item() == 981 and schedule50.timesteps[-1].item() == 1
 
 

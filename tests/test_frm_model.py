@@ -455,7 +455,7 @@ def test_from_pretrained_errors(tmp_path):
 
 
 def test_openclip_checkpoint_errors_name_the_problem(tmp_path, openclip_tokenizer):
-    with pytest.raises(OpenCLIPCheckpointError, match="no such checkpoint file"):
+    with pytest.raises(OpenCLIPCheckpointError, match="no such OpenCLIP checkpoint file"):
         load_openclip_frm(tmp_path / "missing.pt", openclip_tokenizer)
     sd = _openclip_state_dict()
     del sd["visual.transformer.resblocks.1.mlp.c_proj.bias"]
@@ -467,6 +467,6 @@ def test_openclip_checkpoint_errors_name_the_problem(tmp_path, openclip_tokenize
     with pytest.raises(OpenCLIPCheckpointError, match=r"unexpected .*visual\.attn_pool\.query"):
         convert_openclip_state_dict(sd)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(OpenCLIPCheckpointError, match="unreadable checkpoint"):
+    with pytest.raises(OpenCLIPCheckpointError, match="unreadable OpenCLIP checkpoint"):
         load_openclip_frm(tmp_path / "junk.pt", openclip_tokenizer)
     assert issubclass(OpenCLIPCheckpointError, ModelFolderError)  # the CLI prints it as one line

@@ -28,9 +28,14 @@ def tiny_sd(tmp_path, make_clip_tokenizer):
 
 
 def test_from_stable_diffusion_builds_a_working_latent_restorer(tiny_sd, tmp_path):
-    restorer = Restorer.from_stable_diffusion(tiny_sd, size=32, condition_embedding_channels=8)
+    restorer = Restorer.from_stable_diffusion(tiny_sd, size=32)
     assert restorer.mode == "latent"
     assert restorer.prompt_embeds.shape == (1, 6, 16)
+    # DiffBIR's initialisation: the UNet's first conv with 4 zero channels appended for the condition latent
+    w = restorer.controlnet.conv_in.weight
+    assert w.shape[1] == 8 and torch.equal(w[:, :4], restorer.unet.conv_in.weight) and not w[:, 4:].any()
+    assert not any("cond_embedding" in n for n, _ in restorer.controlnet.named_parameters())
+    assert all(not p.any() for n, p in restorer.controlnet.named_parameters() if n.startswith("controlnet_"))
     # the ControlNet starts as a copy of the UNet encoder with zero-initialised outputs: eps equals the bare UNet's
     z = torch.randn(1, 4, 16, 16)
     t = torch.tensor([500])

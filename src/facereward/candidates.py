@@ -32,7 +32,7 @@ from facereward.data.degradation import degrade
 from facereward.data.imageio import read_image, write_image
 from facereward.data.toyfaces import TOY_MARKER, is_toy_folder
 from facereward.inference import restore_batch
-from facereward.models.restorer import ModelFolderError, Restorer
+from facereward.models.restorer import ModelFolderError, Restorer, SamplerOptions
 
 __all__ = ["CANDIDATES_FILE", "CandidateItem", "load_candidates", "make_candidates"]
 
@@ -107,6 +107,7 @@ def make_candidates(
     degraded_strengths: Sequence[float] = (),
     preset: str = "diffbir",
     device: str | torch.device | None = None,
+    sampler: SamplerOptions | None = None,
 ) -> Path:
     """Write k restorations per LQ input of `testset_dir` (plus optional LQ/GT/degraded-GT candidates) to OUT.
 
@@ -189,7 +190,7 @@ def make_candidates(
                 for start in range(0, len(data), batch_size):
                     idx = list(range(start, min(start + batch_size, len(data))))
                     lq = torch.stack([data[i]["lq"] for i in idx]).to(dev)
-                    out = restore_batch(restorer, lq, idx, steps=steps, eta=plan[j]["eta"], seed=plan[j]["seed"])
+                    out = restore_batch(restorer, lq, idx, steps=steps, eta=plan[j]["eta"], seed=plan[j]["seed"], sampler=sampler)
                     restored = out["restored"].permute(0, 2, 3, 1).float().cpu().numpy()
                     for b, i in enumerate(idx):
                         write_image(out_dir / items[i]["candidates"][j]["path"], restored[b])

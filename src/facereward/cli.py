@@ -27,7 +27,8 @@ def _fail(message: str) -> None:
 
 # Known user errors by (module, class): checked only in modules already imported, so `--help` imports no torch.
 _USER_ERRORS = (("facereward.config", "ConfigError"), ("facereward.data.imageio", "ImageError"),
-                ("facereward.models.restorer", "ModelFolderError"), ("facereward.train.plumbing", "CheckpointError"))
+                ("facereward.models.restorer", "ModelFolderError"), ("facereward.train.plumbing", "CheckpointError"),
+                ("facereward.models.checkpoint_io", "CheckpointError"))
 _started = time.monotonic()
 
 
@@ -93,7 +94,25 @@ def _device(name: str | None):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _eta(text: str):
+SPACING_HELP = "Timestep spacing: leading (ldm DDIM, both papers), linspace (DiffBIR's spaced sampler) or trailing (default: the model's)."
+FINAL_ALPHA_HELP = "Alpha-bar after the last step: one (sigma 0 there) or first (alpha-bar_0, ldm's DDIM) (default: the model's)."
+COLOUR_FIX_HELP = "DiffBIR's wavelet colour fix towards the stage-1 output (default: the model's; on for imported DiffBIR)."
+
+
+def _sampler(spacing: str | None, final_alpha_bar: str | None, colour_fix: bool | None):
+    from facereward.models.ddim import FINAL_ALPHA_BARS, SPACINGS
+    from facereward.models.restorer import SamplerOptions
+
+    if spacing is not None and spacing not in SPACINGS:
+        _fail(f"--spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+    if final_alpha_bar is not None and final_alpha_bar not in FINAL_ALPHA_BARS:
+        _fail(f"--final-alpha-bar must be one of {', '.join(FINAL_ALPHA_BARS)}, got {final_alpha_bar!r}")
+    return SamplerOptions(spacing=spacing, final_alpha_bar=final_alpha_bar, colour_fix=colour_fix)
+
+
+def _eta(text: str | None):
+    if text is None:
+        return None
     if text == "random":
         return "random"
     try:
@@ -300,6 +319,9 @@ def candidates(
     k: int = typer.Option(4, help="Restorations per LQ input."),
     etas: str = typer.Option("0,0.5,1", help="Comma-separated eta values cycled over candidates."),
     steps: int = typer.Option(50, help="DDIM steps."),
+    spacing: str | None = typer.Option(None, help=SPACING_HELP),
+    final_alpha_bar: str | None = typer.Option(None, help=FINAL_ALPHA_HELP),
+    colour_fix: bool | None = typer.Option(None, "--colour-fix/--no-colour-fix", help=COLOUR_FIX_HELP),
     seed: int = typer.Option(0, help="Seed (candidate j of input i uses its own seed)."),
     include_lq: bool = typer.Option(False, help="Add the LQ input as a candidate."),
     include_gt: bool = typer.Option(False, help="Add the GT as a candidate (needs hq/)."),
@@ -323,7 +345,8 @@ def candidates(
     except ValueError:
         _fail(f"--etas must be comma-separated numbers, got {etas!r}")
     out = make_candidates(testset, out_dir, models, k=k, etas=eta_values, steps=steps, seed=seed, include_lq=include_lq,
-                          include_gt=include_gt, batch_size=batch_size, progress=progress, device=device)
+                          include_gt=include_gt, batch_size=batch_size, progress=progress, device=device,
+                          sampler=_sampler(spacing, final_alpha_bar, colour_fix))
     _done(f"wrote candidates to {out}; label them with: facereward annotate {out}")
 
 
@@ -411,6 +434,25 @@ def build_restorer(
     _done(f"wrote a {restorer.mode}-mode restorer ({restorer.config.size} px, {n_train / 1e6:.1f}M trainable stage-2 parameters) to {out_dir}")
 
 
+@app.command("import-diffbir")
+def import_diffbir(
+    out_dir: Path = typer.Argument(..., help="Where to write the restorer folder (written only once all three files load)."),
+    sd: Path = typer.Option(..., "--sd", help="Stable Diffusion 2.1: an ldm .ckpt/.safetensors (v2-1_512-ema-pruned.ckpt) or a diffusers folder."),
+    controlnet: Path = typer.Option(..., "--controlnet", help="DiffBIR's IRControlNet (v1_face.pth) or a fine-tuned one of its layout (DiffusionReward's, LRPO's)."),
+    swinir: Path = typer.Option(..., "--swinir", help="The stage-1 face SwinIR (face_swinir_v1.ckpt)."),
+    size: int = typer.Option(512, help="Face size in pixels (a multiple of 64)."),
+    head_channels: int = typer.Option(64, help="Attention head width (not recorded in the weights; 64 in SD 2.1)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """DiffBIR v1-face from its own files as a restorer folder that restore, evaluate, refl and lrpo take."""
+    from facereward.models.diffbir_import import import_diffbir as run_import
+
+    restorer = run_import(out_dir, sd, controlnet, swinir, size=size, head_channels=head_channels, progress=progress)
+    n_train = sum(p.numel() for p in restorer.controlnet.parameters())
+    _done(f"wrote DiffBIR v1-face ({restorer.config.size} px, {n_train / 1e6:.1f}M ControlNet parameters; linspace spacing, "
+          f"eta 1, wavelet colour fix) to {out_dir}")
+
+
 @app.command()
 def restore(
     inputs: Path = typer.Argument(..., help="An aligned face image or a folder of them (with --photos: any photos)."),
@@ -424,8 +466,11 @@ def restore(
     max_faces: int | None = typer.Option(None, help="--photos: restore at most this many faces per photo (the largest)."),
     save_faces: bool = typer.Option(False, "--save-faces", help="--photos: also write OUT/faces/{lq,restored,compare}/."),
     model: Path | None = typer.Option(None, help="Restorer folder (default: the shipped toy restorer)."),
-    steps: int = typer.Option(50, help="DDIM steps."),
-    eta: str = typer.Option("0", help="DDIM eta: a number, or 'random' (redrawn per step)."),
+    steps: int = typer.Option(50, help="DDIM steps (any number from 1 to the schedule's 1000)."),
+    eta: str | None = typer.Option(None, help="DDIM eta: a number, or 'random' (redrawn per step) (default: the model's, 0 for the toy model)."),
+    spacing: str | None = typer.Option(None, help=SPACING_HELP),
+    final_alpha_bar: str | None = typer.Option(None, help=FINAL_ALPHA_HELP),
+    colour_fix: bool | None = typer.Option(None, "--colour-fix/--no-colour-fix", help=COLOUR_FIX_HELP),
     seed: int = typer.Option(0, help="Seed of the initial noise (per image, independent of batching)."),
     batch_size: int = typer.Option(8, help="Images per batch."),
     convert: bool = typer.Option(False, help="Accept grayscale/RGBA inputs by converting them to RGB."),
@@ -441,6 +486,7 @@ def restore(
 
     if steps < 1 or batch_size < 1:
         _fail("--steps and --batch-size must be >= 1")
+    sampler = _sampler(spacing, final_alpha_bar, colour_fix)
     photo_options = {"--detector": detector != "cnn", "--upscale": upscale != 1.0, "--background": background != "bicubic",
                      "--only-center-face": only_center_face, "--min-face": min_face != 0, "--max-faces": max_faces is not None,
                      "--save-faces": save_faces}
@@ -450,12 +496,12 @@ def restore(
         if convert or resize or save_stage1:
             _fail("--convert, --resize and --save-stage1 apply to aligned faces, not --photos (photos of any mode and size are accepted)")
         _restore_photos(inputs, out_dir, model, detector, upscale, background, only_center_face, min_face, max_faces,
-                        save_faces, steps, _eta(eta), seed, batch_size, device, progress)
+                        save_faces, steps, _eta(eta), seed, batch_size, device, progress, sampler)
         return
     restorer = Restorer.from_pretrained(model or default_restorer_path()).to(_device(device))
     files = collect_inputs(inputs)
     report = restore_files(restorer, files, out_dir, steps=steps, eta=_eta(eta), seed=seed, batch_size=batch_size,
-                           convert=convert, resize=resize, save_stage1=save_stage1, progress=progress)
+                           convert=convert, resize=resize, save_stage1=save_stage1, progress=progress, sampler=sampler)
     for path, reason in report.skipped:
         typer.secho(f"skipped {reason}", err=True, fg=typer.colors.YELLOW)
     _done(f"restored {len(report.written)} of {len(files)} images to {out_dir}" + (f"; skipped {len(report.skipped)}" if report.skipped else ""))
@@ -464,7 +510,7 @@ def restore(
 
 
 def _restore_photos(inputs, out_dir, model, detector, upscale, background, only_center_face, min_face, max_faces,
-                    save_faces, steps, eta, seed, batch_size, device, progress) -> None:
+                    save_faces, steps, eta, seed, batch_size, device, progress, sampler) -> None:
     from facereward.data.faces import DETECTORS, FaceDetector
     from facereward.inference import collect_inputs
     from facereward.models.restorer import Restorer
@@ -479,7 +525,7 @@ def _restore_photos(inputs, out_dir, model, detector, upscale, background, only_
         _fail("--upscale must be > 0, --min-face and --max-faces >= 0")
     restorer = Restorer.from_pretrained(model or default_restorer_path()).to(_device(device))
     files = collect_inputs(inputs)
-    report = restore_photo_files(restorer, files, out_dir, detector=FaceDetector(detector), steps=steps, eta=eta, seed=seed,
+    report = restore_photo_files(restorer, files, out_dir, detector=FaceDetector(detector), steps=steps, eta=eta, seed=seed, sampler=sampler,
                                  upscale=upscale, background=background, only_center_face=only_center_face,
                                  min_face=min_face, max_faces=max_faces, batch_size=batch_size, save_faces=save_faces,
                                  progress=progress)
@@ -519,7 +565,10 @@ def evaluate(
     stage1: bool = typer.Option(False, "--stage1", help="Also evaluate each model's stage-1 (cleaner) output."),
     lq: bool = typer.Option(True, help="Include the LQ input as a row."),
     steps: int | None = typer.Option(None, help="DDIM steps (default 50)."),
-    eta: float | None = typer.Option(None, help="DDIM eta (default 0)."),
+    eta: float | None = typer.Option(None, help="DDIM eta (default: each model's, 0 for the toy model, 1 for imported DiffBIR)."),
+    spacing: str | None = typer.Option(None, help=SPACING_HELP),
+    final_alpha_bar: str | None = typer.Option(None, help=FINAL_ALPHA_HELP),
+    colour_fix: bool | None = typer.Option(None, "--colour-fix/--no-colour-fix", help=COLOUR_FIX_HELP),
     seed: int | None = typer.Option(None, help="Sampling seed (default 0)."),
     batch_size: int | None = typer.Option(None, help="Images per batch (default 16)."),
     identity: str | None = typer.Option(None, help="Identity judge: auto, toy, dlib, arcface:PATH.onnx, none."),
@@ -564,7 +613,8 @@ def evaluate(
              "identity": identity, "landmarks": landmarks, "fid": fid, "fid_reference": fid_reference, "frm": frm,
              "clipiqa": clipiqa, "lpips_backbone": lpips_backbone, "lpips_heads": lpips_heads, "lpips_net": lpips_net,
              "crop_border": crop_border, "device": device, "niqe_model": niqe_model, "photos": photos,
-             "photo_detector": detector}
+             "photo_detector": detector, "spacing": spacing, "final_alpha_bar": final_alpha_bar, "colour_fix": colour_fix}
+    _sampler(spacing, final_alpha_bar, colour_fix)  # checks the choices
     for key, value in given.items():
         if value is not None:
             setattr(cfg, key, str(value) if isinstance(value, Path) else value)

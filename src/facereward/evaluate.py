@@ -31,6 +31,13 @@ from facereward.metrics.table import MetricContext, PerImageMetric, SetMetric, b
 from facereward.metrics.table import identity_judge as identity_judge  # re-exported: facereward.train.heldout uses it
 
 
+def sampler_options(config: "EvaluateConfig"):
+    """The evaluation's overrides of each model's sampling defaults (a `SamplerOptions`)."""
+    from facereward.models.restorer import SamplerOptions
+
+    return SamplerOptions(spacing=config.spacing, final_alpha_bar=config.final_alpha_bar, colour_fix=config.colour_fix)
+
+
 @dataclass
 class EvaluateConfig:
     testset: str = ""
@@ -43,7 +50,10 @@ class EvaluateConfig:
     include_lq: bool = True
     include_stage1: bool = False  # also a "NAME (stage 1)" row per model
     steps: int = 50
-    eta: float = 0.0
+    eta: float | None = None  # None: each model's default (0 for the toy model, 1 for imported DiffBIR)
+    spacing: str | None = None  # timestep spacing: leading | linspace | trailing; None: each model's
+    final_alpha_bar: str | None = None  # one | first; None: each model's
+    colour_fix: bool | None = None  # DiffBIR's wavelet colour fix; None: each model's
     seed: int = 0
     batch_size: int = 16
     device: str | None = None
@@ -149,7 +159,8 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
             key = f"{name}:{idx[0]}"
             if key not in cache:
                 cache.clear()
-                out = restore_batch(restorers[name], batch["lq"].to(device), idx, steps=config.steps, eta=config.eta, seed=config.seed)
+                out = restore_batch(restorers[name], batch["lq"].to(device), idx, steps=config.steps, eta=config.eta,
+                                    seed=config.seed, sampler=sampler_options(config))
                 cache[key] = {k: v.cpu() for k, v in out.items()}
             return cache[key][stage]
         return fn
@@ -219,7 +230,9 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
             for method in methods:
                 rows[method][metric.column] = metric.compute(torch.cat(features[id(e)][method]).numpy(), ref)
     table = markdown_table(rows)
-    _write_outputs(config, out_dir, rows, per_image, judges, table, grid_images, names, len(dataset))
+    sampling = {name: {"eta": r.config.eta if config.eta is None else config.eta, **sampler_options(config).resolved(r)}
+                for name, r in restorers.items()}
+    _write_outputs(config, out_dir, rows, per_image, judges, table, grid_images, names, len(dataset), sampling)
     return EvaluateResult(rows=rows, per_image={m: dict(v) for m, v in per_image.items()}, table=table, out_dir=out_dir, judges=judges)
 
 
@@ -255,10 +268,14 @@ def _reference_features(config: EvaluateConfig, extractor, from_gt: list[torch.T
     return ref if len(ref) >= 2 else None
 
 
-def _write_outputs(config, out_dir: Path, rows, per_image, judges, table: str, grid_images, names, n_images: int) -> None:
+def _write_outputs(config, out_dir: Path, rows, per_image, judges, table: str, grid_images, names, n_images: int,
+                   sampling: dict[str, dict] | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    header = (f"{n_images} images from {config.testset}; {config.steps} DDIM steps, eta {config.eta}, seed {config.seed}; "
-              f"judges: " + ", ".join(f"{k} = {v}" for k, v in judges.items()) + "\n\n")
+    sampling = sampling or {}
+    how = "; ".join(f"{m}: eta {s['eta']}, {s['spacing']} spacing, final alpha-bar {s['final_alpha_bar']}"
+                    + (", colour fix" if s["colour_fix"] else "") for m, s in sampling.items())
+    header = (f"{n_images} images from {config.testset}; {config.steps} DDIM steps, seed {config.seed}"
+              + (f" ({how})" if how else "") + "; judges: " + ", ".join(f"{k} = {v}" for k, v in judges.items()) + "\n\n")
     (out_dir / "results.md").write_text(header + table + "\n")
     columns = list(dict.fromkeys(c for values in rows.values() for c in values))
     with open(out_dir / "results.csv", "w", newline="") as fh:
@@ -266,7 +283,7 @@ def _write_outputs(config, out_dir: Path, rows, per_image, judges, table: str, g
         writer.writerow(["method", *columns])
         for method, values in rows.items():
             writer.writerow([method, *[values.get(c, "") for c in columns]])
-    payload = {"config": asdict(config), "judges": judges, "rows": rows, "names": names,
+    payload = {"config": asdict(config), "judges": judges, "sampling": sampling, "rows": rows, "names": names,
                "per_image": {m: dict(v) for m, v in per_image.items()}}
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=float))
     grid = evaluation_grid(grid_images)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from facereward.data.faces import FaceDetector, alignment_affine, warp_face
 from facereward.data.imageio import ImageError, list_images, read_photo, write_image
-from facereward.evaluate import EvaluateConfig, EvaluateResult, _slug, _write_outputs, markdown_table
+from facereward.evaluate import EvaluateConfig, EvaluateResult, _slug, _write_outputs, markdown_table, sampler_options
 from facereward.inference import collect_inputs
 from facereward.metrics.table import MetricContext, PerImageMetric, build_metrics, get_metric
 from facereward.models.restorer import Restorer
@@ -110,7 +110,7 @@ def evaluate_photos(config: EvaluateConfig) -> EvaluateResult:
             elif method in restorers:
                 tick = time.perf_counter()
                 out, _ = restore_photo(restorers[method], photo, detector, steps=config.steps, eta=config.eta, seed=config.seed,
-                                       batch_size=config.batch_size, photo_index=i, faces=faces)
+                                       sampler=sampler_options(config), batch_size=config.batch_size, photo_index=i, faces=faces)
                 seconds[method] += time.perf_counter() - tick
                 if config.save_outputs:
                     write_image(out_dir / "outputs" / _slug(method) / f"{path.stem}.png", out)
@@ -138,6 +138,8 @@ def evaluate_photos(config: EvaluateConfig) -> EvaluateResult:
                         + (f" ({', '.join(no_face[:5])}{', ...' if len(no_face) > 5 else ''})" if no_face else "")
                         + (f", {len(skipped)} unreadable" if skipped else ""))
     header_config = dataclasses.replace(config, testset=config.photos)
-    _write_outputs(header_config, out_dir, rows, per_image, judges, table, grid_images, names, len(names))
+    sampling = {name: {"eta": r.config.eta if config.eta is None else config.eta, **sampler_options(config).resolved(r)}
+                for name, r in restorers.items()}
+    _write_outputs(header_config, out_dir, rows, per_image, judges, table, grid_images, names, len(names), sampling)
     return EvaluateResult(rows=rows, per_image={m: dict(v) for m, v in per_image.items()}, table=table, out_dir=out_dir,
                           judges=judges)

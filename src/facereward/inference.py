@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from facereward.data.imageio import ImageError, list_images, read_image, write_image
 from facereward.models.ddim import Eta
-from facereward.models.restorer import Restorer
+from facereward.models.restorer import Restorer, SamplerOptions
 
 
 @dataclass
@@ -34,14 +34,17 @@ def restore_batch(
     lq: torch.Tensor,
     indices: list[int],
     steps: int = 50,
-    eta: Eta = 0.0,
+    eta: Eta | None = None,
     seed: int = 0,
     net: torch.nn.Module | None = None,
+    sampler: SamplerOptions | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Both stages on a [0, 1] batch with per-image seeded x_T: {"clean", "restored"} in [0, 1]; `net`: see `Restorer.predict_eps`."""
+    """Both stages on a [0, 1] batch with per-image seeded x_T: {"clean", "restored"} in [0, 1].
+
+    `net`: see `Restorer.predict_eps`; `eta` and `sampler` default to the model's settings."""
     x_T = initial_noise(restorer, indices, lq.shape[2], lq.shape[3], seed, lq.device)
     step_gen = torch.Generator(device=lq.device).manual_seed(seed * 1_000_003 + indices[0])
-    return restorer.restore(lq, steps=steps, eta=eta, generator=step_gen, x_T=x_T, net=net)
+    return restorer.restore(lq, steps=steps, eta=eta, generator=step_gen, x_T=x_T, net=net, sampler=sampler)
 
 
 def collect_inputs(path: str | Path) -> list[Path]:
@@ -72,13 +75,14 @@ def restore_files(
     inputs: list[Path],
     out_dir: Path,
     steps: int = 50,
-    eta: Eta = 0.0,
+    eta: Eta | None = None,
     seed: int = 0,
     batch_size: int = 8,
     convert: bool = False,
     resize: bool = False,
     save_stage1: bool = False,
     progress: bool = True,
+    sampler: SamplerOptions | None = None,
 ) -> RestoreReport:
     """Restore each input to OUT/NAME.png (and OUT/stage1/NAME.png); unreadable inputs are skipped and reported."""
     report = RestoreReport()
@@ -95,7 +99,7 @@ def restore_files(
     for start in range(0, len(good), batch_size):
         chunk = good[start : start + batch_size]
         lq = torch.from_numpy(np.stack([img for _, _, img in chunk]).transpose(0, 3, 1, 2).copy()).to(device)
-        out = restore_batch(restorer, lq, [i for i, _, _ in chunk], steps=steps, eta=eta, seed=seed)
+        out = restore_batch(restorer, lq, [i for i, _, _ in chunk], steps=steps, eta=eta, seed=seed, sampler=sampler)
         restored = out["restored"].permute(0, 2, 3, 1).cpu().numpy()
         clean = out["clean"].permute(0, 2, 3, 1).cpu().numpy()
         for j, (_, path, _) in enumerate(chunk):

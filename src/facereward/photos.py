@@ -29,7 +29,7 @@ from facereward.data.faces import (
 from facereward.data.imageio import ImageError, image_grid, read_photo, write_image
 from facereward.inference import restore_batch
 from facereward.models.ddim import Eta
-from facereward.models.restorer import Restorer
+from facereward.models.restorer import Restorer, SamplerOptions
 
 __all__ = ["PhotoFace", "restore_photo", "restore_photo_files", "PhotoReport", "upscale_background", "STAGES"]
 
@@ -158,8 +158,9 @@ def restore_photo(
     image: np.ndarray,
     detector: FaceDetector | str = "cnn",
     steps: int = 50,
-    eta: Eta = 0.0,
+    eta: Eta | None = None,
     seed: int = 0,
+    sampler: SamplerOptions | None = None,
     upscale: float = 1.0,
     background: Background = "bicubic",
     only_center_face: bool = False,
@@ -219,7 +220,7 @@ def restore_photo(
         chunk = todo[start : start + batch_size]
         lq = torch.from_numpy(np.stack([r.crop for r in chunk]).transpose(0, 3, 1, 2).copy()).to(device)
         indices = [FACE_INDEX_STRIDE * photo_index + records.index(r) for r in chunk]
-        out = restore_batch(restorer, lq, indices, steps=steps, eta=eta, seed=seed)
+        out = restore_batch(restorer, lq, indices, steps=steps, eta=eta, seed=seed, sampler=sampler)
         restored, clean = (out[k].permute(0, 2, 3, 1).cpu().numpy() for k in ("restored", "clean"))
         for j, r in enumerate(chunk):
             r.restored, r.clean = restored[j], clean[j]
@@ -279,7 +280,7 @@ def restore_photo_files(
 ) -> PhotoReport:
     """Each photo to OUT/NAME.png (alpha kept), OUT/photos.json listing every face; bad files reported and skipped.
 
-    `options` are `restore_photo`'s (steps, eta, seed, upscale, background, only_center_face, min_face, max_faces,
+    `options` are `restore_photo`'s (steps, eta, seed, sampler, upscale, background, only_center_face, min_face, max_faces,
     batch_size). With `save_faces`: OUT/faces/{lq,restored,compare}/NAME_JJ.png. A photo with no face is written upscaled.
     """
     unknown = set(options) - set(inspect.signature(restore_photo).parameters) | ({"photo_index", "timings", "faces"} & set(options))

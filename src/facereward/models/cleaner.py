@@ -59,3 +59,4 @@ class ResidualCleaner(nn.Module):
 
 
 register_cleaner("residual_cnn", ResidualCleaner)
+from facereward.models import swinir as _swinir  # noqa: F401  (registers the "swinir" cleaner)

@@ -48,55 +48,120 @@ def mix_seed(*words: int) -> int:
     return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1)[0])
 
 
+Spacing = Literal["leading", "linspace", "trailing"]
+"""How T sampling timesteps are picked from the training schedule's n (docs/methods.md 0, "Sampling"):
+- "leading": ldm's and diffusers' DDIM grid floor(i n / T) + 1 (981, 961, ..., 1 for 50): both papers' sampler;
+- "linspace": round(i * (n - 1) / (T - 1)) (999, 979, ..., 0 for 50): DiffBIR's spaced sampler;
+- "trailing": round(n - i * n / T) - 1 (999, 979, ..., 19 for 50)."""
+SPACINGS = ("leading", "linspace", "trailing")
+
+FinalAlphaBar = Literal["one", "first"]
+"""The alpha-bar the last step lands on: 1 (sigma 0 on the last step) or alpha-bar_0 (ldm's DDIM, both papers)."""
+FINAL_ALPHA_BARS = ("one", "first")
+
+
 def make_scheduler(
     beta_schedule: str = "scaled_linear",
     beta_start: float = 0.00085,
     beta_end: float = 0.012,
     num_train_timesteps: int = 1000,
+    spacing: Spacing = "leading",
+    final_alpha_bar: FinalAlphaBar = "one",
 ) -> DDIMScheduler:
-    """A 1000-step epsilon-prediction DDIM schedule; final alpha-bar 1 so the last step has sigma 0."""
+    """A 1000-step epsilon-prediction DDIM schedule whose config records the default spacing and final alpha-bar."""
+    _check_choice("spacing", spacing, SPACINGS)
+    _check_choice("final_alpha_bar", final_alpha_bar, FINAL_ALPHA_BARS)
     return DDIMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_start=beta_start,
         beta_end=beta_end,
         beta_schedule=beta_schedule,
         clip_sample=False,
-        set_alpha_to_one=True,
+        set_alpha_to_one=final_alpha_bar == "one",
         steps_offset=1,
-        timestep_spacing="leading",
+        timestep_spacing=spacing,
         prediction_type="epsilon",
     )
 
 
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def sampling_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: Spacing = "leading") -> list[int]:
+    """T distinct descending timesteps in [0, n) whose first is at the top of the schedule, for any 1 <= T <= n.
+
+    "leading" is ldm's grid where that reaches the top tenth of the schedule and its last stride (T = 10, 20, 25, 50,
+    100, ...; for T not dividing n the stride is n / T floored per step, not n // T, so the grid spans the schedule);
+    otherwise (T = 1-9, 11, n) it is shifted to end at n - 1, so sampling from pure noise starts at the right level.
+    "linspace" with T = 1 is [n - 1] (DiffBIR's spacing would give [0]).
+    """
+    n = int(num_train_timesteps)
+    if not 1 <= num_steps <= n:
+        raise ValueError(f"DDIM steps must be in [1, {n}], got {num_steps}")
+    if spacing == "leading":
+        grid = [i * n // num_steps + 1 for i in range(num_steps)]
+        top = grid[-1]
+        if top > n - 1 or top < n - n / num_steps or top < 0.9 * n:
+            grid = [g + (n - 1 - top) for g in grid]
+    elif spacing == "linspace":
+        grid = [n - 1] if num_steps == 1 else [round(i * (n - 1) / (num_steps - 1)) for i in range(num_steps)]
+    elif spacing == "trailing":
+        grid = [round(n - i * n / num_steps) - 1 for i in range(num_steps)][::-1]
+    else:
+        _check_choice("spacing", spacing, SPACINGS)
+    return sorted(grid, reverse=True)
+
+
 @dataclass
 class DDIMSchedule:
-    """`num_steps` uniform DDIM timesteps over the training schedule, e.g. 981, 961, ..., 1 for 50."""
+    """T DDIM timesteps over the training schedule (e.g. 981, 961, ..., 1 for 50) and each one's predecessor."""
 
     alphas_cumprod: torch.Tensor  # (num_train_timesteps,) float64
     final_alpha_cumprod: float
     timesteps: torch.Tensor  # (T,) long, descending
-    step_size: int
+    prev_timestep: torch.Tensor  # (num_train_timesteps,) long: the next timestep sampled after t, -1 after the last
 
     @classmethod
-    def from_scheduler(cls, scheduler: DDIMScheduler, num_steps: int, device: torch.device | str = "cpu") -> "DDIMSchedule":
-        n_train = scheduler.config.num_train_timesteps
-        if not 1 <= num_steps <= n_train:
-            raise ValueError(f"DDIM steps must be in [1, {n_train}], got {num_steps}")
-        scheduler.set_timesteps(num_steps)
+    def from_timesteps(cls, alphas_cumprod: torch.Tensor, timesteps: Sequence[int], final_alpha_cumprod: float,
+                       device: torch.device | str = "cpu") -> "DDIMSchedule":
+        """A schedule over any distinct timesteps (sorted descending here); the last lands on `final_alpha_cumprod`."""
+        n = int(alphas_cumprod.shape[0])
+        ts = sorted({int(t) for t in timesteps}, reverse=True)
+        if len(ts) != len(timesteps) or not ts or ts[0] >= n or ts[-1] < 0:
+            raise ValueError(f"timesteps must be distinct integers in [0, {n}), got {list(timesteps)}")
+        prev = torch.full((n,), -1, dtype=torch.long)
+        for t, p in zip(ts[:-1], ts[1:]):
+            prev[t] = p
         return cls(
-            alphas_cumprod=scheduler.alphas_cumprod.to(device=device, dtype=torch.float64),
-            final_alpha_cumprod=float(scheduler.final_alpha_cumprod),
-            timesteps=scheduler.timesteps.to(device=device, dtype=torch.long),
-            step_size=n_train // num_steps,
+            alphas_cumprod=alphas_cumprod.to(device=device, dtype=torch.float64),
+            final_alpha_cumprod=float(final_alpha_cumprod),
+            timesteps=torch.tensor(ts, dtype=torch.long, device=device),
+            prev_timestep=prev.to(device),
         )
+
+    @classmethod
+    def from_scheduler(cls, scheduler: DDIMScheduler, num_steps: int, device: torch.device | str = "cpu",
+                       spacing: Spacing | None = None, final_alpha_bar: FinalAlphaBar | None = None) -> "DDIMSchedule":
+        """`num_steps` timesteps of `scheduler`'s training schedule; spacing and final alpha-bar default to its config's."""
+        cfg = scheduler.config
+        spacing = spacing or cfg.get("timestep_spacing", "leading")
+        if final_alpha_bar is None:
+            final_alpha_bar = "one" if cfg.get("set_alpha_to_one", True) else "first"
+        _check_choice("final_alpha_bar", final_alpha_bar, FINAL_ALPHA_BARS)
+        alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
+        final = 1.0 if final_alpha_bar == "one" else float(alphas_cumprod[0])
+        timesteps = sampling_timesteps(num_steps, cfg.num_train_timesteps, spacing)
+        return cls.from_timesteps(alphas_cumprod, timesteps, final, device)
 
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
     def alpha_bars(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(abar_t, abar_prev) for timesteps `t`; prev < 0 maps to the final alpha-bar."""
-        prev = t - self.step_size
+        """(abar_t, abar_prev) for timesteps `t`; the last timestep's prev is the final alpha-bar."""
+        prev = self.prev_timestep[t]
         abar_t = self.alphas_cumprod[t]
         final = torch.full_like(abar_t, self.final_alpha_cumprod)
         abar_prev = torch.where(prev >= 0, self.alphas_cumprod[prev.clamp(min=0)], final)
@@ -108,7 +173,8 @@ class DDIMSchedule:
         return eta * torch.sqrt((1 - abar_prev) / (1 - abar_t)) * torch.sqrt((1 - abar_t / abar_prev).clamp(min=0))
 
     def to(self, device: torch.device | str) -> "DDIMSchedule":
-        return DDIMSchedule(self.alphas_cumprod.to(device), self.final_alpha_cumprod, self.timesteps.to(device), self.step_size)
+        return DDIMSchedule(self.alphas_cumprod.to(device), self.final_alpha_cumprod, self.timesteps.to(device),
+                            self.prev_timestep.to(device))
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from facereward.models.checkpoint_io import CheckpointError, read_state_dict
 from facereward.models.restorer import ModelFolderError
 
 # OpenCLIP vision towers whose attention heads are not 64 wide: width -> heads (ViT-H/14: 1280 = 16 x 80; ViT-g/14: 16 x 88;
@@ -186,27 +187,10 @@ def convert_openclip_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.
 
 def read_openclip_state_dict(checkpoint_path: str | Path) -> dict[str, torch.Tensor]:
     """An OpenCLIP state_dict from .pt/.pth/.bin (raw, or under "state_dict"; "module." stripped) or .safetensors."""
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise OpenCLIPCheckpointError(f"{path}: no such checkpoint file (the FRM loads from a local path only)")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(path)
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling/format failure becomes one line naming the file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
-        raise OpenCLIPCheckpointError(f"{path}: unreadable checkpoint ({first})") from None
-    if isinstance(obj, dict):
-        for wrapper in ("state_dict", "model"):
-            if isinstance(obj.get(wrapper), dict):
-                obj = obj[wrapper]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise OpenCLIPCheckpointError(f"{path}: not a state_dict (expected a mapping of tensor names to tensors)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+        return read_state_dict(checkpoint_path, what="OpenCLIP checkpoint")
+    except CheckpointError as err:
+        raise OpenCLIPCheckpointError(str(err)) from None
 
 
 def load_openclip_towers(

@@ -2,8 +2,11 @@
 
 Modes:
 - `pixel`: a UNet2DModel on [x_t, 2 C(lq) - 1] (concatenated channels) predicts eps in pixel space.
-- `latent`: AutoencoderKL + frozen UNet2DConditionModel + trainable ControlNetModel whose condition
-  is the VAE latent of C(lq) at latent resolution; the text condition is a stored embedding.
+- `latent`: AutoencoderKL + frozen UNet2DConditionModel + trainable ControlNet that takes `cat(x_t, c)`, c the VAE
+  latent of C(lq), in its first conv (DiffBIR's IRControlNet); the text condition is a stored embedding.
+
+Sampling defaults travel with the model: the scheduler's config holds the timestep spacing and final alpha-bar,
+`RestorerConfig` the default eta and whether the wavelet colour fix is applied (as DiffBIR does).
 
 A saved restorer is one folder: `facereward.json`, `cleaner/`, `scheduler/`, and `unet/` (+ `vae/`,
 `controlnet/`, `prompt_embeds.safetensors` in latent mode), each a diffusers folder or safetensors.
@@ -19,7 +22,6 @@ from typing import Any, Literal
 import torch
 from diffusers import (
     AutoencoderKL,
-    ControlNetModel,
     DDIMScheduler,
     UNet2DConditionModel,
     UNet2DModel,
@@ -30,9 +32,11 @@ from torch import nn
 
 from facereward.atomic import staging_folder, swap_in_folder
 from facereward.models.cleaner import build_cleaner
-from facereward.models.ddim import DDIMSchedule, Eta, make_scheduler, rollout
+from facereward.models.colour_fix import wavelet_colour_fix
+from facereward.models.controlnet import ConcatControlNetModel
+from facereward.models.ddim import DDIMSchedule, Eta, FinalAlphaBar, Spacing, make_scheduler, rollout
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the latent ControlNet takes cat(x_t, c) in its first conv (format 1: diffusers' embedding)
 
 
 class ModelFolderError(ValueError):
@@ -60,7 +64,6 @@ class LatentConfig:
     attention_head_dim: int = 8
     prompt_length: int = 4
     norm_num_groups: int = 16
-    condition_embedding_channels: int = 32
 
 
 @dataclass
@@ -74,6 +77,8 @@ class RestorerConfig:
     beta_end: float = 0.012
     pixel: PixelUNetConfig = field(default_factory=PixelUNetConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
+    eta: float = 0.0  # the default DDIM eta of `restore` (1.0 for DiffBIR: its spaced sampler is DDPM's)
+    colour_fix: bool = False  # DiffBIR's wavelet colour fix on the output by default (on for imported DiffBIR)
 
 
 def _pixel_unet(cfg: RestorerConfig) -> UNet2DModel:
@@ -94,7 +99,7 @@ def _pixel_unet(cfg: RestorerConfig) -> UNet2DModel:
     )
 
 
-def _tiny_latent_parts(cfg: RestorerConfig) -> tuple[AutoencoderKL, UNet2DConditionModel, ControlNetModel, torch.Tensor]:
+def _tiny_latent_parts(cfg: RestorerConfig) -> tuple[AutoencoderKL, UNet2DConditionModel, ConcatControlNetModel, torch.Tensor]:
     lc = cfg.latent
     n = len(lc.vae_block_out_channels)
     vae = AutoencoderKL(
@@ -121,7 +126,7 @@ def _tiny_latent_parts(cfg: RestorerConfig) -> tuple[AutoencoderKL, UNet2DCondit
         attention_head_dim=lc.attention_head_dim,
         norm_num_groups=lc.norm_num_groups,
     )
-    controlnet = controlnet_from_unet(unet, lc.latent_channels, lc.condition_embedding_channels)
+    controlnet = ConcatControlNetModel.from_unet(unet)
     generator = torch.Generator().manual_seed(0)
     prompt_embeds = torch.randn(1, lc.prompt_length, lc.cross_attention_dim, generator=generator)
     return vae, unet, controlnet, prompt_embeds
@@ -129,15 +134,6 @@ def _tiny_latent_parts(cfg: RestorerConfig) -> tuple[AutoencoderKL, UNet2DCondit
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
-
-
-def controlnet_from_unet(unet: UNet2DConditionModel, latent_channels: int, embedding_channels: int) -> ControlNetModel:
-    """A ControlNet initialised from `unet` whose condition is a latent (no pixel-hint downsampling)."""
-    return ControlNetModel.from_unet(
-        unet,
-        conditioning_channels=latent_channels,
-        conditioning_embedding_out_channels=(embedding_channels,),
-    )
 
 
 def empty_prompt_embedding(sd_folder: Path, prompt: str = "") -> torch.Tensor:
@@ -151,6 +147,22 @@ def empty_prompt_embedding(sd_folder: Path, prompt: str = "") -> torch.Tensor:
         return encoder(ids)[0].float()
 
 
+@dataclass
+class SamplerOptions:
+    """Per-call overrides of a restorer's sampling defaults (docs/methods.md 0, "Sampling"); None keeps the model's."""
+
+    spacing: Spacing | None = None  # leading, linspace (DiffBIR's spaced sampler) or trailing
+    final_alpha_bar: FinalAlphaBar | None = None  # one, or first (alpha-bar_0: ldm's DDIM, both papers)
+    colour_fix: bool | None = None  # DiffBIR's wavelet colour fix towards C(lq)
+
+    def resolved(self, restorer: "Restorer") -> dict[str, Any]:
+        """The settings a restore with these overrides uses (for outputs' metadata)."""
+        cfg = restorer.scheduler.config
+        return {"spacing": self.spacing or cfg.get("timestep_spacing", "leading"),
+                "final_alpha_bar": self.final_alpha_bar or ("one" if cfg.get("set_alpha_to_one", True) else "first"),
+                "colour_fix": restorer.config.colour_fix if self.colour_fix is None else self.colour_fix}
+
+
 class Restorer(nn.Module):
     """Stage-1 cleaner + stage-2 conditional diffusion; `restore(lq)` runs both."""
 
@@ -161,7 +173,7 @@ class Restorer(nn.Module):
         scheduler: DDIMScheduler,
         unet: UNet2DModel | UNet2DConditionModel,
         vae: AutoencoderKL | None = None,
-        controlnet: ControlNetModel | None = None,
+        controlnet: ConcatControlNetModel | None = None,
         prompt_embeds: torch.Tensor | None = None,
     ):
         super().__init__()
@@ -197,12 +209,12 @@ class Restorer(nn.Module):
 
     @classmethod
     def from_stable_diffusion(cls, sd_folder: str | Path, size: int = 512, config: RestorerConfig | None = None,
-                              prompt: str = "", condition_embedding_channels: int = 64) -> "Restorer":
+                              prompt: str = "") -> "Restorer":
         """A latent-mode restorer from a local diffusers Stable Diffusion folder (e.g. SD 2.1 base), as DiffBIR builds it.
 
-        The VAE and UNet are taken as they are (frozen); the ControlNet is initialised from the UNet's
-        encoder with a latent-resolution condition input; the prompt embedding is computed once. The
-        cleaner is new (train it with `train-base`), and the noise schedule is read from scheduler/.
+        The VAE and UNet are taken as they are (frozen); the ControlNet is the UNet's encoder with 4 zero input
+        channels added to its first conv for the condition latent, zero convs at 0; the prompt embedding is computed
+        once. The cleaner is new (train it with `train-base`), and the noise schedule is read from scheduler/.
         """
         folder = Path(sd_folder)
         needed = ["vae", "unet", "text_encoder", "tokenizer", "scheduler"]
@@ -219,8 +231,7 @@ class Restorer(nn.Module):
         config = config or RestorerConfig()
         config.mode, config.size = "latent", size
         config.beta_schedule, config.beta_start, config.beta_end = sd_sched.config.beta_schedule, sd_sched.config.beta_start, sd_sched.config.beta_end
-        config.latent.condition_embedding_channels = condition_embedding_channels
-        controlnet = controlnet_from_unet(unet, vae.config.latent_channels, condition_embedding_channels)
+        controlnet = ConcatControlNetModel.from_unet(unet, vae.config.latent_channels)
         scheduler = make_scheduler(config.beta_schedule, config.beta_start, config.beta_end, sd_sched.config.num_train_timesteps)
         cleaner = build_cleaner(config.cleaner, config.cleaner_kwargs)
         return cls(config, cleaner, scheduler, unet, vae, controlnet, empty_prompt_embedding(folder, prompt)).eval()
@@ -261,8 +272,8 @@ class Restorer(nn.Module):
 
     # ---- the two stages -----------------------------------------------------------------
     def clean(self, lq: torch.Tensor) -> torch.Tensor:
-        """Stage 1: C(lq) in [0, 1]."""
-        return self.cleaner(lq)
+        """Stage 1: C(lq), clamped to [0, 1] as DiffBIR does before conditioning on it (stage-1 training uses `cleaner`)."""
+        return self.cleaner(lq).clamp(0, 1)
 
     def condition(self, clean: torch.Tensor) -> torch.Tensor:
         """Stage-2 condition from the cleaned image: pixels in [-1, 1] or the VAE latent of C(lq)."""
@@ -296,34 +307,48 @@ class Restorer(nn.Module):
         """The denoiser with `cond` (and `net`, see `predict_eps`) bound, as the sampler takes it."""
         return lambda x_t, t: self.predict_eps(x_t, t, cond, net=net)
 
+    def schedule(self, steps: int, spacing: Spacing | None = None, final_alpha_bar: FinalAlphaBar | None = None,
+                 device: torch.device | str | None = None) -> DDIMSchedule:
+        """The `steps`-step sampling schedule; spacing and final alpha-bar default to the model's (its scheduler config)."""
+        return DDIMSchedule.from_scheduler(self.scheduler, steps, device=device or self.device, spacing=spacing,
+                                           final_alpha_bar=final_alpha_bar)
+
     @torch.no_grad()
     def restore(
         self,
         lq: torch.Tensor,
         steps: int = 50,
-        eta: Eta = 0.0,
+        eta: Eta | None = None,
         generator: torch.Generator | None = None,
         x_T: torch.Tensor | None = None,
         net: nn.Module | None = None,
+        sampler: SamplerOptions | None = None,
     ) -> dict[str, torch.Tensor]:
         """Both stages on a [0, 1] batch: {"clean": C(lq), "restored": the diffusion output}, both in [0, 1].
 
         `x_T` (the initial noise) is drawn from `generator` unless given; step noise always is. `net`: see `predict_eps`.
+        `eta` and `sampler`'s settings default to the model's.
         """
+        sampler = sampler or SamplerOptions()
         clean = self.clean(lq)
         cond = self.condition(clean)
-        schedule = DDIMSchedule.from_scheduler(self.scheduler, steps, device=lq.device)
+        schedule = self.schedule(steps, sampler.spacing, sampler.final_alpha_bar, device=lq.device)
         if x_T is None:
             b, _, h, w = lq.shape
             x_T = torch.randn(self.latent_shape(b, h, w), generator=generator, device=lq.device, dtype=cond.dtype)
+        eta = self.config.eta if eta is None else eta
         z0 = rollout(self.eps_fn(cond, net), x_T.to(self.unet.dtype), schedule, eta=eta, generator=generator, record=False)
-        return {"clean": clean.clamp(0, 1), "restored": self.decode(z0).clamp(0, 1)}
+        restored = self.decode(z0)
+        if self.config.colour_fix if sampler.colour_fix is None else sampler.colour_fix:
+            restored = wavelet_colour_fix(restored, clean)
+        return {"clean": clean, "restored": restored.clamp(0, 1)}
 
     # ---- save / load ---------------------------------------------------------------------
-    def save_pretrained(self, folder: str | Path, stage2: nn.Module | None = None) -> None:
+    def save_pretrained(self, folder: str | Path, stage2: nn.Module | None = None, source: dict | None = None) -> None:
         """Write the restorer as one folder; written beside and moved in place, so a crash leaves no half folder.
 
-        `stage2` is saved in place of the restorer's own stage-2 network (a trainer's plain, LoRA-merged copy).
+        `stage2` is saved in place of the restorer's own stage-2 network (a trainer's plain, LoRA-merged copy);
+        `source` (where the weights came from) is recorded in facereward.json.
         """
         folder = Path(folder)
         tmp = staging_folder(folder)
@@ -335,7 +360,7 @@ class Restorer(nn.Module):
             self.vae.save_pretrained(tmp / "vae")
             (stage2 if stage2 is not None else self.controlnet).save_pretrained(tmp / "controlnet")
             save_file({"prompt_embeds": self.prompt_embeds.detach().contiguous().cpu()}, tmp / "prompt_embeds.safetensors")
-        meta = {"format_version": FORMAT_VERSION, "config": asdict(self.config)}
+        meta = {"format_version": FORMAT_VERSION, "config": asdict(self.config), **({"source": source} if source else {})}
         (tmp / "facereward.json").write_text(json.dumps(meta, indent=2))
         swap_in_folder(tmp, folder)
 
@@ -352,11 +377,21 @@ class Restorer(nn.Module):
             raise ModelFolderError(f"{folder}: not a facereward restorer folder (no facereward.json)")
         try:
             meta = json.loads(meta_path.read_text())
+            version = int(meta.get("format_version", 0))
+            if version > FORMAT_VERSION:
+                raise ModelFolderError(f"{meta_path}: format version {version} is newer than this facereward supports")
+            if version < 2:
+                if meta["config"].get("mode") == "latent":
+                    raise ModelFolderError(
+                        f"{folder}: a format-{version} latent restorer (its ControlNet adds a learned condition embedding); "
+                        "this facereward feeds the condition as DiffBIR does: rebuild it with `facereward build-restorer` "
+                        "(or `facereward import-diffbir`) and retrain")
+                meta["config"].get("latent", {}).pop("condition_embedding_channels", None)  # unused by pixel models
             config = config_from_dict(RestorerConfig, meta["config"], f"{meta_path}: config")
-        except (json.JSONDecodeError, KeyError, ConfigError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, ConfigError) as err:
+            if isinstance(err, ModelFolderError):
+                raise
             raise ModelFolderError(f"{meta_path}: unreadable restorer config ({err})") from None
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ModelFolderError(f"{meta_path}: format version {meta['format_version']} is newer than this facereward supports")
         needed = ["cleaner/model.safetensors", "scheduler", "unet"]
         if config.mode == "latent":
             needed += ["vae", "controlnet", "prompt_embeds.safetensors"]
@@ -374,7 +409,7 @@ class Restorer(nn.Module):
                 return cls(config, cleaner, scheduler, UNet2DModel.from_pretrained(folder / "unet", **kw)).eval()
             vae = AutoencoderKL.from_pretrained(folder / "vae", **kw)
             unet = UNet2DConditionModel.from_pretrained(folder / "unet", **kw)
-            controlnet = ControlNetModel.from_pretrained(folder / "controlnet", **kw)
+            controlnet = ConcatControlNetModel.from_pretrained(folder / "controlnet", **kw)
             prompt_embeds = load_file(folder / "prompt_embeds.safetensors")["prompt_embeds"]
         except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__

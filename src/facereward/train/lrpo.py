@@ -93,6 +93,8 @@ class LRPOConfig:
     batches_per_epoch: int = 12
     epochs: int = 160
     steps: int = 50  # DDIM sampling steps T
+    spacing: str | None = None  # timestep spacing leading | linspace | trailing; None: the restorer's
+    final_alpha_bar: str | None = None  # one | first (alpha-bar_0: ldm's DDIM, as both originals); None: the restorer's
     eta: float = 1.0
     timestep_fraction: float = 0.99  # the first int(fraction * T) steps are trained (never the last, sigma 0)
     inner_epochs: int = 1
@@ -621,7 +623,7 @@ def train_lrpo(config: LRPOConfig) -> Path:
     net, optimizer = accelerator.prepare(module, optimizer)
     reward = CompositeReward.from_config(rewards_with_defaults(config.rewards, config.init_from is None), accelerator.device)
     dataset = build_dataset(config.data)
-    schedule = DDIMSchedule.from_scheduler(restorer.scheduler, config.steps, device=accelerator.device)
+    schedule = restorer.schedule(config.steps, config.spacing, config.final_alpha_bar, device=accelerator.device)
     held_out = _held_out(config, reward, restorer.config.size, accelerator.device) if accelerator.is_main_process else None
     state = resume_run(accelerator, run)
     start, history = (int(state["step"]), list(state.get("history", []))) if state else (0, [])

@@ -91,6 +91,8 @@ class ReFLConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     sampling_steps: int = 50  # T DDIM steps
+    spacing: str | None = None  # timestep spacing leading | linspace | trailing; None: the restorer's
+    final_alpha_bar: str | None = None  # one | first (alpha-bar_0: ldm's DDIM, as both originals); None: the restorer's
     grad_window: int = 2  # the grad step is drawn from the last `grad_window` of the T steps
     eta: float | str = "random"  # a number, or "random": redrawn from U(0, 1) every step (the original)
     reward_weight: float = 0.005  # w_r
@@ -185,7 +187,7 @@ class ReFLStep:
         self.config, self.restorer, self.frm, self.reference, self.lpips = config, restorer, frm, reference, lpips
         self.rewards, self.net = rewards, net
         self.frm_weight = float(config.rewards.weights.get("frm", 0.0))
-        self.schedule = DDIMSchedule.from_scheduler(restorer.scheduler, config.sampling_steps, device=restorer.device)
+        self.schedule = restorer.schedule(config.sampling_steps, config.spacing, config.final_alpha_bar, device=restorer.device)
 
     def reference_residuals(self, x_t: Tensor, t: Tensor, cond: Tensor) -> list[Tensor]:
         """The initial network's outputs at the same inputs: LoRA adapters off, or the frozen copy."""
