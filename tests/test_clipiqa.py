@@ -239,7 +239,7 @@ def test_missing_or_broken_weights_are_one_line_errors_naming_path_and_option(ti
         CLIPIQA.from_pretrained(no_tok)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00junk")
-    with pytest.raises(ModelFolderError, match=r"junk\.pt: unreadable checkpoint .*\[from the clipiqa path\]"):
+    with pytest.raises(ModelFolderError, match=r"junk\.pt: unreadable OpenCLIP checkpoint, truncated .*\[from the clipiqa path\]"):
         CLIPIQA.from_pretrained(junk)
 
 

@@ -318,3 +318,69 @@ def test_truncated_rollout_prefix_runs_without_grad(schedule50):
 def test_truncated_rollout_invalid_grad_step(schedule50, k):
     with pytest.raises(ValueError, match="grad_step"):
         truncated_rollout(_toy_eps_fn, torch.randn(1, 2, 4, 4), schedule50, grad_step=k)
+
+
+# ---- timestep spacings and the final alpha-bar (docs/methods.md 0, "Sampling") ---------------------------------
+
+
+def test_spacings_at_50_steps_match_the_originals():
+    from facereward.models.ddim import sampling_timesteps
+
+    assert sampling_timesteps(50, 1000, "leading") == list(range(981, 0, -20))  # ldm DDIM "uniform": both papers
+    assert sampling_timesteps(50, 1000, "linspace") == [round(i * 999 / 49) for i in range(49, -1, -1)]  # DiffBIR
+    assert sampling_timesteps(50, 1000, "trailing") == list(range(999, 0, -20))
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+def test_every_step_count_is_valid_and_starts_at_the_top(spacing):
+    from facereward.models.ddim import sampling_timesteps
+
+    for steps in range(1, 1001):
+        ts = sampling_timesteps(steps, 1000, spacing)
+        assert len(ts) == steps == len(set(ts)) and ts == sorted(ts, reverse=True), (spacing, steps)
+        assert 0 <= ts[-1] and ts[0] <= 999
+        # pure noise is the right start: the first timestep is in the top tenth and within one stride of the end
+        assert ts[0] >= max(900, 1000 - 1000 / steps), (spacing, steps, ts[0])
+        if steps > 1:
+            assert ts[-1] <= 1000 / steps, (spacing, steps, ts[-1])  # and the grid reaches the bottom
+
+
+def test_final_alpha_bar_first_gives_the_papers_last_sigma():
+    """ldm's DDIM lands on alpha-bar_0: the last step (t = 1) has sigma ~0.021 at eta 1, not 0."""
+    schedule = DDIMSchedule.from_scheduler(make_scheduler(), 50, final_alpha_bar="first")
+    ac = make_scheduler().alphas_cumprod.double()
+    hand = math.sqrt((1 - ac[0]) / (1 - ac[1])) * math.sqrt(1 - ac[1] / ac[0])
+    last = schedule.sigmas(schedule.timesteps[-1:], 1.0).item()
+    assert last == pytest.approx(hand, rel=1e-12) and last == pytest.approx(0.0207, abs=5e-4)
+    # recorded in a scheduler's config, it is the model's default
+    assert DDIMSchedule.from_scheduler(make_scheduler(final_alpha_bar="first"), 50).final_alpha_cumprod == float(ac[0])
+    assert DDIMSchedule.from_scheduler(make_scheduler(), 50).final_alpha_cumprod == 1.0
+    with pytest.raises(ValueError, match="final_alpha_bar must be one of"):
+        DDIMSchedule.from_scheduler(make_scheduler(), 50, final_alpha_bar="zero")
+
+
+@pytest.mark.parametrize("spacing,final", [("linspace", "one"), ("trailing", "first"), ("leading", "first")])
+def test_log_prob_recompute_is_exact_on_any_schedule(spacing, final):
+    schedule = DDIMSchedule.from_scheduler(make_scheduler(), 7, spacing=spacing, final_alpha_bar=final)
+    traj = rollout(_toy_eps_fn, torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)), schedule,
+                   eta=1.0, generator=torch.Generator().manual_seed(1))
+    for k, t in enumerate(schedule.timesteps):
+        again = ddim_step_with_logprob(_toy_eps_fn(traj.samples[k], t.expand(2)), t, traj.samples[k], schedule, 1.0,
+                                       prev_sample=traj.samples[k + 1])
+        assert torch.isfinite(again.log_prob).all()
+        assert torch.equal(torch.exp(again.log_prob.float() - traj.log_probs[:, k]), torch.ones(2))
+    # the step after t goes to the next listed timestep
+    ts = schedule.timesteps.tolist()
+    assert [int(schedule.prev_timestep[t]) for t in ts] == ts[1:] + [-1]
+
+
+def test_restore_accepts_every_step_count_from_1_to_1000():
+    from facereward.models.restorer import PixelUNetConfig, Restorer, RestorerConfig
+
+    r = Restorer.build(RestorerConfig(size=8, cleaner_kwargs={"channels": 8, "num_blocks": 1, "downscale": 1},
+                                      pixel=PixelUNetConfig(block_out_channels=[8, 8], attention_levels=[False, False],
+                                                            norm_num_groups=4)))
+    lq = torch.rand(1, 3, 8, 8)
+    for steps in (1, 2, 501, 999, 1000):
+        out = r.restore(lq, steps=steps, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(out["restored"]).all()

@@ -207,8 +207,37 @@ def test_cli_imports_then_restores_and_evaluates(files, tmp_path):
     assert run(["restore", str(tmp_path / "set" / "lq"), str(tmp_path / "restored"), "--model", str(out), "--steps", "2",
                 "--eta", "0.8", "--no-progress"]) == 0
     assert len(list((tmp_path / "restored").glob("*.png"))) == 2
+    import json
+    used = json.loads((tmp_path / "restored" / "restore.json").read_text())
+    assert (used["eta"], used["spacing"], used["final_alpha_bar"], used["colour_fix"]) == (0.8, "linspace", "one", True)
     assert run(["evaluate", "--testset", str(tmp_path / "set"), "--model", f"diffbir={out}", "--steps", "2",
                 "--out-dir", str(tmp_path / "eval"), "--identity", "none", "--landmarks", "none", "--fid", "none",
                 "--no-progress"]) == 0
     header = (tmp_path / "eval" / "results.md").read_text().splitlines()[0]
     assert "diffbir: eta 1.0, linspace spacing, final alpha-bar one, colour fix" in header
+
+
+def test_refl_and_lrpo_post_train_an_imported_model(files, imported, tmp_path):
+    """The imported folder is an ordinary restorer: both trainers load it, change only the ControlNet, and save it."""
+    import yaml
+
+    from facereward.cli import run
+    from facereward.weights import WEIGHTS_DIR
+
+    model = files / "restorer"
+    lrpo = {"run": {"output_dir": str(tmp_path / "lrpo"), "progress": False, "save_every": 1}, "init_from": str(model),
+            "data": {"toy_faces": 4, "size": SIZE}, "rewards": {"weights": {"wavelet": 0.5, "ssim": 0.5}},
+            "group_size": 2, "inputs_per_batch": 1, "batches_per_epoch": 1, "epochs": 1, "steps": 3, "micro_batch": 2,
+            "reg_steps": 1, "lr": 1e-3, "held_out": {"every": 0}, "spacing": "leading", "final_alpha_bar": "first"}
+    (tmp_path / "lrpo.yaml").write_text(yaml.safe_dump(lrpo))
+    assert run(["lrpo", "--config", str(tmp_path / "lrpo.yaml")]) == 0
+    assert run(["refl", "--init-from", str(model), "--frm", str(WEIGHTS_DIR / "toy-frm"), "--toy-faces", "2", "--steps", "1",
+                "--output-dir", str(tmp_path / "refl"), "--set", f"data.size={SIZE}", "--set", "sampling_steps=2",
+                "--set", "held_out.every=0", "--set", "batch_size=1", "--set", "run.progress=false",
+                "--set", "grad_window=1", "--set", "lpips_weight=0"]) == 0
+    for name in ("lrpo", "refl"):
+        trained = Restorer.from_pretrained(tmp_path / name / "model")
+        assert trained.config.cleaner == "swinir" and trained.config.colour_fix
+        changed = [k for k, v in trained.controlnet.state_dict().items() if not torch.equal(v, imported.controlnet.state_dict()[k])]
+        assert changed, name
+        assert all(torch.equal(v, imported.unet.state_dict()[k]) for k, v in trained.unet.state_dict().items())

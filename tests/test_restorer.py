@@ -327,3 +327,34 @@ def test_unknown_cleaner_name_raises(pixel_config):
 def test_cleaner_rejects_bad_downscale():
     with pytest.raises(ValueError, match="downscale"):
         ResidualCleaner(channels=4, num_blocks=1, downscale=3)
+
+
+def test_colour_fix_matches_diffbirs_wavelet_reconstruction():
+    import diffbir_reference as R
+
+    from facereward.models.colour_fix import wavelet_colour_fix
+
+    g = torch.Generator().manual_seed(0)
+    content, style = torch.rand(2, 3, 40, 48, generator=g), torch.rand(2, 3, 40, 48, generator=g)
+    torch.testing.assert_close(wavelet_colour_fix(content, style), R.reference_wavelet_reconstruction(content, style),
+                               rtol=0, atol=1e-6)
+    # a uniformly shifted colour is moved back exactly onto the reference's: the shift is all low band
+    assert torch.allclose(wavelet_colour_fix(style + 0.3, style), style, atol=1e-5)
+
+
+def test_format_1_latent_folders_say_how_to_rebuild(tmp_path):
+    import json
+
+    from facereward.models.restorer import LatentConfig
+
+    r = Restorer.build(RestorerConfig(mode="latent", size=16, latent=LatentConfig(vae_block_out_channels=[16, 16],
+                       unet_block_out_channels=[16, 16], cross_attention_dim=8, attention_head_dim=4, norm_num_groups=8)))
+    r.save_pretrained(tmp_path / "m")
+    meta_path = tmp_path / "m" / "facereward.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format_version"] = 1
+    meta["config"]["latent"]["condition_embedding_channels"] = 32
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelFolderError, match="rebuild it with `facereward build-restorer`") as info:
+        Restorer.from_pretrained(tmp_path / "m")
+    assert "\n" not in str(info.value)

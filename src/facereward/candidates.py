@@ -185,6 +185,10 @@ def make_candidates(
             if not js:
                 continue
             restorer = Restorer.from_pretrained(model_dirs[model_name]).to(dev)
+            settings = (sampler or SamplerOptions()).resolved(restorer)
+            for item in items:
+                for j in js:
+                    item["candidates"][j].update(settings)
             data = PairedFolderDataset(testset_dir, size=restorer.config.size)
             for j in js:
                 for start in range(0, len(data), batch_size):

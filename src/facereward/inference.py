@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from facereward.atomic import atomic_write_json
 from facereward.data.imageio import ImageError, list_images, read_image, write_image
 from facereward.models.ddim import Eta
 from facereward.models.restorer import Restorer, SamplerOptions
@@ -84,7 +85,9 @@ def restore_files(
     progress: bool = True,
     sampler: SamplerOptions | None = None,
 ) -> RestoreReport:
-    """Restore each input to OUT/NAME.png (and OUT/stage1/NAME.png); unreadable inputs are skipped and reported."""
+    """Restore each input to OUT/NAME.png (and OUT/stage1/NAME.png); unreadable inputs are skipped and reported.
+
+    OUT/restore.json records the sampling settings used (steps, eta, seed, spacing, final alpha-bar, colour fix)."""
     report = RestoreReport()
     size = restorer.config.size
     device = restorer.device
@@ -110,4 +113,8 @@ def restore_files(
             report.written.append(target)
         bar.update(len(chunk))
     bar.close()
+    if report.written:
+        settings = {"steps": steps, "eta": restorer.config.eta if eta is None else eta, "seed": seed,
+                    **(sampler or SamplerOptions()).resolved(restorer), "written": len(report.written)}
+        atomic_write_json(out_dir / "restore.json", settings)
     return report

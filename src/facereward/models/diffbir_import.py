@@ -316,23 +316,29 @@ def import_diffbir(out: str | Path, sd: str | Path, controlnet: str | Path, swin
     if size % 64:
         raise ValueError(f"--size must be a multiple of 64 (SwinIR's pixel-unshuffle and windows), got {size}")
     sd, controlnet, swinir = Path(sd), Path(controlnet), Path(swinir)
+    for option, path in (("--sd", sd), ("--controlnet", controlnet), ("--swinir", swinir)):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file ({option}; weights load from a local path only)")
     bar = tqdm(total=4, desc="import-diffbir", disable=not progress, unit="part")
-    bar.set_postfix_str("Stable Diffusion 2.1")
-    unet, vae, prompt, _ = load_sd21(sd, size, head_channels)
-    bar.update()
-    bar.set_postfix_str("IRControlNet")
-    control = load_irc_controlnet(controlnet, unet, size, head_channels)
-    bar.update()
-    bar.set_postfix_str("SwinIR")
-    cleaner, cleaner_config = load_face_swinir(swinir)
-    bar.update()
-    config = RestorerConfig(mode="latent", size=size, cleaner="swinir", cleaner_kwargs=cleaner_config,
-                            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, eta=1.0, colour_fix=True)
-    scheduler = make_scheduler(config.beta_schedule, config.beta_start, config.beta_end, spacing="linspace", final_alpha_bar="one")
-    restorer = Restorer(config, cleaner, scheduler, unet, vae, control, prompt).eval()
-    bar.set_postfix_str(f"writing {out}")
-    restorer.save_pretrained(out, source={"imported": "DiffBIR v1-face", "sd": sd.name, "controlnet": controlnet.name,
-                                          "swinir": swinir.name})
-    bar.update()
-    bar.close()
+    try:
+        bar.set_postfix_str("Stable Diffusion 2.1")
+        unet, vae, prompt, _ = load_sd21(sd, size, head_channels)
+        bar.update()
+        bar.set_postfix_str("IRControlNet")
+        control = load_irc_controlnet(controlnet, unet, size, head_channels)
+        bar.update()
+        bar.set_postfix_str("SwinIR")
+        cleaner, cleaner_config = load_face_swinir(swinir)
+        bar.update()
+        config = RestorerConfig(mode="latent", size=size, cleaner="swinir", cleaner_kwargs=cleaner_config,
+                                beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, eta=1.0, colour_fix=True)
+        scheduler = make_scheduler(config.beta_schedule, config.beta_start, config.beta_end, spacing="linspace",
+                                   final_alpha_bar="one")
+        restorer = Restorer(config, cleaner, scheduler, unet, vae, control, prompt).eval()
+        bar.set_postfix_str(f"writing {out}")
+        restorer.save_pretrained(out, source={"imported": "DiffBIR v1-face", "sd": sd.name, "controlnet": controlnet.name,
+                                              "swinir": swinir.name})
+        bar.update()
+    finally:
+        bar.close()
     return restorer

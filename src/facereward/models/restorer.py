@@ -355,10 +355,12 @@ class Restorer(nn.Module):
         (tmp / "cleaner").mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in self.cleaner.state_dict().items()}, tmp / "cleaner" / "model.safetensors")
         self.scheduler.save_pretrained(tmp / "scheduler")
-        (stage2 if stage2 is not None and self.mode == "pixel" else self.unet).save_pretrained(tmp / "unet")
+        # safetensors serialises a shard in memory: 1 GB shards keep an SD-size save near one copy of the weights
+        shard = {"max_shard_size": "1GB"}
+        (stage2 if stage2 is not None and self.mode == "pixel" else self.unet).save_pretrained(tmp / "unet", **shard)
         if self.mode == "latent":
-            self.vae.save_pretrained(tmp / "vae")
-            (stage2 if stage2 is not None else self.controlnet).save_pretrained(tmp / "controlnet")
+            self.vae.save_pretrained(tmp / "vae", **shard)
+            (stage2 if stage2 is not None else self.controlnet).save_pretrained(tmp / "controlnet", **shard)
             save_file({"prompt_embeds": self.prompt_embeds.detach().contiguous().cpu()}, tmp / "prompt_embeds.safetensors")
         meta = {"format_version": FORMAT_VERSION, "config": asdict(self.config), **({"source": source} if source else {})}
         (tmp / "facereward.json").write_text(json.dumps(meta, indent=2))
