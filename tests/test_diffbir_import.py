@@ -241,3 +241,24 @@ def test_refl_and_lrpo_post_train_an_imported_model(files, imported, tmp_path):
         changed = [k for k, v in trained.controlnet.state_dict().items() if not torch.equal(v, imported.controlnet.state_dict()[k])]
         assert changed, name
         assert all(torch.equal(v, imported.unet.state_dict()[k]) for k, v in trained.unet.state_dict().items())
+
+
+def test_a_diffusers_sd_folder_gives_the_same_networks(files, imported, tmp_path, make_clip_tokenizer):
+    """--sd as a diffusers folder: the UNet and VAE are taken as saved, the prompt comes from its text encoder."""
+    from diffusers import DDIMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = tmp_path / "sd21"
+    imported.unet.save_pretrained(folder / "unet")
+    imported.vae.save_pretrained(folder / "vae")
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2}
+    make_clip_tokenizer(vocab, model_max_length=6).save_pretrained(folder / "tokenizer")
+    CLIPTextModel(CLIPTextConfig(vocab_size=3, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 max_position_embeddings=6, bos_token_id=0, eos_token_id=1, pad_token_id=1)).save_pretrained(folder / "text_encoder")
+    again = import_diffbir(tmp_path / "out", folder, files / "v1_face.pth", files / "face_swinir.ckpt", size=SIZE,
+                           head_channels=HEADS, progress=False)
+    for name in ("unet", "controlnet", "vae"):
+        ours, theirs = getattr(again, name).state_dict(), getattr(imported, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert again.prompt_embeds.shape == (1, 6, 32)

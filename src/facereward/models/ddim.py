@@ -92,9 +92,10 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 def sampling_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: Spacing = "leading") -> list[int]:
     """T distinct descending timesteps in [0, n) whose first is at the top of the schedule, for any 1 <= T <= n.
 
-    "leading" is ldm's grid where that reaches the top tenth of the schedule and its last stride (T = 10, 20, 25, 50,
-    100, ...; for T not dividing n the stride is n / T floored per step, not n // T, so the grid spans the schedule);
-    otherwise (T = 1-9, 11, n) it is shifted to end at n - 1, so sampling from pure noise starts at the right level.
+    "leading" is ldm's grid where that reaches the top 15% of the schedule and its last stride (T = 7, 8, 10, 20, 50,
+    ...; for T not dividing n the stride is n / T floored per step, not n // T, so the grid spans the schedule);
+    otherwise (T = 1-6, T = n, a few others) it is shifted to end at n - 1, so sampling from pure noise starts at the
+    right level (alpha-bar <= 0.023 at t >= 850 for SD's schedule).
     "linspace" with T = 1 is [n - 1] (DiffBIR's spacing would give [0]).
     """
     n = int(num_train_timesteps)
@@ -103,7 +104,7 @@ def sampling_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing:
     if spacing == "leading":
         grid = [i * n // num_steps + 1 for i in range(num_steps)]
         top = grid[-1]
-        if top > n - 1 or top < n - n / num_steps or top < 0.9 * n:
+        if top > n - 1 or top < n - n / num_steps or top < 0.85 * n:
             grid = [g + (n - 1 - top) for g in grid]
     elif spacing == "linspace":
         grid = [n - 1] if num_steps == 1 else [round(i * (n - 1) / (num_steps - 1)) for i in range(num_steps)]

@@ -245,8 +245,9 @@ def load_sd21(path: Path, size: int, head_channels: int = 64) -> tuple[UNet2DCon
             raise ModelFolderError(f"{path}: not a diffusers Stable Diffusion folder, missing {', '.join(missing)}")
         unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True).eval()
         vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True).eval()
-        if unet.config.cross_attention_dim != 1024 or not unet.config.use_linear_projection:
-            raise ModelFolderError(f"{path}: not Stable Diffusion 2.x (cross-attention width {unet.config.cross_attention_dim})")
+        if unet.config.cross_attention_dim == 768 or not unet.config.use_linear_projection:
+            raise ModelFolderError(f"{path}: a Stable Diffusion 1.x folder (cross-attention width {unet.config.cross_attention_dim}, "
+                                   "convolutional projections); DiffBIR v1 needs SD 2.1")
         structure = {"model_channels": unet.config.block_out_channels[0], "in_channels": unet.config.in_channels}
         return unet, vae, empty_prompt_embedding(path), structure
     sd = read_state_dict(path, what="Stable Diffusion checkpoint")
