@@ -381,6 +381,6 @@ def test_restore_accepts_every_step_count_from_1_to_1000():
                                       pixel=PixelUNetConfig(block_out_channels=[8, 8], attention_levels=[False, False],
                                                             norm_num_groups=4)))
     lq = torch.rand(1, 3, 8, 8)
-    for steps in (1, 2, 501, 999, 1000):
+    for steps in (1, 2, 1000):  # 1000 once raised IndexError, 1 and 2 started at t = 1 and 501
         out = r.restore(lq, steps=steps, generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(out["restored"]).all()

@@ -8,7 +8,7 @@ model give the same numbers and a change between evaluations is the model's.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,6 +40,10 @@ class HeldOutConfig:
     batch_size: int = 16
     seed: int = 1234
     identity: str = "auto"  # identity judge: auto (toy for toy data, else none), toy, dlib, arcface:PATH, none
+    # the reward-hacking alarm (facereward.train.hacking): the training reward rises while a frozen judge falls
+    hacking_patience: int = 3  # evaluations in a row that fire it; 0 turns it off
+    hacking_judges: list[str] = field(default_factory=lambda: ["frm/initial", "ids", "psnr"])  # those present are watched
+    stop_on_hacking: bool = False  # stop training (checkpoint and final model written) when it fires
 
 
 def load_heldout_batch(config: HeldOutConfig, data: DataConfig, size: int) -> dict:

@@ -23,6 +23,7 @@ adapters) is trained; the restorer stays in eval mode (the networks have no drop
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -47,6 +48,7 @@ from facereward.models.ddim import (
 from facereward.models.restorer import Restorer
 from facereward.rewards import CompositeReward, RewardsConfig
 from facereward.train.base import DataConfig, build_dataset
+from facereward.train.hacking import new_alarms
 from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator
 from facereward.train.plumbing import (
     ProgressLog,
@@ -592,6 +594,27 @@ def rewards_with_defaults(rewards: RewardsConfig, toy_restorer: bool = True) -> 
     return RewardsConfig(weights=dict(rewards.weights), options=options, imports=list(rewards.imports))
 
 
+def _hacking_alarm(history: list[dict], config: LRPOConfig, accelerator: Accelerator) -> bool:
+    """Warn (and record) when the epoch reward has risen while a held-out judge fell for `hacking_patience` evaluations
+    in a row; True on every process when `held_out.stop_on_hacking` asks to stop. The reward of an evaluation is the
+    mean epoch reward since the previous one."""
+    records, since = [], []
+    for row in history:
+        since.append(float(row["reward"]))
+        judges = {k.removeprefix("held_out/"): v for k, v in row.items() if k.startswith("held_out/")}
+        if judges:
+            records.append({"epoch": row["epoch"], "train_reward": sum(since) / len(since), **judges})
+            since = []
+    if accelerator.is_main_process:
+        for alarm in new_alarms(records, config.held_out.hacking_judges, config.held_out.hacking_patience,
+                                history[-1]["epoch"], step_key="epoch"):
+            warnings.warn(f"lrpo: {alarm.message()}", stacklevel=1)
+            history[-1].setdefault("alarms", []).append(alarm.judge)
+            if config.held_out.stop_on_hacking:
+                accelerator.set_trigger()
+    return accelerator.check_trigger()
+
+
 def _held_out(config: LRPOConfig, reward: CompositeReward, size: int, device: torch.device) -> HeldOutEvaluator | None:
     if config.held_out.every <= 0:
         return None
@@ -638,16 +661,22 @@ def train_lrpo(config: LRPOConfig) -> Path:
         inner = update_epoch(restorer, net, optimizer, buffer, schedule, config, n_train, reference, accelerator, epoch)
         del buffer
         scalars = epoch_scalars(scores, advantages, inner, accelerator)
+        stop = False
         if config.held_out.every > 0 and ((epoch + 1) % config.held_out.every == 0 or epoch + 1 == config.epochs):
             full = full_network(accelerator, net, module)
             if held_out is not None:
                 scalars.update({f"held_out/{k}": v for k, v in held_out(restorer, net=full).items()})
         history.append({"epoch": epoch + 1, **scalars})
+        if config.held_out.every > 0 and ((epoch + 1) % config.held_out.every == 0 or epoch + 1 == config.epochs):
+            stop = _hacking_alarm(history, config, accelerator)
         log.step(epoch + 1, scalars)
         if accelerator.is_main_process:
             _write_metrics(metrics_path, history)
-        if (epoch + 1) % run.save_every == 0 or epoch + 1 == config.epochs:
+        if stop or (epoch + 1) % run.save_every == 0 or epoch + 1 == config.epochs:
             checkpoint_run(accelerator, run, epoch + 1, {"stage2": net}, {"optimizer": optimizer}, {"history": history})
+        if stop:
+            accelerator.print(f"lrpo: stopped after epoch {epoch + 1} on the reward-hacking alarm (held_out.stop_on_hacking)")
+            break
     log.close()
     out = Path(run.output_dir) / "model"
     accelerator.wait_for_everyone()

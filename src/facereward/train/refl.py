@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,6 +27,7 @@ from facereward.models.frm import FaceRewardModel, bradley_terry_loss
 from facereward.models.restorer import Restorer
 from facereward.rewards import CompositeReward, RewardsConfig
 from facereward.train.base import DataConfig, build_dataset
+from facereward.train.hacking import new_alarms
 from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator
 from facereward.train.plumbing import (
     BatchStream,
@@ -377,15 +379,27 @@ def train_refl(config: ReFLConfig) -> Path:
     log = ProgressLog(accelerator, config.steps, step, "refl", run.log_every, run.progress, history=state.get("train_log"))
     out_dir = Path(run.output_dir)
 
-    def held_out(at: int) -> None:
+    # the training reward of each step since the last evaluation (on device; checkpointed, so a resume sees the same)
+    reward_since: list[torch.Tensor] = [torch.tensor(v, device=device) for v in state.get("reward_since", [])]
+
+    def held_out(at: int) -> bool:
+        """Evaluate, record, and run the hacking alarm; True when the run should stop on it (on every process)."""
         full = full_network(accelerator, wrapped, trainable)  # the unwrapped network: no collectives from one process
         if evaluator is not None:
             scores = evaluator(restorer, net=full)
-            history.append({"step": at, **scores})
+            train = {"train_reward": float(torch.stack(reward_since).mean())} if reward_since else {}
+            history.append({"step": at, **train, **scores})
             accelerator.log({f"held_out/{k}": v for k, v in scores.items()}, step=at)
             if not run.progress:
                 print(f"refl held-out step {at}: " + " ".join(f"{k}={v:.4g}" for k, v in scores.items()), flush=True)
+            for alarm in new_alarms(history, config.held_out.hacking_judges, config.held_out.hacking_patience, at):
+                warnings.warn(f"refl: {alarm.message()}", stacklevel=1)
+                history[-1].setdefault("alarms", []).append(alarm.judge)
+                if config.held_out.stop_on_hacking:
+                    accelerator.set_trigger()
+        reward_since.clear()
         accelerator.wait_for_everyone()
+        return accelerator.check_trigger()
 
     if step == 0 and not history:
         held_out(0)
@@ -414,13 +428,19 @@ def train_refl(config: ReFLConfig) -> Path:
         if frm_optimizer is not None and step % dyn.every == 0:
             scalars.update(_dynamic_frm_update(frm, frm_optimizer, dyn, batch, result.restored, preference_batches, accelerator))
         scalars = _mean_over_processes(scalars, accelerator)
+        reward_since.append(torch.as_tensor(scalars["refl/reward"], device=device).detach().float())
         log.step(step, scalars)
+        stop = False
         if config.held_out.every > 0 and (step % config.held_out.every == 0 or step == config.steps):
-            held_out(step)
-        if step % run.save_every == 0 or step == config.steps:
+            stop = held_out(step)
+        if stop or step % run.save_every == 0 or step == config.steps:
             positions = {"data": batches.position(),
                          **({"preference_data": preference_batches.position()} if preference_batches is not None else {})}
-            checkpoint_run(accelerator, run, step, modules, optimizers, {**positions, "history": history, "train_log": log.history})
+            checkpoint_run(accelerator, run, step, modules, optimizers, {**positions, "history": history, "train_log": log.history,
+                                                                        "reward_since": [float(r) for r in reward_since]})
+        if stop:
+            accelerator.print(f"refl: stopped at step {step} on the reward-hacking alarm (held_out.stop_on_hacking)")
+            break
     log.close()
     accelerator.wait_for_everyone()
     full = full_network(accelerator, wrapped, trainable)
