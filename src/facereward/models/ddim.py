@@ -115,6 +115,12 @@ def sampling_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing:
     return sorted(grid, reverse=True)
 
 
+def scheduler_defaults(scheduler: DDIMScheduler) -> tuple[str, str]:
+    """(spacing, final alpha-bar) a scheduler's config records: diffusers' `timestep_spacing` and `set_alpha_to_one`."""
+    cfg = scheduler.config
+    return cfg.get("timestep_spacing", "leading"), "one" if cfg.get("set_alpha_to_one", True) else "first"
+
+
 @dataclass
 class DDIMSchedule:
     """T DDIM timesteps over the training schedule (e.g. 981, 961, ..., 1 for 50) and each one's predecessor."""
@@ -147,9 +153,8 @@ class DDIMSchedule:
                        spacing: Spacing | None = None, final_alpha_bar: FinalAlphaBar | None = None) -> "DDIMSchedule":
         """`num_steps` timesteps of `scheduler`'s training schedule; spacing and final alpha-bar default to its config's."""
         cfg = scheduler.config
-        spacing = spacing or cfg.get("timestep_spacing", "leading")
-        if final_alpha_bar is None:
-            final_alpha_bar = "one" if cfg.get("set_alpha_to_one", True) else "first"
+        default_spacing, default_final = scheduler_defaults(scheduler)
+        spacing, final_alpha_bar = spacing or default_spacing, final_alpha_bar or default_final
         _check_choice("final_alpha_bar", final_alpha_bar, FINAL_ALPHA_BARS)
         alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
         final = 1.0 if final_alpha_bar == "one" else float(alphas_cumprod[0])

@@ -34,7 +34,7 @@ from facereward.atomic import staging_folder, swap_in_folder
 from facereward.models.cleaner import build_cleaner
 from facereward.models.colour_fix import wavelet_colour_fix
 from facereward.models.controlnet import ConcatControlNetModel
-from facereward.models.ddim import DDIMSchedule, Eta, FinalAlphaBar, Spacing, make_scheduler, rollout
+from facereward.models.ddim import DDIMSchedule, Eta, FinalAlphaBar, Spacing, make_scheduler, rollout, scheduler_defaults
 
 FORMAT_VERSION = 2  # 2: the latent ControlNet takes cat(x_t, c) in its first conv (format 1: diffusers' embedding)
 
@@ -157,9 +157,8 @@ class SamplerOptions:
 
     def resolved(self, restorer: "Restorer") -> dict[str, Any]:
         """The settings a restore with these overrides uses (for outputs' metadata)."""
-        cfg = restorer.scheduler.config
-        return {"spacing": self.spacing or cfg.get("timestep_spacing", "leading"),
-                "final_alpha_bar": self.final_alpha_bar or ("one" if cfg.get("set_alpha_to_one", True) else "first"),
+        spacing, final = scheduler_defaults(restorer.scheduler)
+        return {"spacing": self.spacing or spacing, "final_alpha_bar": self.final_alpha_bar or final,
                 "colour_fix": restorer.config.colour_fix if self.colour_fix is None else self.colour_fix}
 
 
