@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -47,7 +49,7 @@ def test_the_table_has_every_metric_with_its_type_and_direction():
     assert [s.name for s in list_metrics()][: len(DEFAULT_METRICS)] == list(DEFAULT_METRICS)
     kinds = {n: rows[n].kind for n in DEFAULT_METRICS}
     assert kinds == {"psnr": "FR", "ssim": "FR", "psnr-y": "FR", "ssim-y": "FR", "lpips": "FR", "ids": "FR", "deg": "FR",
-                     "lmd": "FR", "frm": "NR", "clipiqa": "NR", "niqe": "NR", "fid": "set", "kid": "set"}
+                     "lmd": "FR", "toy-quality": "FR", "frm": "NR", "clipiqa": "NR", "niqe": "NR", "fid": "set", "kid": "set"}
     lower = {n for n in DEFAULT_METRICS if rows[n].lower_better}
     assert lower == {"lpips", "deg", "lmd", "niqe", "fid", "kid"}
     assert "--niqe-model" in rows["niqe"].needs and "--lpips-backbone" in rows["lpips"].needs and rows["psnr"].needs == ""
@@ -123,9 +125,27 @@ def test_default_set_is_what_evaluate_computed_before(toy_testset, tmp_path):
     """No --metrics: every default metric that applies, in the old column order; FID/KID share the toy-id features."""
     result = evaluate(EvaluateConfig(testset=str(toy_testset), out_dir=str(tmp_path / "o"), kid_subsets=5, progress=False))
     assert list(result.rows["LQ"]) == ["PSNR", "SSIM", "PSNR-Y", "SSIM-Y", "IDS (toy-id)", "Deg (toy-id)", "LMD (toy-lmk)",
-                                       "FID (toy-id)", "KID (toy-id)"]
-    assert result.judges == {"identity": "toy-id", "landmarks": "toy-lmk", "fid_features": "toy-id", "lpips": "none",
-                             "frm": "none", "clipiqa": "none"}
+                                       "oracle (toy)", "FID (toy-id)", "KID (toy-id)"]
+    assert result.judges == {"identity": "toy-id", "landmarks": "toy-lmk", "toy-quality": "toy oracle (toy-id, toy-lmk)",
+                             "fid_features": "toy-id", "lpips": "none", "frm": "none", "clipiqa": "none"}
+
+
+def test_toy_quality_column_is_the_oracle_on_toy_sets_only(toy_testset, tmp_path):
+    from facereward.data.imageio import image_to_tensor, read_image
+    from facereward.labelling.oracle import toy_quality
+
+    result = evaluate(EvaluateConfig(testset=str(toy_testset), out_dir=str(tmp_path / "o"), metrics=["toy-quality"], progress=False))
+    names = sorted(p.name for p in (toy_testset / "lq").glob("*.png"))
+    lq = torch.cat([image_to_tensor(read_image(toy_testset / "lq" / n)) for n in names])
+    hq = torch.cat([image_to_tensor(read_image(toy_testset / "hq" / n)) for n in names])
+    assert result.rows["LQ"]["oracle (toy)"] == pytest.approx(float(toy_quality(lq, hq).mean()), abs=1e-6)
+    plain = tmp_path / "plain"
+    for sub in ("lq", "hq"):
+        shutil.copytree(toy_testset / sub, plain / sub)
+    assert "oracle (toy)" not in evaluate(EvaluateConfig(testset=str(plain), out_dir=str(tmp_path / "p"), identity="toy",
+                                                         landmarks="toy", fid="none", progress=False)).rows["LQ"]
+    with pytest.raises(ValueError, match="'toy-quality' needs a toy-world test set"):
+        evaluate(EvaluateConfig(testset=str(plain), out_dir=str(tmp_path / "q"), metrics=["toy-quality"], progress=False))
 
 
 def test_identity_embeddings_are_shared_by_ids_and_deg(toy_testset):

@@ -12,11 +12,13 @@ import yaml
 
 from facereward.config import ConfigError, load_config
 from facereward.data.imageio import write_image
+from facereward.models.ddim import make_scheduler, output_to_eps, scheduler_defaults, training_target
 from facereward.models.restorer import PixelUNetConfig, Restorer, RestorerConfig
 from facereward.train.base import (
     DataConfig,
     TrainBaseConfig,
     build_dataset,
+    initial_restorer,
     stage1_loss,
     stage2_loss,
     train_base,
@@ -197,3 +199,62 @@ def test_min_snr_weighting_matches_a_hand_computation():
     assert torch.allclose(weighted, (per * torch.minimum(snr, torch.tensor(5.0)) / snr).mean(), atol=1e-6)
     with pytest.raises(ValueError, match="loss_weighting"):
         stage2_loss(restorer, batch, gen(), weighting="p2")
+
+
+def test_v_and_x0_prediction_targets_and_min_snr_weights_match_a_hand_computation():
+    """abar = 0.25: v = 0.5 eps - 0.866 x0; Min-SNR weights min(SNR, g) / (SNR + 1) for v and min(SNR, g) for x0."""
+    x0, noise, abar = torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([0.25])
+    assert training_target(x0, noise, abar, "v_prediction").item() == pytest.approx(0.5 * 2 - 0.75 ** 0.5 * 1, abs=1e-6)
+    assert training_target(x0, noise, abar, "sample").item() == 1.0
+    x_t = 0.5 * x0 + 0.75 ** 0.5 * noise
+    for kind in ("epsilon", "v_prediction", "sample"):
+        assert output_to_eps(training_target(x0, noise, abar, kind), x_t, abar, kind).item() == pytest.approx(2.0, abs=1e-6)
+    with pytest.raises(ValueError, match="prediction_type"):
+        training_target(x0, noise, abar, "flow")
+
+    for kind in ("v_prediction", "sample"):
+        torch.manual_seed(0)
+        restorer = Restorer.build(RestorerConfig(**{**_tiny_model().__dict__, "prediction_type": kind}))
+        assert restorer.prediction_type == kind and restorer.scheduler.config.prediction_type == kind
+        batch = {"hq": torch.rand(3, 3, 32, 32), "lq": torch.rand(3, 3, 32, 32)}
+        gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+        g = gen()
+        t = torch.randint(0, 1000, (3,), generator=g)
+        eps = torch.randn((3, 3, 32, 32), generator=g)
+        a = restorer.scheduler.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        x0 = batch["hq"] * 2 - 1
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        target = a.sqrt() * eps - (1 - a).sqrt() * x0 if kind == "v_prediction" else x0
+        with torch.no_grad():
+            cond = restorer.condition(restorer.clean(batch["lq"]))
+            out = restorer.predict_output(x_t, t, cond)
+            per = (out - target).pow(2).flatten(1).mean(1)
+            # the sampler's eps is the conversion of the raw output
+            implied = (a.sqrt() * out + (1 - a).sqrt() * x_t if kind == "v_prediction" else (x_t - a.sqrt() * out) / (1 - a).sqrt())
+            assert torch.allclose(restorer.predict_eps(x_t, t, cond), implied, atol=1e-5)
+        snr = a.flatten() / (1 - a.flatten())
+        weight = snr.clamp(max=5.0) / (snr + 1 if kind == "v_prediction" else 1)
+        assert torch.allclose(stage2_loss(restorer, batch, gen(), weighting="min_snr"), (per * weight).mean(), atol=1e-6)
+
+
+def test_init_schedule_fine_tunes_an_eps_model_into_v_prediction(tmp_path):
+    """init_from + init_schedule: the same weights, `model`'s schedule and target, the sampling defaults kept."""
+    eps_model = tmp_path / "eps"
+    start = Restorer.build(RestorerConfig(**{**_tiny_model().__dict__, "eta": 0.5}))
+    start.scheduler = make_scheduler(spacing="linspace", final_alpha_bar="first")
+    start.save_pretrained(eps_model)
+    v_model = RestorerConfig(**{**_tiny_model().__dict__, "prediction_type": "v_prediction", "beta_schedule": "linear",
+                                "beta_start": 1e-4, "beta_end": 0.02})
+    config = _config(tmp_path, init_from=str(eps_model), init_schedule=True, model=v_model, stage1_steps=0, stage2_steps=2)
+    first = initial_restorer(config)
+    assert first.prediction_type == "v_prediction" and first.scheduler.config.beta_schedule == "linear"
+    assert first.scheduler.alphas_cumprod[-1].item() == pytest.approx(4.04e-5, rel=0.01)  # DDPM's terminal alpha-bar
+    assert scheduler_defaults(first.scheduler) == ("linspace", "first") and first.config.eta == 0.5
+    assert all(torch.equal(a, b) for a, b in zip(first.unet.state_dict().values(), start.unet.state_dict().values()))
+    trained = Restorer.from_pretrained(train_base(config))
+    assert trained.prediction_type == "v_prediction" and trained.config.prediction_type == "v_prediction"
+    assert scheduler_defaults(trained.scheduler) == ("linspace", "first")
+    out = trained.restore(torch.rand(1, 3, 32, 32), steps=2, generator=torch.Generator().manual_seed(0))["restored"]
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="init_schedule needs init_from"):
+        initial_restorer(_config(tmp_path, init_schedule=True))

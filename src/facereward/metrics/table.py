@@ -36,8 +36,8 @@ Kind = Literal["FR", "NR", "set"]
 KINDS = ("FR", "NR", "set")
 
 # what `evaluate` computes when no --metrics is given, in column order; each only when what it needs is there
-DEFAULT_METRICS: tuple[str, ...] = ("psnr", "ssim", "psnr-y", "ssim-y", "lpips", "ids", "deg", "lmd", "frm", "clipiqa",
-                                    "niqe", "fid", "kid")
+DEFAULT_METRICS: tuple[str, ...] = ("psnr", "ssim", "psnr-y", "ssim-y", "lpips", "ids", "deg", "lmd", "toy-quality", "frm",
+                                    "clipiqa", "niqe", "fid", "kid")
 
 
 @dataclass(frozen=True)
@@ -321,6 +321,15 @@ def _lmd(ctx: MetricContext):
                           lambda x, gt, _: landmark_distance(judge.detect(x), ctx.memo(("landmarks",), gt, judge.detect)))
 
 
+def _toy_quality(ctx: MetricContext):
+    if not ctx.toy:
+        return None
+    from facereward.labelling.oracle import toy_quality
+
+    ctx.judges["toy-quality"] = "toy oracle (toy-id, toy-lmk)"
+    return PerImageMetric("oracle (toy)", lambda x, gt, _: toy_quality(x, gt).to(torch.float32))
+
+
 def _frm(ctx: MetricContext):
     path = ctx.get("frm")
     if not path:
@@ -405,6 +414,8 @@ for _row in (
     ("ids", _identity_metric("IDS"), "FR", False, _IDENTITY_NEEDS, "identity cosine similarity to the GT", "identity"),
     ("deg", _identity_metric("Deg"), "FR", True, _IDENTITY_NEEDS, "identity angle to the GT in degrees", ""),
     ("lmd", _lmd, "FR", True, "a landmark judge (--landmarks auto, toy or dlib)", "mean landmark distance to the GT in px", ""),
+    ("toy-quality", _toy_quality, "FR", False, "a toy-world test set (toyworld.json beside lq/ and hq/)",
+     "the toy world's hidden quality (labelling.oracle.toy_quality): its stand-in for a person", ""),
     ("frm", _frm, "NR", False, "--frm DIR (a Face Reward Model folder)", "Face Reward Model score", "frm"),
     ("clipiqa", _clipiqa, "NR", False, "--clipiqa PATH (a local CLIP folder or OpenCLIP checkpoint)", "CLIPIQA in [0, 1]",
      "clipiqa"),

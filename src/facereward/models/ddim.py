@@ -59,6 +59,12 @@ FinalAlphaBar = Literal["one", "first"]
 """The alpha-bar the last step lands on: 1 (sigma 0 on the last step) or alpha-bar_0 (ldm's DDIM, both papers)."""
 FINAL_ALPHA_BARS = ("one", "first")
 
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+"""What the stage-2 network outputs (diffusers' names; docs/methods.md 0, "Prediction target"): the noise eps, the
+velocity v = sqrt(abar) eps - sqrt(1 - abar) x0 (better conditioned at high noise), or x0 itself. The sampler and
+both trainers work on eps, converted by `output_to_eps`."""
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
 
 def make_scheduler(
     beta_schedule: str = "scaled_linear",
@@ -67,10 +73,12 @@ def make_scheduler(
     num_train_timesteps: int = 1000,
     spacing: Spacing = "leading",
     final_alpha_bar: FinalAlphaBar = "one",
+    prediction_type: PredictionType = "epsilon",
 ) -> DDIMScheduler:
-    """A 1000-step epsilon-prediction DDIM schedule whose config records the default spacing and final alpha-bar."""
+    """A DDIM schedule whose config records the default spacing, final alpha-bar and what the network predicts."""
     _check_choice("spacing", spacing, SPACINGS)
     _check_choice("final_alpha_bar", final_alpha_bar, FINAL_ALPHA_BARS)
+    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     return DDIMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_start=beta_start,
@@ -80,7 +88,7 @@ def make_scheduler(
         set_alpha_to_one=final_alpha_bar == "one",
         steps_offset=1,
         timestep_spacing=spacing,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
     )
 
 
@@ -190,6 +198,37 @@ class StepOutput:
     std: torch.Tensor  # sigma_t, broadcastable to the sample
     log_prob: torch.Tensor  # (B,) mean over elements of log N(prev; mean, std^2); 0 where std = 0
     pred_x0: torch.Tensor
+
+
+def _per_sample(abar: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return abar.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def output_to_eps(output: torch.Tensor, x_t: torch.Tensor, abar_t: torch.Tensor, prediction_type: PredictionType) -> torch.Tensor:
+    """The eps a network output implies at x_t (docs/methods.md 0, "Prediction target"); abar_t per sample.
+
+    v: eps = sqrt(abar) v + sqrt(1 - abar) x_t;  x0: eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar).
+    """
+    abar = _per_sample(abar_t, x_t)
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return abar.sqrt() * output + (1 - abar).sqrt() * x_t
+    if prediction_type == "sample":
+        return (x_t - abar.sqrt() * output) / (1 - abar).sqrt()
+    raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {prediction_type!r}")
+
+
+def training_target(x0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor, prediction_type: PredictionType) -> torch.Tensor:
+    """What the network should output for x_t = sqrt(abar) x0 + sqrt(1 - abar) noise: noise, v or x0."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        abar = _per_sample(abar_t, x0)
+        return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {prediction_type!r}")
 
 
 def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:

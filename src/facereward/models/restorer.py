@@ -34,7 +34,18 @@ from facereward.atomic import staging_folder, swap_in_folder
 from facereward.models.cleaner import build_cleaner
 from facereward.models.colour_fix import wavelet_colour_fix
 from facereward.models.controlnet import ConcatControlNetModel
-from facereward.models.ddim import DDIMSchedule, Eta, FinalAlphaBar, Spacing, make_scheduler, rollout, scheduler_defaults
+from facereward.models.ddim import (
+    PREDICTION_TYPES,
+    DDIMSchedule,
+    Eta,
+    FinalAlphaBar,
+    PredictionType,
+    Spacing,
+    make_scheduler,
+    output_to_eps,
+    rollout,
+    scheduler_defaults,
+)
 
 FORMAT_VERSION = 2  # 2: the latent ControlNet takes cat(x_t, c) in its first conv (format 1: diffusers' embedding)
 
@@ -79,6 +90,7 @@ class RestorerConfig:
     latent: LatentConfig = field(default_factory=LatentConfig)
     eta: float = 0.0  # the default DDIM eta of `restore` (1.0 for DiffBIR: its spaced sampler is DDPM's)
     colour_fix: bool = False  # DiffBIR's wavelet colour fix on the output by default (on for imported DiffBIR)
+    prediction_type: PredictionType = "epsilon"  # what stage 2 outputs: epsilon, v_prediction or sample (x0)
 
 
 def _pixel_unet(cfg: RestorerConfig) -> UNet2DModel:
@@ -198,7 +210,8 @@ class Restorer(nn.Module):
         if config.size % 8:
             raise ValueError(f"size must be a multiple of 8, got {config.size}")
         cleaner = build_cleaner(config.cleaner, config.cleaner_kwargs)
-        scheduler = make_scheduler(config.beta_schedule, config.beta_start, config.beta_end)
+        scheduler = make_scheduler(config.beta_schedule, config.beta_start, config.beta_end,
+                                   prediction_type=config.prediction_type)
         if config.mode == "pixel":
             return cls(config, cleaner, scheduler, _pixel_unet(config)).eval()
         if config.mode == "latent":
@@ -225,13 +238,15 @@ class Restorer(nn.Module):
         vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
         sd_sched = DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
-        if sd_sched.config.prediction_type != "epsilon":
-            raise ModelFolderError(f"{folder}: scheduler predicts {sd_sched.config.prediction_type!r}; facereward needs an epsilon-prediction model (e.g. SD 2.1 base)")
+        if sd_sched.config.prediction_type not in PREDICTION_TYPES:
+            raise ModelFolderError(f"{folder}: scheduler predicts {sd_sched.config.prediction_type!r}; facereward supports "
+                                   f"{', '.join(PREDICTION_TYPES)}")
         config = config or RestorerConfig()
-        config.mode, config.size = "latent", size
+        config.mode, config.size, config.prediction_type = "latent", size, sd_sched.config.prediction_type
         config.beta_schedule, config.beta_start, config.beta_end = sd_sched.config.beta_schedule, sd_sched.config.beta_start, sd_sched.config.beta_end
         controlnet = ConcatControlNetModel.from_unet(unet, vae.config.latent_channels)
-        scheduler = make_scheduler(config.beta_schedule, config.beta_start, config.beta_end, sd_sched.config.num_train_timesteps)
+        scheduler = make_scheduler(config.beta_schedule, config.beta_start, config.beta_end, sd_sched.config.num_train_timesteps,
+                                   prediction_type=config.prediction_type)
         cleaner = build_cleaner(config.cleaner, config.cleaner_kwargs)
         return cls(config, cleaner, scheduler, unet, vae, controlnet, empty_prompt_embedding(folder, prompt)).eval()
 
@@ -278,11 +293,17 @@ class Restorer(nn.Module):
         """Stage-2 condition from the cleaned image: pixels in [-1, 1] or the VAE latent of C(lq)."""
         return self.encode(clean)
 
-    def predict_eps(
+    @property
+    def prediction_type(self) -> PredictionType:
+        """What the stage-2 network outputs (the scheduler config's `prediction_type`, so it travels with the model)."""
+        return self.scheduler.config.prediction_type
+
+    def predict_output(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, return_residuals: bool = False,
         net: nn.Module | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Noise prediction; with `return_residuals`, also the stage-2 net's outputs (ControlNet residuals, or [eps]).
+        """The stage-2 network's own output (eps, v or x0, `prediction_type`); with `return_residuals`, also the trained
+        net's outputs (the ControlNet residuals, or [output] in pixel mode).
 
         `net` replaces the restorer's own stage-2 network for this call (a trainer's DDP/FSDP/DeepSpeed-wrapped
         copy, a frozen reference), as diffusers' ControlNet training passes its ControlNet to the UNet.
@@ -291,16 +312,27 @@ class Restorer(nn.Module):
         if self.mode == "pixel":
             unet = net or self.unet
             dtype = _dtype_of(unet)
-            eps = unet(torch.cat([x_t, cond.to(x_t.dtype)], dim=1).to(dtype), t).sample
-            eps = eps.to(x_t.dtype) if dtype != x_t.dtype else eps
-            return (eps, [eps]) if return_residuals else eps
+            out = unet(torch.cat([x_t, cond.to(x_t.dtype)], dim=1).to(dtype), t).sample
+            out = out.to(x_t.dtype) if dtype != x_t.dtype else out
+            return (out, [out]) if return_residuals else out
         text = self.prompt_embeds.to(x_t.dtype).expand(x_t.shape[0], -1, -1)
         control = net or self.controlnet
         dtype = _dtype_of(control)
         down, mid = control(x_t.to(dtype), t, encoder_hidden_states=text.to(dtype), controlnet_cond=cond.to(dtype),
                             return_dict=False)
-        eps = self.unet(x_t, t, encoder_hidden_states=text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-        return (eps, [*down, mid]) if return_residuals else eps
+        out = self.unet(x_t, t, encoder_hidden_states=text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        return (out, [*down, mid]) if return_residuals else out
+
+    def predict_eps(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, return_residuals: bool = False,
+        net: nn.Module | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Noise prediction, whatever the network predicts (`output_to_eps`); residuals and `net` as `predict_output`."""
+        out = self.predict_output(x_t, t, cond, return_residuals=return_residuals, net=net)
+        out, residuals = out if return_residuals else (out, None)
+        if self.prediction_type != "epsilon":
+            out = output_to_eps(out, x_t, self.scheduler.alphas_cumprod.to(x_t.device)[t], self.prediction_type)
+        return (out, residuals) if return_residuals else out
 
     def eps_fn(self, cond: torch.Tensor, net: nn.Module | None = None):
         """The denoiser with `cond` (and `net`, see `predict_eps`) bound, as the sampler takes it."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from facereward.data.datasets import HQFolderDataset, InMemoryHQDataset, collate_batch
-from facereward.models.ddim import q_sample
+from facereward.models.ddim import make_scheduler, q_sample, scheduler_defaults, training_target
 from facereward.models.restorer import Restorer, RestorerConfig
 from facereward.train.plumbing import (
     BatchStream,
@@ -58,6 +58,9 @@ class TrainBaseConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: RestorerConfig = field(default_factory=RestorerConfig)
     init_from: str | None = None  # start from an existing restorer folder instead of random weights
+    # with init_from: take its weights but the noise schedule and prediction type of `model` (e.g. fine-tune an
+    # eps model into a v-prediction one); the model's sampling defaults (spacing, final alpha-bar) are kept
+    init_schedule: bool = False
     stage1_steps: int = 1000
     stage2_steps: int = 5000
     batch_size: int = 16
@@ -111,11 +114,12 @@ def stage1_loss(restorer: Restorer, batch: dict[str, Any], net: torch.nn.Module 
 
 def stage2_loss(restorer: Restorer, batch: dict[str, Any], generator: torch.Generator | None = None,
                 weighting: str = "uniform", min_snr_gamma: float = 5.0, net: torch.nn.Module | None = None) -> torch.Tensor:
-    """Epsilon-prediction MSE at a uniform random training timestep, conditioned on the frozen C(lq); `net` is the
-    (wrapped) stage-2 network being trained (`Restorer.predict_eps`).
+    """MSE of the stage-2 output against its target (eps, v or x0: the model's `prediction_type`) at a uniform random
+    training timestep, conditioned on the frozen C(lq); `net` is the (wrapped) stage-2 network being trained.
 
-    `weighting="min_snr"` weights each sample by min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t),
-    which shifts the effort to the high-noise steps where an eps error is amplified most in x0.
+    `weighting="min_snr"` is Min-SNR-gamma (Hang et al. 2023): the weight that makes each target's loss equal to
+    min(SNR_t, gamma) times the x0 error, SNR_t = abar_t / (1 - abar_t): min(SNR, gamma) / SNR for eps,
+    min(SNR, gamma) / (SNR + 1) for v, min(SNR, gamma) for x0.
     """
     if weighting not in ("uniform", "min_snr"):
         raise ValueError(f"loss_weighting must be 'uniform' or 'min_snr', got {weighting!r}")
@@ -125,12 +129,15 @@ def stage2_loss(restorer: Restorer, batch: dict[str, Any], generator: torch.Gene
     n_train = restorer.scheduler.config.num_train_timesteps
     t = torch.randint(0, n_train, (x0.shape[0],), device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    abar = restorer.scheduler.alphas_cumprod.to(x0.device)[t]
     x_t = q_sample(x0, noise, t, restorer.scheduler.alphas_cumprod)
-    per_sample = (restorer.predict_eps(x_t, t, cond, net=net).float() - noise.float()).pow(2).flatten(1).mean(1)
+    kind = restorer.prediction_type
+    target = training_target(x0, noise, abar, kind)
+    per_sample = (restorer.predict_output(x_t, t, cond, net=net).float() - target.float()).pow(2).flatten(1).mean(1)
     if weighting == "min_snr":
-        abar = restorer.scheduler.alphas_cumprod.to(x0.device)[t].float()
-        snr = abar / (1 - abar)
-        per_sample = per_sample * snr.clamp(max=min_snr_gamma) / snr
+        snr = abar.float() / (1 - abar.float())
+        denominator = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[kind]
+        per_sample = per_sample * snr.clamp(max=min_snr_gamma) / denominator
     return per_sample.mean()
 
 
@@ -148,13 +155,34 @@ def check_config(config: TrainBaseConfig) -> None:
         raise ValueError("stage1_steps and stage2_steps are both 0: nothing to train")
 
 
+SCHEDULE_FIELDS = ("beta_schedule", "beta_start", "beta_end", "prediction_type")
+
+
+def initial_restorer(config: TrainBaseConfig) -> Restorer:
+    """The restorer training starts from: `model` built at random, or `init_from` (with `model`'s schedule if
+    `init_schedule`)."""
+    if not config.init_from:
+        if config.init_schedule:
+            raise ValueError("init_schedule needs init_from (the restorer whose weights to start from)")
+        return Restorer.build(config.model)
+    restorer = Restorer.from_pretrained(config.init_from)
+    if config.init_schedule:
+        spacing, final = scheduler_defaults(restorer.scheduler)
+        for name in SCHEDULE_FIELDS:
+            setattr(restorer.config, name, getattr(config.model, name))
+        c = restorer.config
+        restorer.scheduler = make_scheduler(c.beta_schedule, c.beta_start, c.beta_end,
+                                            restorer.scheduler.config.num_train_timesteps, spacing, final, c.prediction_type)
+    return restorer
+
+
 def train_base(config: TrainBaseConfig) -> Path:
     """Run both stages (resuming if asked) and write OUTPUT/model and OUTPUT/metrics.json; returns the model folder."""
     check_config(config)
     run = config.run
     accelerator = make_accelerator(run, "train-base")
     write_run_config(config, run, accelerator)
-    restorer = Restorer.from_pretrained(config.init_from) if config.init_from else Restorer.build(config.model)
+    restorer = initial_restorer(config)
     if config.data.size != restorer.config.size:
         raise ValueError(f"data.size {config.data.size} differs from the model size {restorer.config.size}")
     restorer.to(accelerator.device)
