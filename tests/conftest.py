@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -76,3 +79,73 @@ def make_clip_tokenizer(tmp_path_factory):
         return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length)
 
     return make
+
+
+# the demo's recipes cut to a few seconds on a 32 px model
+TINY_DEMO_REFL = {"steps": 2, "batch_size": 2, "sampling_steps": 2, "data": {"toy_faces": 8},
+                  "dynamic_frm": {"every": 1}, "held_out": {"every": 1, "toy_faces": 2, "steps": 2}}
+TINY_DEMO_LRPO = {"epochs": 2, "group_size": 2, "inputs_per_batch": 2, "steps": 3, "reg_steps": 1, "micro_batch": 2,
+                  "train_batch_size": 2, "data": {"toy_faces": 4}, "held_out": {"every": 1, "toy_faces": 2, "steps": 2}}
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """A whole demo (ReFL, LRPO, evaluation, report) on a tiny 32 px restorer and a tiny FRM: (result, out_dir)."""
+    import torch
+
+    from facereward.demo import run_demo
+    from facereward.models.frm import FaceRewardModel, FRMConfig
+    from facereward.models.restorer import PixelUNetConfig, Restorer, RestorerConfig
+
+    root = tmp_path_factory.mktemp("demo")
+    torch.manual_seed(0)
+    config = RestorerConfig(mode="pixel", size=32, cleaner_kwargs={"channels": 8, "num_blocks": 1, "downscale": 2},
+                            pixel=PixelUNetConfig(block_out_channels=[16, 32], attention_levels=[False, True], norm_num_groups=8))
+    Restorer.build(config).save_pretrained(root / "model")
+    FaceRewardModel(FRMConfig(backbone="cnn", input_size=32, cnn_widths=[8, 16], cnn_depth=1)).save_pretrained(root / "frm")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_demo(root / "out", n=3, model=root / "model", frm=root / "frm", steps=2, progress=False,
+                          refl=TINY_DEMO_REFL, lrpo=TINY_DEMO_LRPO)
+    finally:
+        torch.set_num_threads(n)
+    return result, root / "out"
+
+
+# ---- a real headless Chromium (Debian's chromium + chromium-driver; scripts/test.sh installs them as root)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROME_FLAGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+    "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--window-size=1400,1000",
+]
+
+
+@pytest.fixture
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        pytest.skip(f"needs Debian's {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.selenium_manager import SeleniumManager
+
+    def no_manager(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("selenium-manager must not run (it downloads drivers)")
+
+    monkeypatch.setattr(SeleniumManager, "binary_paths", no_manager)
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chrome-profile'}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # driver.get_log("browser"): the console
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(20)
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -30,15 +30,6 @@ from facereward.annotate import (
 )
 from facereward.data.preferences import load_pairs
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-CHROME_FLAGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-    "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--window-size=1400,1000",
-]
-
-
 def make_candidates_dir(root: Path, n_items: int = 2, k: int = 3, gt_items: tuple[int, ...] = (0,), size: int = 8) -> Path:
     """Fabricate a candidates folder (as `facereward candidates` writes it) with tiny solid-colour PNGs."""
     rng = np.random.default_rng(0)
@@ -307,32 +298,6 @@ def test_run_annotate_prints_the_url_and_stops_on_ctrl_c(tmp_path: Path) -> None
 
 # ----------------------------------------------------------------------------------------------
 # the page in a real browser
-
-
-@pytest.fixture
-def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        pytest.skip(f"needs Debian's {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.selenium_manager import SeleniumManager
-
-    def no_manager(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("selenium-manager must not run (it downloads drivers)")
-
-    monkeypatch.setattr(SeleniumManager, "binary_paths", no_manager)
-    options = Options()
-    options.binary_location = str(CHROMIUM)
-    for flag in CHROME_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chrome-profile'}")
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(20)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 _SHOWN_JS = """

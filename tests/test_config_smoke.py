@@ -26,6 +26,22 @@ def test_check_override_accepts_free_form_mappings_and_rejects_bad_leaves():
         check_override(ReFLConfig, "steps")
 
 
+def test_yaml_11_words_stay_strings_where_a_string_is_expected(tmp_path):
+    """`--set run.mixed_precision=no` is the string "no" (YAML 1.1 would read False); boolean fields take the words."""
+    cfg = load_config(ReFLConfig, None, ["run.mixed_precision=no", "run.progress=off", "held_out.hacking_judges=[no, ids]"])
+    assert cfg.run.mixed_precision == "no" and cfg.run.progress is False and cfg.held_out.hacking_judges == ["no", "ids"]
+    (tmp_path / "c.yaml").write_text("run: {mixed_precision: no, progress: yes, cpu: TRUE}\n")
+    cfg = load_config(ReFLConfig, tmp_path / "c.yaml")
+    assert (cfg.run.mixed_precision, cfg.run.progress, cfg.run.cpu) == ("no", True, True)
+    with pytest.raises(ConfigError, match=r"expected true/false, got 'maybe'"):
+        load_config(ReFLConfig, None, ["run.progress=maybe"])
+
+
+def test_evaluate_stage1_rows_for_named_models_only():
+    assert load_config(EvaluateConfig, None, ["include_stage1=[base]"]).include_stage1 == ["base"]
+    assert load_config(EvaluateConfig, None, ["include_stage1=true"]).include_stage1 is True
+
+
 def test_scale_argv_caps_given_options_and_adds_missing_ones(monkeypatch):
     monkeypatch.setenv(smoke.ENV, "1")
     assert smoke.scale_argv(["demo", "--n", "16", "--out-dir", "d"]) == ["demo", "--n", "4", "--out-dir", "d", "--steps", "2"]

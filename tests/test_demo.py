@@ -1,40 +1,77 @@
-"""The demo end to end, and the shipped toy restorer actually restoring held-out faces."""
+"""The demo end to end (tiny models: test set, ReFL, LRPO, evaluation, report), and the shipped toy restorer."""
 
 from __future__ import annotations
 
 import json
 
-
-from facereward.demo import run_demo
+from facereward.cli import run as cli_run
+from facereward.demo import DEMO_LRPO, DEMO_REFL, merge, run_demo
 from facereward.models.restorer import Restorer
 from facereward.weights import default_restorer_path
 
+def test_demo_post_trains_with_both_methods_and_evaluates_them_side_by_side(tiny_demo):
+    result, out = tiny_demo
+    rows = result.evaluation.rows
+    assert list(rows) == ["LQ", "base (stage 1)", "base", "ReFL", "LRPO"]
+    columns = set(rows["base"])
+    for prefix in ("PSNR", "SSIM", "IDS", "LMD", "FID", "FRM", "reward (composite)"):
+        assert any(c.startswith(prefix) for c in columns), (prefix, columns)
+    # the post-trained models are new files that differ from the base, and restore every test face
+    for name in ("ReFL", "LRPO"):
+        assert (out / "runs" / name.lower() / "model" / "facereward.json").is_file()
+        assert len(list((out / "outputs" / name).glob("*.png"))) == 3
+        assert rows[name]["PSNR"] != rows["base"]["PSNR"]
+    refl = json.loads((out / "runs" / "refl" / "metrics.json").read_text())
+    assert [r["step"] for r in refl["held_out"]] == [0, 1, 2] and "frm/initial" in refl["held_out"][0]
+    lrpo = json.loads((out / "runs" / "lrpo" / "metrics.json").read_text())
+    assert [r["epoch"] for r in lrpo["epochs"]] == [1, 2] and "held_out/psnr" in lrpo["epochs"][-1]
+    assert (out / "grid.png").is_file() and (out / "report.html").is_file() and result.report == out / "report.html"
+    assert set(result.seconds) == {"test set", "ReFL", "LRPO", "evaluate"}
 
-def test_demo_writes_grid_table_and_testset(tmp_path, pixel_restorer):
+
+def test_demo_recipes_are_the_toy_configs_shortened():
+    import yaml
+
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for recipe, path, length in ((DEMO_REFL, "configs/refl_toy.yaml", "steps"), (DEMO_LRPO, "configs/lrpo_toy.yaml", "epochs")):
+        full = yaml.safe_load((root / path).read_text())
+        same = {k: v for k, v in full.items() if k not in ("run", length, "held_out")}
+        assert merge(recipe, same) == recipe, path  # every other setting as in the full toy config
+        assert recipe[length] < full[length]
+
+
+def test_demo_skip_training_only_restores(tmp_path, pixel_restorer):
     pixel_restorer.save_pretrained(tmp_path / "model")
-    result = run_demo(tmp_path / "out", n=3, model=tmp_path / "model", steps=2, identity="none", landmarks="none", progress=False)
-    assert list(result.rows) == ["LQ", "base (stage 1)", "base"]
-    assert (tmp_path / "out" / "grid.png").is_file() and (tmp_path / "out" / "results.md").is_file()
+    result = run_demo(tmp_path / "out", n=3, model=tmp_path / "model", steps=2, identity="none", landmarks="none",
+                      progress=False, train=False)
+    assert list(result.evaluation.rows) == ["LQ", "base (stage 1)", "base"] and not result.runs
     manifest = json.loads((tmp_path / "out" / "toy-test" / "manifest.json").read_text())
     assert len(manifest["images"]) == 3 and manifest["preset"] == "diffbir"
     world = json.loads((tmp_path / "out" / "toy-test" / "toyworld.json").read_text())
     assert world["split"] == "test" and len(world["identities"]) == 3
-    assert len(list((tmp_path / "out" / "outputs" / "base").glob("*.png"))) == 3
-    assert "| LQ |" in result.table
+    assert not (tmp_path / "out" / "runs").exists()
+    assert "| LQ |" in result.evaluation.table and (tmp_path / "out" / "report.html").is_file()
+
+
+def test_demo_command_names_what_it_wrote(tmp_path, pixel_restorer, capsys):
+    pixel_restorer.save_pretrained(tmp_path / "model")
+    code = cli_run(["demo", "--skip-training", "--out-dir", str(tmp_path / "out"), "--n", "2", "--steps", "2",
+                    "--model", str(tmp_path / "model"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "| base |" in out and "report.html" in out
 
 
 def test_shipped_toy_restorer_cleaner_improves_on_the_lq_input(tmp_path):
-    """Held-out identities: stage 1 must beat the degraded input; stage 2 must give valid, deterministic images.
-
-    (The shipped stage 2 is undertrained on a CPU budget and scores below stage 1; see the README.)
-    """
-    path = default_restorer_path()
-    restorer = Restorer.from_pretrained(path)
+    """Held-out identities: stage 1 must beat the degraded input; stage 2 must give valid, deterministic images."""
+    restorer = Restorer.from_pretrained(default_restorer_path())
     assert restorer.mode == "pixel" and restorer.config.size == 64
-    result = run_demo(tmp_path / "out", n=8, steps=10, identity="none", landmarks="none", progress=False)
+    kw = dict(n=8, steps=10, identity="none", landmarks="none", progress=False, train=False, report=False)
+    result = run_demo(tmp_path / "out", **kw).evaluation
     lq, s1 = result.rows["LQ"], result.rows["base (stage 1)"]
     assert s1["PSNR"] > lq["PSNR"] + 1.0 and s1["SSIM"] > lq["SSIM"]
-    again = run_demo(tmp_path / "again", n=8, steps=10, identity="none", landmarks="none", progress=False)
+    again = run_demo(tmp_path / "again", **kw).evaluation
     assert again.rows["base"]["PSNR"] == result.rows["base"]["PSNR"]  # eta 0, per-image seeds: reproducible
     assert 5 < result.rows["base"]["PSNR"] < 60
 

@@ -44,12 +44,27 @@ def sharpness_metric():
     unregister_metric("sharpness")
 
 
+def test_the_composite_reward_column_is_the_weighted_sum_of_its_terms():
+    from facereward.metrics.fullref import psnr
+
+    torch.manual_seed(0)
+    gt = torch.rand(3, 3, 16, 16)
+    x = (gt + 0.1 * torch.randn_like(gt)).clamp(0, 1)
+    ctx = MetricContext(EvaluateConfig(identity="none", reward_weights={"psnr": 0.5, "ssim": 0.0}), has_gt=True)
+    [(spec, metric)] = build_metrics(["reward"], ctx)
+    assert metric.column == "reward (composite)" and ctx.judges["reward"] == "0.5 psnr + 0 ssim"
+    expected = 0.5 * psnr(x, gt, quantize=False)  # the psnr reward: unquantised, so differentiable
+    assert torch.allclose(metric(x, gt, None), expected.float(), atol=1e-4)
+    with pytest.raises(ValueError, match="metric 'reward' needs --reward NAME=WEIGHT"):
+        build_metrics(["reward"], MetricContext(EvaluateConfig(identity="none"), has_gt=True))
+
+
 def test_the_table_has_every_metric_with_its_type_and_direction():
     rows = {s.name: s for s in list_metrics()}
     assert [s.name for s in list_metrics()][: len(DEFAULT_METRICS)] == list(DEFAULT_METRICS)
     kinds = {n: rows[n].kind for n in DEFAULT_METRICS}
     assert kinds == {"psnr": "FR", "ssim": "FR", "psnr-y": "FR", "ssim-y": "FR", "lpips": "FR", "ids": "FR", "deg": "FR",
-                     "lmd": "FR", "toy-quality": "FR", "frm": "NR", "clipiqa": "NR", "niqe": "NR", "fid": "set", "kid": "set"}
+                     "lmd": "FR", "toy-quality": "FR", "frm": "NR", "reward": "FR", "clipiqa": "NR", "niqe": "NR", "fid": "set", "kid": "set"}
     lower = {n for n in DEFAULT_METRICS if rows[n].lower_better}
     assert lower == {"lpips", "deg", "lmd", "niqe", "fid", "kid"}
     assert "--niqe-model" in rows["niqe"].needs and "--lpips-backbone" in rows["lpips"].needs and rows["psnr"].needs == ""

@@ -229,16 +229,16 @@ def train_frm_cmd(
     _finish(f"saved the best FRM (by held-out accuracy) to {best} and the last to {best.parent / 'model'}", best.parent)
 
 
-def _reward_overrides(reward: list[str], reward_module: list[str]) -> list[str]:
-    """`--reward NAME=WEIGHT` (replacing the default composite) and `--reward-module` as config overrides."""
+def _reward_overrides(reward: list[str], reward_module: list[str], key: str = "rewards.weights") -> list[str]:
+    """`--reward NAME=WEIGHT` (replacing the default composite at `key`) and `--reward-module` as config overrides."""
     overrides = []
     if reward:
-        overrides.append("rewards.weights={}")
+        overrides.append(f"{key}={{}}")
         for item in reward:
             name, sep, weight = item.partition("=")
             if not sep or not name:
                 _fail(f"--reward expects NAME=WEIGHT, got {item!r}")
-            overrides.append(f"rewards.weights.{name}={weight}")
+            overrides.append(f"{key}.{name}={weight}")
     return overrides + _module_overrides("rewards.imports", reward_module)
 
 
@@ -578,6 +578,8 @@ def evaluate(
     frm: Path | None = typer.Option(None, help="A Face Reward Model folder: adds its score as a column (no GT needed)."),
     clipiqa: Path | None = typer.Option(None, help="A local CLIP folder (or OpenCLIP checkpoint): adds CLIPIQA as a column (no GT needed)."),
     niqe_model: Path | None = typer.Option(None, help="A NIQE pristine model (modelparameters.mat, .npz, or `facereward fit-niqe`'s): adds NIQE (no GT needed)."),
+    reward: list[str] = typer.Option([], "--reward", help="NAME=WEIGHT: adds the composite reward of these terms as a column "
+                                     "(repeatable; options with --set reward_options.NAME.KEY=VALUE)."),
     metrics: str | None = typer.Option(None, help="Comma-separated names from the metric table (default: every default metric that applies)."),
     list_metrics: bool = typer.Option(False, "--list-metrics", help="Print the metric table (name, type, lower is better, needs) and exit."),
     metric_module: list[str] = typer.Option([], "--metric-module", help="Module or .py file that registers custom metrics (repeatable)."),
@@ -595,7 +597,7 @@ def evaluate(
     from facereward.evaluate import EvaluateConfig
     from facereward.evaluate import evaluate as run_evaluate
 
-    cfg = load_config(EvaluateConfig, config, set_)
+    cfg = load_config(EvaluateConfig, config, list(set_) + _reward_overrides(reward, [], key="reward_weights"))
     cfg.imports = [*cfg.imports, *metric_module]
     if list_metrics or metrics is not None:
         from facereward.metrics.table import format_metric_table, parse_metric_names
@@ -620,7 +622,7 @@ def evaluate(
             setattr(cfg, key, str(value) if isinstance(value, Path) else value)
     cfg.models.update(_named_paths(model, "--model"))
     cfg.images.update(_named_paths(images, "--images"))
-    cfg.include_stage1 = cfg.include_stage1 or stage1
+    cfg.include_stage1 = True if stage1 else cfg.include_stage1
     cfg.include_lq = cfg.include_lq and lq
     cfg.progress = progress
     if cfg.testset and cfg.photos:
@@ -720,21 +722,44 @@ def lrpo_cmd(
 
 @app.command()
 def demo(
-    out_dir: Path = typer.Option(Path("demo_out"), help="Output folder."),
-    n: int = typer.Option(16, help="Held-out toy faces to restore."),
-    model: Path | None = typer.Option(None, help="Restorer folder (default: the shipped toy restorer)."),
-    steps: int = typer.Option(50, help="DDIM steps."),
-    seed: int = typer.Option(0, help="Degradation and sampling seed."),
+    out_dir: Path = typer.Option(Path("demo_out"), help="Output folder (a rerun resumes its training runs)."),
+    quick: bool = typer.Option(False, "--quick", help="A first look in about 2 minutes: 8 faces, 20 DDIM steps, very short runs."),
+    skip_training: bool = typer.Option(False, "--skip-training", help="Only restore with the base (no ReFL, no LRPO)."),
+    n: int | None = typer.Option(None, help="Held-out toy faces to restore (default 16; 8 with --quick)."),
+    model: Path | None = typer.Option(None, help="Base restorer folder (default: the shipped toy restorer)."),
+    frm: Path | None = typer.Option(None, help="Face Reward Model folder (default: the shipped toy FRM)."),
+    steps: int | None = typer.Option(None, help="DDIM steps of the evaluation (default 50; 20 with --quick)."),
+    seed: int = typer.Option(0, help="Degradation, training and sampling seed."),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """End to end on the toy world: held-out faces, degraded, restored; a grid and the evaluate table."""
+    """The main job on the toy world: held-out faces, degraded; restored by the base; post-trained by short ReFL and
+    LRPO runs; all evaluated side by side, with a grid and an HTML report."""
     from facereward.demo import run_demo
 
-    result = run_demo(out_dir, n=n, model=model, steps=steps, seed=seed, device=device, progress=progress)
-    typer.echo(result.table)
-    _done(f"\nwrote {out_dir / 'grid.png'}, {out_dir / 'results.md'} (also .csv, .json), the restorations in "
-          f"{out_dir / 'outputs'} and the test set in {out_dir / 'toy-test'}")
+    result = run_demo(out_dir, n=n, model=model, frm=frm, steps=steps, seed=seed, device=device, progress=progress,
+                      train=not skip_training, quick=quick)
+    typer.echo(result.evaluation.table)
+    runs = "".join(f", the {name} run in {path}" for name, path in result.runs.items())
+    _done(f"\nwrote {result.report}, {out_dir / 'results.md'} (also .csv, .json), {out_dir / 'grid.png'}, the "
+          f"restorations in {out_dir / 'outputs'}{runs} and the test set in {out_dir / 'toy-test'}")
+
+
+@app.command()
+def report(
+    folders: list[Path] = typer.Argument(..., help="Training run folders (refl, lrpo, train-base, train-frm) and evaluate "
+                                         "outputs, or folders holding them (as demo_out/ does)."),
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="The HTML file to write."),
+    title: str = typer.Option("facereward report", help="The page title."),
+) -> None:
+    """One self-contained HTML page: metric tables, before/after grids, training curves and each run's config."""
+    from facereward.report import ReportError, build_report
+
+    try:
+        path = build_report(folders, out, title=title)
+    except ReportError as err:
+        _fail(str(err))
+    _done(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -68,6 +69,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _YAML11_BOOLS:
+            return _YAML11_BOOLS[value.lower()]
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -106,13 +109,30 @@ def config_from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
         raise ConfigError(f"{where.rstrip(':')}: {err}") from None
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2's booleans: only true/false are booleans, so `mixed_precision: no` stays the string "no"."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}
+
+
+def load_yaml(text: str) -> Any:
+    """Parse config YAML (safe; yes/no/on/off are strings, which boolean fields still accept)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'a.b=3' -> (['a', 'b'], 3); the value is read as YAML (so 1e-4, true, [1, 2] work)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -169,7 +189,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = load_yaml(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if loaded is None:

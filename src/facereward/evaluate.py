@@ -48,7 +48,7 @@ class EvaluateConfig:
     models: dict[str, str] = field(default_factory=dict)  # name -> restorer folder
     images: dict[str, str] = field(default_factory=dict)  # name -> folder of outputs named like the LQ files
     include_lq: bool = True
-    include_stage1: bool = False  # also a "NAME (stage 1)" row per model
+    include_stage1: bool | list[str] = False  # also a "NAME (stage 1)" row: per model (true) or for the models named
     steps: int = 50
     eta: float | None = None  # None: each model's default (0 for the toy model, 1 for imported DiffBIR)
     spacing: str | None = None  # timestep spacing: leading | linspace | trailing; None: each model's
@@ -67,6 +67,8 @@ class EvaluateConfig:
     fid_reference: str | None = None  # HQ folder for FID/KID; default: the test set's hq/
     frm: str | None = None  # a Face Reward Model folder: adds its score (no reference needed)
     clipiqa: str | None = None  # a local CLIP folder (or OpenCLIP checkpoint): adds CLIPIQA (no reference needed)
+    reward_weights: dict[str, float] = field(default_factory=dict)  # a composite reward column, e.g. {"frm": 0.3, "wavelet": 0.3}
+    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per reward, as lrpo's rewards.options
     niqe_model: str | None = None  # a NIQE pristine model (modelparameters.mat, or `facereward fit-niqe`): adds NIQE
     metrics: list[str] | None = None  # names from the metric table (--list-metrics); None: the default set, each where it applies
     metric_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per metric, e.g. {"niqe": {"block_size": 64}}
@@ -165,8 +167,11 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
             return cache[key][stage]
         return fn
 
+    stage1 = config.include_stage1
+    if isinstance(stage1, list) and (unknown := sorted(set(stage1) - set(config.models))):
+        raise ValueError(f"include_stage1: {unknown[0]!r} is not one of the models ({', '.join(config.models)})")
     for name in config.models:
-        if config.include_stage1:
+        if stage1 is True or (isinstance(stage1, list) and name in stage1):
             methods[f"{name} (stage 1)"] = run_model(name, "clean")
         methods[name] = run_model(name, "restored")
     for name, folder in config.images.items():

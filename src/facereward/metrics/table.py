@@ -37,7 +37,7 @@ KINDS = ("FR", "NR", "set")
 
 # what `evaluate` computes when no --metrics is given, in column order; each only when what it needs is there
 DEFAULT_METRICS: tuple[str, ...] = ("psnr", "ssim", "psnr-y", "ssim-y", "lpips", "ids", "deg", "lmd", "toy-quality", "frm",
-                                    "clipiqa", "niqe", "fid", "kid")
+                                    "reward", "clipiqa", "niqe", "fid", "kid")
 
 
 @dataclass(frozen=True)
@@ -341,6 +341,18 @@ def _frm(ctx: MetricContext):
     return PerImageMetric(f"FRM ({Path(path).name})", lambda x, gt, captions: model.score(x, captions))
 
 
+def _reward(ctx: MetricContext):
+    weights = ctx.get("reward_weights") or {}
+    if not weights:
+        return None
+    from facereward.rewards import CompositeReward, RewardsConfig
+
+    composite = CompositeReward.from_config(RewardsConfig(weights=dict(weights), options=dict(ctx.get("reward_options") or {}),
+                                                          imports=list(ctx.get("imports") or [])), ctx.device)
+    ctx.judges["reward"] = " + ".join(f"{w:g} {name}" for name, w in composite.weights.items())
+    return PerImageMetric("reward (composite)", lambda x, gt, captions: composite(x, gt, captions).total)
+
+
 def _clipiqa(ctx: MetricContext):
     path = ctx.get("clipiqa")
     if not path:
@@ -417,6 +429,8 @@ for _row in (
     ("toy-quality", _toy_quality, "FR", False, "a toy-world test set (toyworld.json beside lq/ and hq/)",
      "the toy world's hidden quality (labelling.oracle.toy_quality): its stand-in for a person", ""),
     ("frm", _frm, "NR", False, "--frm DIR (a Face Reward Model folder)", "Face Reward Model score", "frm"),
+    ("reward", _reward, "FR", False, "--reward NAME=WEIGHT (reward_weights; options in reward_options, as lrpo's rewards)",
+     "the weighted composite reward (docs/methods.md 2.2), e.g. LRPO's", ""),
     ("clipiqa", _clipiqa, "NR", False, "--clipiqa PATH (a local CLIP folder or OpenCLIP checkpoint)", "CLIPIQA in [0, 1]",
      "clipiqa"),
     ("niqe", _niqe, "NR", True, "--niqe-model FILE (the MATLAB release's modelparameters.mat, or `facereward fit-niqe`)",

@@ -72,7 +72,7 @@ from facereward.train.trainable import (
     save_restorer,
     trainable_parameters,
 )
-from facereward.weights import WEIGHTS_DIR, default_restorer_path
+from facereward.weights import default_frm_path, default_restorer_path
 
 
 @dataclass
@@ -590,7 +590,7 @@ def rewards_with_defaults(rewards: RewardsConfig, toy_restorer: bool = True) -> 
         if not toy_restorer:
             raise ValueError("rewards.weights.frm: no FRM for your restorer: set --frm PATH (rewards.options.frm.path); "
                              "the shipped toy FRM only pairs with the shipped toy restorer")
-        options.setdefault("frm", {})["path"] = str(WEIGHTS_DIR / "toy-frm")
+        options.setdefault("frm", {})["path"] = str(default_frm_path())
     return RewardsConfig(weights=dict(rewards.weights), options=options, imports=list(rewards.imports))
 
 

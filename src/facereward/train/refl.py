@@ -260,13 +260,13 @@ class ReFLStep:
 
 
 def _resolve_defaults(config: ReFLConfig) -> tuple[str, str]:
-    from facereward.weights import WEIGHTS_DIR, default_restorer_path
+    from facereward.weights import default_frm_path, default_restorer_path
 
     if config.init_from and not config.frm:
         raise ValueError("frm: no Face Reward Model for your restorer: set --frm PATH; "
                          "the shipped toy FRM only pairs with the shipped toy restorer")
     restorer_path = config.init_from or str(default_restorer_path())
-    frm_path = config.frm or str(WEIGHTS_DIR / "toy-frm")
+    frm_path = config.frm or str(default_frm_path())
     return restorer_path, frm_path
 
 
