@@ -87,8 +87,8 @@ def test_lrpo_warns_records_and_stops_on_the_alarm(tmp_path, monkeypatch, pixel_
     with pytest.warns(UserWarning, match="lrpo: possible reward hacking"):
         lrpo_module.train_lrpo(config)
     epochs = json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"]
-    assert [e["epoch"] for e in epochs] == [1, 2] and epochs[-1]["alarms"] == ["psnr"]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2] and epochs[-1]["alarms"] == ["psnr"]  # epoch 0: the base's scores
     # the alarm's records: one per evaluation, the mean epoch reward since the previous one beside the judges
-    assert [r["epoch"] for r in calls[-1]] == [1, 2]
-    assert calls[-1][1]["train_reward"] == pytest.approx(epochs[1]["reward"]) and "psnr" in calls[-1][1]
+    assert [r["epoch"] for r in calls[-1]] == [0, 1, 2] and "train_reward" not in calls[-1][0]
+    assert calls[-1][2]["train_reward"] == pytest.approx(epochs[2]["reward"]) and "psnr" in calls[-1][2]
     assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "state.json").is_file()

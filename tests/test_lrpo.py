@@ -321,9 +321,11 @@ def test_latent_run_with_frm_reward_kl_to_a_copy_and_held_out(tmp_path, latent_r
     config.rewards.weights = {"frm": 0.1, "wavelet": 0.3}
     config.rewards.options = {"frm": {"path": TOY_FRM}}
     out = train_lrpo(config)
-    (epoch,) = _history(tmp_path / "run")
+    base_scores, epoch = _history(tmp_path / "run")
     assert epoch["ppo/ratio_dev_first"] == 0.0 and math.isfinite(epoch["reward/frm"])
-    assert {"held_out/psnr", "held_out/reward", "held_out/reward/frm", "held_out/reward/wavelet"} <= set(epoch)
+    held = {"held_out/psnr", "held_out/reward", "held_out/reward/frm", "held_out/reward/wavelet"}
+    assert held <= set(epoch) and held == {k for k in base_scores if k != "held_out/ssim"} - {"epoch"}  # epoch 0: the base
+    assert base_scores["epoch"] == 0 and "reward" not in base_scores
     trained = Restorer.from_pretrained(out)
     assert trained.mode == "latent"
     base = Restorer.from_pretrained(tmp_path / "latent")

@@ -82,17 +82,19 @@ def make_toy_testset(out_dir: str | Path, n: int, size: int = 64, seed: int = 0,
 
 
 def _train(kind: str, recipe: dict[str, Any], out_dir: Path, progress: bool) -> Path:
-    """Run (or resume, when its folder has a checkpoint) one demo trainer; returns its model folder."""
+    """Run (or resume, when its folder has a checkpoint) one demo trainer; returns its model folder (FACEREWARD_SMOKE
+    caps apply, as to every trainer's config)."""
     from facereward.config import config_from_dict
+    from facereward.smoke import cap_config
 
     recipe = merge(recipe, {"run": {"output_dir": str(out_dir), "resume": "auto", "progress": progress}})
     if kind == "refl":
         from facereward.train.refl import ReFLConfig, train_refl
 
-        return train_refl(config_from_dict(ReFLConfig, recipe, "demo refl"))
+        return train_refl(cap_config(config_from_dict(ReFLConfig, recipe, "demo refl")))
     from facereward.train.lrpo import LRPOConfig, train_lrpo
 
-    return train_lrpo(config_from_dict(LRPOConfig, recipe, "demo lrpo"))
+    return train_lrpo(cap_config(config_from_dict(LRPOConfig, recipe, "demo lrpo")))
 
 
 def run_demo(out_dir: str | Path, n: int | None = None, model: str | Path | None = None, frm: str | Path | None = None,

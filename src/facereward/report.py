@@ -172,7 +172,8 @@ def training_plots(source: ReportSource) -> list[tuple[str, str]]:
             ("ppo", _keys(rows, lambda k: k.startswith("ppo/")))])))
         plots.append(("Held-out fidelity", plot_curves(rows, "epoch", [
             ("PSNR", ["held_out/psnr"]), ("SSIM", ["held_out/ssim"]), ("IDS", ["held_out/ids"])], alarms)))
-        plots.append(("Held-out FRM scores", plot_curves(rows, "epoch", [
+        plots.append(("Held-out reward and its parts (frozen judges: LRPO's FRM does not train)", plot_curves(rows, "epoch", [
+            ("reward", ["held_out/reward"]), ("reward parts", _keys(rows, lambda k: k.startswith("held_out/reward/"))),
             ("FRM", _keys(rows, lambda k: k.startswith("held_out/frm")))], alarms)))
     elif kind == "refl":
         log, held = m.get("train_log", []), m.get("held_out", [])

@@ -600,10 +600,12 @@ def _hacking_alarm(history: list[dict], config: LRPOConfig, accelerator: Acceler
     mean epoch reward since the previous one."""
     records, since = [], []
     for row in history:
-        since.append(float(row["reward"]))
+        if "reward" in row:  # the epoch-0 baseline has held-out scores only
+            since.append(float(row["reward"]))
         judges = {k.removeprefix("held_out/"): v for k, v in row.items() if k.startswith("held_out/")}
         if judges:
-            records.append({"epoch": row["epoch"], "train_reward": sum(since) / len(since), **judges})
+            train = {"train_reward": sum(since) / len(since)} if since else {}
+            records.append({"epoch": row["epoch"], **train, **judges})
             since = []
     if accelerator.is_main_process:
         for alarm in new_alarms(records, config.held_out.hacking_judges, config.held_out.hacking_patience,
@@ -654,6 +656,11 @@ def train_lrpo(config: LRPOConfig) -> Path:
     metrics_path = Path(run.output_dir) / "metrics.json"
     # every draw of an epoch has its own (seed, epoch, sample) generator; this covers any other
     restore_run(accelerator, state, {"stage2": net}, {"optimizer": optimizer})
+    if start == 0 and not history and config.held_out.every > 0:  # epoch 0: the base, the baseline of every curve
+        full = full_network(accelerator, net, module)
+        if held_out is not None:
+            history.append({"epoch": 0, **{f"held_out/{k}": v for k, v in held_out(restorer, net=full).items()}})
+        accelerator.wait_for_everyone()
     for epoch in range(start, config.epochs):
         buffer, scores = sample_epoch(restorer, dataset, schedule, config, n_train, reward, accelerator, epoch, net)
         _, advantages = assign_advantages(buffer, scores["reward"], config, n_train, accelerator, epoch)
