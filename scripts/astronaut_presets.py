@@ -55,8 +55,9 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()
+    presets = PRESETS
     if smoke.active():
-        args.copies, args.steps = min(args.copies, 2), min(args.steps, 2)
+        args.copies, args.steps, presets = min(args.copies, 2), min(args.steps, 2), PRESETS[:1]
     start = time.time()
     size = Restorer.from_pretrained(args.model).config.size
     face = aligned_astronaut(size)
@@ -65,7 +66,7 @@ def main() -> None:
         write_image(hq / f"{i:04d}.png", face)
     lines = ["| preset | " + " | ".join(f"{row} {label}" for row in ("LQ", "base", "base + colour fix")
                                        for label in COLUMNS) + " |", "|---|" + "---|" * (3 * len(COLUMNS))]
-    for preset in PRESETS:
+    for preset in presets:
         folder = args.out / preset
         write_degraded_testset(hq, folder, preset=preset, seed=0, size=size, progress=False)
         rows = {}

@@ -55,7 +55,7 @@ class Settings:
     reg_steps: int = 5
 
 
-FULL = Settings(epochs=20, steps=8, group_size=4, inputs_per_batch=2, train_faces=96, test_faces=24, lr=5e-5, train_batch_size=4)
+FULL = Settings(epochs=20, steps=8, group_size=4, inputs_per_batch=2, train_faces=96, test_faces=24, lr=1e-5, train_batch_size=4)
 QUICK = Settings(epochs=2, steps=3, group_size=2, inputs_per_batch=2, train_faces=4, test_faces=4, lr=5e-5, train_batch_size=2,
                  reg_steps=2)
 

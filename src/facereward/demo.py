@@ -24,21 +24,21 @@ TOY_WORLD_SEED = 0
 TOY_WORLD_IDENTITIES = 200
 DEMO_PRESET = "diffbir"
 
-# The demo's post-training recipes: configs/refl_toy.yaml and configs/lrpo_toy.yaml, shortened to fit the demo's
-# budget (both trainers' full toy runs are in the README). QUICK_* shorten them again for `--quick`.
+# The demo's post-training recipes: configs/refl_toy.yaml (all 60 steps) and configs/lrpo_toy.yaml (12 of its 20
+# epochs), evaluated less often; both trainers' full toy experiments are in the README. QUICK_* shorten them for `--quick`.
 DEMO_REFL: dict[str, Any] = {
     "run": {"log_every": 2, "save_every": 10},
     "data": {"toy_faces": 800, "toy_identities": TOY_WORLD_IDENTITIES, "size": 64, "seed": 1},
-    "steps": 30, "batch_size": 4, "lr": 5.0e-5, "sampling_steps": 10, "grad_window": 2, "eta": "random",
+    "steps": 60, "batch_size": 4, "lr": 5.0e-5, "sampling_steps": 10, "grad_window": 2, "eta": "random",
     "reward_weight": 1.0e-4, "reg_weight": 1.0e-4, "structural_weight": 0.01, "lpips_weight": 0.0,
     "dynamic_frm": {"every": 2, "lr": 3.0e-4},
-    "held_out": {"every": 10, "toy_faces": 8, "steps": 10},
+    "held_out": {"every": 15, "toy_faces": 8, "steps": 10},
 }
 DEMO_LRPO: dict[str, Any] = {
     "run": {"log_every": 1, "save_every": 4},
     "data": {"toy_faces": 96, "toy_identities": TOY_WORLD_IDENTITIES, "size": 64, "random_flip": False},
     "group_size": 4, "inputs_per_batch": 2, "batches_per_epoch": 1, "epochs": 12, "steps": 8,
-    "micro_batch": 4, "train_batch_size": 4, "lr": 5.0e-5,
+    "micro_batch": 4, "train_batch_size": 4, "lr": 1.0e-5,
     "rewards": {"weights": {"frm": 0.3, "wavelet": 0.3, "identity": 0.2, "ssim": 0.2}, "options": {"frm": {"scale": 0.1}}},
     "held_out": {"every": 4, "toy_faces": 8, "steps": 8},
 }

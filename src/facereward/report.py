@@ -168,8 +168,11 @@ def training_plots(source: ReportSource) -> list[tuple[str, str]]:
         alarms = [r["epoch"] for r in rows if r.get("alarms")]
         plots.append(("Training reward and its parts per epoch", plot_curves(rows, "epoch", [
             ("reward", ["reward"]), ("reward parts", _keys(rows, lambda k: k.startswith("reward/")))], alarms)))
+        counts = ("optimizer_steps", "grad_norm")  # on their own scales
         plots.append(("PPO statistics per epoch", plot_curves(rows, "epoch", [
-            ("ppo", _keys(rows, lambda k: k.startswith("ppo/")))])))
+            ("ppo", _keys(rows, lambda k: k.startswith("ppo/") and not k.endswith(counts))),
+            ("gradient norm", _keys(rows, lambda k: k.startswith("ppo/") and k.endswith("grad_norm"))),
+            ("advantages", _keys(rows, lambda k: k.startswith("adv/")))])))
         plots.append(("Held-out fidelity", plot_curves(rows, "epoch", [
             ("PSNR", ["held_out/psnr"]), ("SSIM", ["held_out/ssim"]), ("IDS", ["held_out/ids"])], alarms)))
         plots.append(("Held-out reward and its parts (frozen judges: LRPO's FRM does not train)", plot_curves(rows, "epoch", [
