@@ -314,7 +314,7 @@ def test_evaluate_command_clipiqa_flag(tiny_clip, toy_testset, tmp_path):
             "--out-dir", str(tmp_path / "o"), "--no-progress"]
     result = CliRunner().invoke(app, [*base, "--clipiqa", str(tiny_clip)])
     assert result.exit_code == 0, result.output
-    assert "| | PSNR | SSIM | PSNR-Y | SSIM-Y | CLIPIQA (clip) |" in result.output
+    assert "| | PSNR | SSIM | PSNR-Y | SSIM-Y | oracle (toy) | CLIPIQA (clip) |" in result.output
     bad = CliRunner().invoke(app, [*base, "--clipiqa", str(tmp_path / "nope")])
     assert bad.exit_code != 0 and isinstance(bad.exception, ModelFolderError)
     assert "set --clipiqa PATH" in str(bad.exception) and "\n" not in str(bad.exception)
