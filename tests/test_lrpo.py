@@ -29,6 +29,7 @@ from facereward.train.lrpo import (
     step_advantages,
     step_loss,
     train_lrpo,
+    trained_step_table,
 )
 from facereward.train.lrpo import _zero_stats as zero_stats
 from facereward.weights import WEIGHTS_DIR
@@ -90,6 +91,44 @@ def _buffer(n: int, n_train: int, groups=None, seed: int = 0) -> EpochBuffer:
                        sigmas=torch.rand(n, n_train + 1, generator=g) + 0.1, cond=torch.randn(n, 2, 4, 4, generator=g),
                        z_gt=torch.randn(n, 2, 4, 4, generator=g), group_ids=groups if groups is not None else torch.arange(n),
                        rows=torch.arange(n))
+
+
+def test_trained_step_tables_all_window_and_random():
+    config = LRPOConfig(init_from="x", steps=8)  # 7 trainable steps
+    rows = torch.tensor([3, 0, 5])
+    assert trained_step_table(config, 7, rows, 0).tolist() == [list(range(7))] * 3
+    config.trained_steps, config.trained_count, config.window_every = "window", 3, 2
+    starts = [trained_step_table(config, 7, rows, e)[0, 0].item() for e in range(12)]
+    assert starts == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 0, 0]  # one step later every 2 epochs, wrapping after 4
+    assert trained_step_table(config, 7, rows, 2).tolist() == [[1, 2, 3]] * 3
+    config.trained_steps = "random"
+    table = trained_step_table(config, 7, rows, 0)
+    assert table.shape == (3, 3) and all(sorted(set(r)) == r for r in table.tolist())  # distinct, ascending
+    assert len({tuple(r) for r in table.tolist()}) > 1  # per sample
+    again = trained_step_table(config, 7, torch.tensor([5, 3]), 0)  # by global row: the same on any process split
+    assert again.tolist() == [table[2].tolist(), table[0].tolist()]
+    assert trained_step_table(config, 7, rows, 1).tolist() != table.tolist()  # redrawn each epoch
+    config.trained_count = 8
+    with pytest.raises(ValueError, match=r"trained_count must be in \[0, 7\]"):
+        check_config(config)
+
+
+def test_step_loss_with_a_step_per_row_is_the_per_step_losses_combined():
+    schedule = DDIMSchedule.from_scheduler(make_scheduler(), 4)
+    n_train, n = 3, 4
+    buffer = _buffer(n, n_train, seed=4)
+    buffer.advantages = torch.randn(n, n_train, generator=torch.Generator().manual_seed(5))
+    buffer.keep = torch.tensor([True, True, True, False])
+    buffer.targets = torch.randn(2, n, 2, 4, 4, generator=torch.Generator().manual_seed(6))
+    config = LRPOConfig(init_from="x", steps=4, reg_steps=2, clip_range=0.2)
+    stats = zero_stats(torch.device("cpu"))
+    ks = torch.tensor([0, 2, 1, 2])  # rows 1 and 2 regularised (steps 1, 2), row 0 not, row 3 not kept
+    got = step_loss(FakeRestorer(), None, buffer, torch.arange(n), ks, schedule, config, n_train, 3.0, None, OneProcess(),
+                    stats, True)
+    parts = sum(step_loss(FakeRestorer(), None, buffer, torch.tensor([r]), int(ks[r]), schedule, config, n_train, 3.0, None,
+                          OneProcess(), zero_stats(torch.device("cpu")), True) for r in range(n))
+    assert torch.allclose(got, parts, rtol=1e-5)
+    assert float(stats["reg_count"]) == 2.0 and float(stats["count"]) == 3.0
 
 
 def test_pad_zero_advantage_and_minibatches():
@@ -264,6 +303,18 @@ def test_default_stepping_is_one_step_per_minibatch_and_timestep_and_the_clip_ac
     train_lrpo(config)
     (epoch,) = _history(tmp_path / "accumulated")
     assert epoch["ppo/optimizer_steps"] == 2.0 and epoch["ppo/ratio_dev_first"] == 0.0
+
+
+@pytest.mark.parametrize("mode", ["window", "random"])
+def test_training_a_subset_of_steps_takes_fewer_optimizer_steps_and_learns(tmp_path, pixel_dir, mode):
+    """6 samples in minibatches of 3, 2 of 3 trainable steps per sample: 4 optimizer steps instead of 6."""
+    config = _config(tmp_path, pixel_dir, lr=1e-3, train_batch_size=3, trained_steps=mode, trained_count=2, reg_steps=1)
+    out = train_lrpo(config)
+    (epoch,) = _history(tmp_path / "run")
+    assert epoch["ppo/optimizer_steps"] == 4.0 and epoch["ppo/ratio_dev_first"] == 0.0
+    assert math.isfinite(epoch["ppo/regulariser"]) and epoch["ppo/ratio_dev_max"] > 0
+    base, trained = Restorer.from_pretrained(pixel_dir), Restorer.from_pretrained(out)
+    assert any(not torch.equal(a, b) for a, b in zip(trained.unet.state_dict().values(), base.unet.state_dict().values()))
 
 
 def test_pixel_run_first_inner_epoch_has_ratio_one_then_learns(tmp_path, pixel_dir):

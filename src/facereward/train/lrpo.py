@@ -98,7 +98,13 @@ class LRPOConfig:
     spacing: str | None = None  # timestep spacing leading | linspace | trailing; None: the restorer's
     final_alpha_bar: str | None = None  # one | first (alpha-bar_0: ldm's DDIM, as both originals); None: the restorer's
     eta: float = 1.0
-    timestep_fraction: float = 0.99  # the first int(fraction * T) steps are trained (never the last, sigma 0)
+    timestep_fraction: float = 0.99  # the first int(fraction * T) steps are trainable (never the last, sigma 0)
+    # which trainable steps each sample trains per epoch (docs/methods.md 2.4): all; a random subset of `trained_count`
+    # per sample (DDPO's timestep fraction); or a window of `trained_count` consecutive steps that moves one step
+    # later every `window_every` epochs and wraps (MixGRPO's sliding window). The sampler is unchanged.
+    trained_steps: Literal["all", "random", "window"] = "all"
+    trained_count: int = 0  # random / window: steps per sample (0: all trainable steps)
+    window_every: int = 1
     inner_epochs: int = 1
     clip_range: float = 1e-4
     adv_std: Literal["global", "group"] = "global"
@@ -155,7 +161,30 @@ def check_config(config: LRPOConfig) -> int:
                          "(the last step has sigma 0 and is never trained)")
     if config.reg_weight > 0 and config.reg_steps > n_train:
         raise ValueError(f"reg_steps {config.reg_steps} exceeds the {n_train} trained steps")
+    if config.trained_steps not in ("all", "random", "window"):
+        raise ValueError(f"trained_steps must be one of all, random, window, got {config.trained_steps!r}")
+    if not 0 <= config.trained_count <= n_train:
+        raise ValueError(f"trained_count must be in [0, {n_train}] (the trainable steps), got {config.trained_count}")
+    if config.window_every < 1:
+        raise ValueError(f"window_every must be >= 1, got {config.window_every}")
     return n_train
+
+
+def trained_step_table(config: LRPOConfig, n_train: int, rows: Tensor, epoch: int) -> Tensor:
+    """(N, C) long: the trainable steps each sample trains this epoch, ascending (docs/methods.md 2.4).
+
+    `rows` are the samples' global rows in the epoch, so a random subset is the same on 1 or N processes.
+    """
+    count = config.trained_count or n_train
+    n = rows.numel()
+    if config.trained_steps == "all" or count == n_train:
+        return torch.arange(n_train).expand(n, n_train).clone()
+    if config.trained_steps == "window":
+        start = (epoch // config.window_every) % (n_train - count + 1)
+        return torch.arange(start, start + count).expand(n, count).clone()
+    picks = [np.sort(np.random.default_rng([config.run.seed, epoch, int(r), 13]).choice(n_train, count, replace=False))
+             for r in rows.tolist()]
+    return torch.as_tensor(np.stack(picks), dtype=torch.long).reshape(n, count)
 
 
 # ---- advantages ---------------------------------------------------------------------------------
@@ -299,6 +328,7 @@ class EpochBuffer:
     targets: Tensor | None = None  # (K, N, ...) noised GT for the regulariser
     advantages: Tensor | None = None  # (N, n_train)
     keep: Tensor | None = None  # (N,) bool: the sample carries loss
+    steps: Tensor | None = None  # (N, C) long: the trained steps of each sample (trained_step_table); None: all
 
     def __len__(self) -> int:
         return self.log_probs.shape[0]
@@ -440,30 +470,34 @@ def minibatches(n: int, train_batch_size: int, order: Tensor) -> list[Tensor]:
     return [order[s: s + size] for s in range(0, n, size)]
 
 
-def step_loss(restorer: Restorer, net: nn.Module, buffer: EpochBuffer, rows: Tensor, k: int, schedule: DDIMSchedule,
+def step_loss(restorer: Restorer, net: nn.Module, buffer: EpochBuffer, rows: Tensor, k: int | Tensor, schedule: DDIMSchedule,
               config: LRPOConfig, n_train: int, count: float, reference: Reference | None, accelerator: Accelerator,
               stats: dict[str, Tensor], first: bool) -> Tensor:
     """The loss of trained step k on `rows`: their share of `mean pg_k + reg_weight * mean reg_k` (+ KL) (docs/methods.md 2.3).
 
-    Sums over the rows' kept samples divided by `count`, the minibatch's kept samples on all processes; `net` is the
-    trained network as `accelerator.prepare` returned it.
+    `k` is one step for all rows or one per row (trained_steps: random). Sums over the rows' kept samples divided by
+    `count`, the minibatch's kept samples on all processes; `net` is the trained network as `accelerator.prepare` returned it.
     """
     rows = rows.to(buffer.log_probs.device)
     keep = buffer.keep[rows].float()
-    x_t, x_prev, cond = buffer.samples[k][rows], buffer.samples[k + 1][rows], buffer.cond[rows]
-    t = schedule.timesteps[k].expand(x_t.shape[0])
+    ks = torch.as_tensor(k, device=rows.device).expand(rows.shape[0])
+    x_t, x_prev, cond = buffer.samples[ks, rows], buffer.samples[ks + 1, rows], buffer.cond[rows]
+    t = schedule.timesteps[ks.to(schedule.timesteps.device)].to(x_t.device)
     with accelerator.autocast():
         eps = restorer.predict_eps(x_t, t, cond, net=net)
     step = ddim_step_with_logprob(eps, t, x_t, schedule, config.eta, prev_sample=x_prev)
-    old = buffer.log_probs[rows, k]
-    terms = ppo_clip_loss(step.log_prob, old, buffer.advantages[rows, k], config.clip_range)
+    old = buffer.log_probs[rows, ks]
+    terms = ppo_clip_loss(step.log_prob, old, buffer.advantages[rows, ks], config.clip_range)
     loss = (keep * terms.loss).sum() / count  # mean pg_k over the minibatch
     reg_from = n_train - config.reg_steps if config.reg_weight > 0 else n_train
-    if k >= reg_from:
-        reg = likelihood_regulariser(step.mean, step.std, buffer.targets[k - reg_from][rows], config.reg_temperature)
-        loss = loss + config.reg_weight * (keep * reg).sum() / count  # + 0.001 mean reg_k
-        stats["reg"] += (keep * reg).sum().detach()
-        stats["reg_count"] += keep.sum()
+    in_reg = ks >= reg_from  # the rows whose step is one of the last K trained steps
+    if bool(in_reg.any()):
+        targets = buffer.targets[(ks - reg_from).clamp(min=0), rows]
+        reg = likelihood_regulariser(step.mean, step.std, targets, config.reg_temperature)
+        weight = keep * in_reg.float()
+        loss = loss + config.reg_weight * (weight * reg).sum() / count  # + 0.001 mean reg_k
+        stats["reg"] += (weight * reg).sum().detach()
+        stats["reg_count"] += weight.sum()
     if reference is not None:
         with accelerator.autocast():
             ref_eps = reference.eps(x_t, t, cond)
@@ -493,6 +527,13 @@ def update_epoch(restorer: Restorer, net: nn.Module, optimizer: torch.optim.Opti
     gradients are synchronised on the step's last one only (`micro_step`).
     """
     n, all_stats, stepped = len(buffer), [], False
+    table = buffer.steps if buffer.steps is not None else torch.arange(n_train).expand(n, n_train)
+    n_steps = table.shape[1]
+
+    def steps_of(rows: Tensor, j: int) -> int | Tensor:
+        """The j-th trained step of each of `rows`: one int when they share it (all, window), else per row."""
+        ks = table[rows.to(table.device), j]
+        return int(ks[0]) if bool((ks == ks[0]).all()) else ks
     # DDP and DeepSpeed average gradients over processes; the loss is a share of a global mean, so their sum is wanted
     scale = float(accelerator.num_processes)
     for inner in range(config.inner_epochs):
@@ -527,14 +568,14 @@ def update_epoch(restorer: Restorer, net: nn.Module, optimizer: torch.optim.Opti
             pieces = [mb[s: s + config.micro_batch] for s in range(0, len(mb), config.micro_batch)]
             optimizer.zero_grad(set_to_none=True)
             if config.stepping == "per_timestep":  # the original: one step per (minibatch, timestep)
-                for k in range(n_train):
+                for j in range(n_steps):
                     for i, rows in enumerate(pieces):
-                        backward(rows, k, count, 1.0, last=i == len(pieces) - 1)
+                        backward(rows, steps_of(rows, j), count, 1.0, last=i == len(pieces) - 1)
                     optimizer_step()
             else:  # the minibatch's timesteps in one step: the per-step losses averaged over the trained steps
                 for i, rows in enumerate(pieces):
-                    for k in range(n_train):
-                        backward(rows, k, count, float(n_train), last=i == len(pieces) - 1 and k == n_train - 1)
+                    for j in range(n_steps):
+                        backward(rows, steps_of(rows, j), count, float(n_steps), last=i == len(pieces) - 1 and j == n_steps - 1)
                 optimizer_step()
         all_stats.append(stats)
     return all_stats
@@ -663,6 +704,7 @@ def train_lrpo(config: LRPOConfig) -> Path:
         accelerator.wait_for_everyone()
     for epoch in range(start, config.epochs):
         buffer, scores = sample_epoch(restorer, dataset, schedule, config, n_train, reward, accelerator, epoch, net)
+        buffer.steps = trained_step_table(config, n_train, buffer.rows, epoch)
         _, advantages = assign_advantages(buffer, scores["reward"], config, n_train, accelerator, epoch)
         set_regulariser_targets(buffer, schedule, config, n_train, epoch)
         inner = update_epoch(restorer, net, optimizer, buffer, schedule, config, n_train, reference, accelerator, epoch)
