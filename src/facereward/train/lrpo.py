@@ -82,7 +82,7 @@ class LRPOConfig:
 
     SMOKE: ClassVar[dict[str, float]] = {  # facereward.smoke
         "epochs": 1, "group_size": 2, "inputs_per_batch": 2, "batches_per_epoch": 1, "steps": 3, "micro_batch": 2,
-        "train_batch_size": 2, "reg_steps": 1, "data.toy_faces": 8, "run.save_every": 1,
+        "train_batch_size": 2, "reg_steps": 1, "trained_count": 1, "data.toy_faces": 8, "run.save_every": 1,
         "held_out.every": 1, "held_out.toy_faces": 2, "held_out.max_images": 2, "held_out.steps": 2}
 
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/lrpo", save_every=10, log_every=1))
