@@ -117,24 +117,25 @@ def run_demo(out_dir: str | Path, n: int | None = None, model: str | Path | None
     size = _model_size(model_path)
     testset = make_toy_testset(out_dir / "toy-test", n, size=size, seed=seed)
     seconds["test set"] = time.monotonic() - start
+    common = {"init_from": str(model_path), "run": {"seed": seed}, "data": {"size": size}}
+    refl_recipe = merge(merge(DEMO_REFL, QUICK_REFL) if quick else DEMO_REFL, merge(common, {"frm": str(frm_path)}))
+    lrpo_recipe = merge(merge(DEMO_LRPO, QUICK_LRPO) if quick else DEMO_LRPO,
+                        merge(common, {"rewards": {"options": {"frm": {"path": str(frm_path)}}}}))
+    refl_recipe, lrpo_recipe = merge(refl_recipe, refl or {}), merge(lrpo_recipe, lrpo or {})
     models = {"base": str(model_path)}
     runs: dict[str, Path] = {}
     if train:
-        common = {"init_from": str(model_path), "run": {"seed": seed}, "data": {"size": size}}
-        refl_recipe = merge(merge(merge(DEMO_REFL, QUICK_REFL) if quick else DEMO_REFL, common), {"frm": str(frm_path)})
-        lrpo_recipe = merge(merge(DEMO_LRPO, QUICK_LRPO) if quick else DEMO_LRPO, common)
-        lrpo_recipe = merge(lrpo_recipe, {"rewards": {"options": {"frm": {"path": str(frm_path)}}}})
-        for name, kind, recipe, extra in (("ReFL", "refl", refl_recipe, refl), ("LRPO", "lrpo", lrpo_recipe, lrpo)):
+        for name, kind, recipe in (("ReFL", "refl", refl_recipe), ("LRPO", "lrpo", lrpo_recipe)):
             t0 = time.monotonic()
             folder = out_dir / "runs" / kind
-            models[name] = str(_train(kind, merge(recipe, extra or {}), folder, progress))
+            models[name] = str(_train(kind, recipe, folder, progress))
             runs[name] = folder
             seconds[name] = time.monotonic() - t0
-    rewards = merge(DEMO_LRPO["rewards"], {"options": {"frm": {"path": str(frm_path)}}})
+    rewards = lrpo_recipe["rewards"]  # the composite LRPO trains on is the table's reward column
     config = EvaluateConfig(
         testset=str(testset), out_dir=str(out_dir), models=models, include_lq=True, include_stage1=["base"], steps=steps,
         eta=0.0, seed=seed, device=device, identity=identity, landmarks=landmarks, frm=str(frm_path),
-        reward_weights=rewards["weights"], reward_options=rewards["options"], progress=progress,
+        reward_weights=rewards["weights"], reward_options=rewards.get("options", {}), progress=progress,
     )
     t0 = time.monotonic()
     evaluation = evaluate(config)

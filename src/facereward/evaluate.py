@@ -89,18 +89,19 @@ class EvaluateResult:
     judges: dict[str, str]
 
 
+def format_value(v: float | None) -> str:
+    """A table cell: 4 decimals up to 1, else 2 (PSNR of identical images is inf); None and NaN as "-"."""
+    if v is None or math.isnan(v):
+        return "-"
+    return f"{v:.4f}" if abs(v) <= 1 else f"{v:.2f}"
+
+
 def markdown_table(rows: dict[str, dict[str, float]]) -> str:
     """{row: {column: value}} as a markdown table; 4 decimals up to 1, else 2; NaN as "-"."""
     columns = list(dict.fromkeys(c for values in rows.values() for c in values))
-
-    def fmt(v: float | None) -> str:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return "-"
-        return f"{v:.4f}" if abs(v) <= 1 else f"{v:.2f}"
-
     lines = ["| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name, values in rows.items():
-        lines.append(f"| {name} | " + " | ".join(fmt(values.get(c)) for c in columns) + " |")
+        lines.append(f"| {name} | " + " | ".join(format_value(values.get(c)) for c in columns) + " |")
     return "\n".join(lines)
 
 

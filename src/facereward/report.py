@@ -17,9 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RUN_KINDS = ("evaluate", "refl", "lrpo", "train-base", "train-frm")
-
-
 class ReportError(ValueError):
     """A folder the report cannot read (named in the message)."""
 
@@ -205,9 +202,9 @@ def training_plots(source: ReportSource) -> list[tuple[str, str]]:
 def _fmt(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return html.escape(str(value))
-    if not math.isfinite(value):
-        return "-"
-    return f"{value:.4f}" if abs(value) <= 1 else f"{value:.2f}"
+    from facereward.evaluate import format_value
+
+    return format_value(value)
 
 
 def html_table(rows: dict[str, dict[str, Any]]) -> str:
