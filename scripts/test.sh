@@ -9,5 +9,8 @@ if { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; } && [ "$(id 
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
     || echo "warning: could not install chromium; the browser test will be skipped" >&2
 fi
+# NIQE's standard pristine model (the MATLAB release's parameters, from BasicSR's archive on PyPI) for its acceptance test
+"$VENV/bin/python" scripts/fetch_niqe_release.py >/dev/null \
+  || echo "warning: could not fetch NIQE's release model; its acceptance test will be skipped" >&2
 export HF_HUB_OFFLINE=1
 "$VENV/bin/python" -m pytest "$@"
