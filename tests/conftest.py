@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# run.speed: auto caches its timings per machine; tests keep theirs to the session (and out of ~/.cache)
+os.environ["FACEREWARD_CACHE_DIR"] = __import__("tempfile").mkdtemp(prefix="facereward-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

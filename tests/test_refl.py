@@ -151,6 +151,7 @@ def test_short_run_trains_saves_and_resumes(tmp_path, saved):
                                                                           save_every=2, log_every=1, resume="latest")))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [h["step"] for h in metrics["held_out"]] == [0, 2, 4]  # the resumed run carries the history on
+    assert json.loads((tmp_path / "run" / "speed.json").read_text())["refl"]["source"] == "resumed"
     assert {"psnr", "ssim", "frm/initial", "frm/live"} <= set(metrics["held_out"][0])
     assert (tmp_path / "run" / "checkpoints" / "step-00000004" / "frm.safetensors").is_file()
 

@@ -83,6 +83,8 @@ def test_train_base_writes_a_loadable_model_and_resumes(tmp_path):
     assert ckpt.name == "step-00000008"
     assert json.loads((ckpt / "state.json").read_text())["step"] == 8
     assert (tmp_path / "run" / "config.yaml").is_file()
+    speed = json.loads((tmp_path / "run" / "speed.json").read_text())  # run.speed: auto chose per stage
+    assert set(speed) == {"train-base/stage1", "train-base/stage2"} and len(speed["train-base/stage2"]["timings"]) == 4
     # no temporary folders left behind
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp*"))
 

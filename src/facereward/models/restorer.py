@@ -310,13 +310,13 @@ class Restorer(nn.Module):
         """
         # An engine may hold the trained network in bf16 with no autocast around it (DeepSpeed): feed it its own dtype.
         if self.mode == "pixel":
-            unet = net or self.unet
+            unet = self.unet if net is None else net
             dtype = _dtype_of(unet)
             out = unet(torch.cat([x_t, cond.to(x_t.dtype)], dim=1).to(dtype), t).sample
             out = out.to(x_t.dtype) if dtype != x_t.dtype else out
             return (out, [out]) if return_residuals else out
         text = self.prompt_embeds.to(x_t.dtype).expand(x_t.shape[0], -1, -1)
-        control = net or self.controlnet
+        control = self.controlnet if net is None else net
         dtype = _dtype_of(control)
         down, mid = control(x_t.to(dtype), t, encoder_hidden_states=text.to(dtype), controlnet_cond=cond.to(dtype),
                             return_dict=False)

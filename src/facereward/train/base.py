@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from facereward.data.datasets import HQFolderDataset, InMemoryHQDataset, collate_batch
 from facereward.models.ddim import make_scheduler, q_sample, scheduler_defaults, training_target
 from facereward.models.restorer import Restorer, RestorerConfig
+from facereward.train.speed import Workload, speed_up_cleaner, speed_up_stage2
 from facereward.train.plumbing import (
     BatchStream,
     ProgressLog,
@@ -109,7 +110,7 @@ def toy_world(data: DataConfig):
 
 def stage1_loss(restorer: Restorer, batch: dict[str, Any], net: torch.nn.Module | None = None) -> torch.Tensor:
     """L1 between C(lq) and the HQ image; `net` is the (wrapped) cleaner being trained, default the restorer's own."""
-    return F.l1_loss((net or restorer.cleaner)(batch["lq"]), batch["hq"])
+    return F.l1_loss((restorer.cleaner if net is None else net)(batch["lq"]), batch["hq"])
 
 
 def stage2_loss(restorer: Restorer, batch: dict[str, Any], generator: torch.Generator | None = None,
@@ -215,6 +216,10 @@ def train_base(config: TrainBaseConfig) -> Path:
         restorer.requires_grad_(False)
         module.requires_grad_(True)
         module.train()
+        if stage == 1:
+            speed_up_cleaner(run, accelerator, restorer, config.batch_size, "train-base/stage1")
+        else:
+            speed_up_stage2(run, accelerator, restorer, module, Workload(config.batch_size, 0, 1), "train-base/stage2")
         wrapped, opt = accelerator.prepare(module, opt)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.warmup_steps, done=step - start))
         while step < start + n_steps:

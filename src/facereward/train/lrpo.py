@@ -63,6 +63,7 @@ from facereward.train.plumbing import (
     set_deepspeed_micro_batch,
     write_run_config,
 )
+from facereward.train.speed import Workload, speed_up_stage2
 from facereward.train.trainable import (
     LoraSettings,
     adapters_disabled,
@@ -670,6 +671,14 @@ def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+def lrpo_workload(config: LRPOConfig, n_train: int) -> Workload:
+    """Per sample: T rollout forwards (+ a reference forward per trained step with KL) and a forward + backward per
+    trained step and inner epoch, in micro-batches."""
+    trained = (config.trained_count or n_train) if config.trained_steps != "all" else n_train
+    updates = trained * config.inner_epochs
+    return Workload(config.micro_batch, config.steps + (updates if config.kl_beta > 0 else 0), updates)
+
+
 def train_lrpo(config: LRPOConfig) -> Path:
     """Run LRPO (resuming if asked); writes OUTPUT/model (LoRA merged) and OUTPUT/metrics.json; returns the model folder."""
     n_train = check_config(config)
@@ -682,6 +691,7 @@ def train_lrpo(config: LRPOConfig) -> Path:
     restorer.to(accelerator.device)
     module = prepare_trainable(restorer, config.lora, gradient_checkpointing=run.gradient_checkpointing)
     check_engine(accelerator, module)
+    speed_up_stage2(run, accelerator, restorer, module, lrpo_workload(config, n_train), "lrpo")
     optimizer = torch.optim.AdamW(trainable_parameters(module), lr=config.lr, weight_decay=config.weight_decay)
     reference = Reference(restorer, module, config.kl_reference) if config.kl_beta > 0 else None
     # Only the trained network goes through prepare (DeepSpeed's one-model rule); rewards and the reference stay plain.

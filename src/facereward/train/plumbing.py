@@ -36,6 +36,9 @@ from tqdm.auto import tqdm
 from facereward.config import save_config
 
 
+SPEED_MODES = ("auto", "off")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing or does not match the run; one line naming it."""
 
@@ -47,6 +50,9 @@ class RunConfig:
     output_dir: str = "runs/train"
     seed: int = 0
     mixed_precision: str | None = None  # "no", "bf16" or "fp16", through accelerate; unset: the launcher's, else "no"
+    speed: str = "auto"  # "auto": bf16 autocast and channels_last where measured faster (train/speed.py); "off"
+    channels_last: bool | None = None  # the trained network's memory layout; unset: speed decides (off: contiguous)
+    compile: bool = False  # torch.compile the networks a step calls (slow to start: minutes on CPU)
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False  # recompute the trained network's activations in backward (refl, lrpo): less memory
     log_every: int = 10
@@ -65,6 +71,10 @@ def make_accelerator(run: RunConfig, project_name: str) -> Accelerator:
     """
     if run.mixed_precision not in (None, "no", "bf16", "fp16"):
         raise ValueError(f"run.mixed_precision must be 'no', 'bf16' or 'fp16', got {run.mixed_precision!r}")
+    if run.speed not in SPEED_MODES:
+        raise ValueError(f"run.speed must be one of {', '.join(SPEED_MODES)}, got {run.speed!r}")
+    if run.channels_last not in (None, True, False) or run.compile not in (True, False):
+        raise ValueError("run.channels_last must be true, false or unset, and run.compile true or false")
     if run.gradient_accumulation_steps < 1:
         raise ValueError("run.gradient_accumulation_steps must be >= 1")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -84,8 +94,15 @@ def make_accelerator(run: RunConfig, project_name: str) -> Accelerator:
     # Without cpu=True, several CPU processes each start as a lone process and silently train apart
     # (but cpu=True turns DeepSpeed off, so not with it).
     cpu = run.cpu or (on_cpu and not deepspeed)
+    mixed_precision = run.mixed_precision or launcher or "no"
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state.get("_mixed_precision") not in (None, mixed_precision):
+        # an earlier run in this process had its precision switched by run.speed (train/speed.py); accelerate's shared
+        # state would refuse a new precision, and this run is a new choice
+        AcceleratorState._shared_state["_mixed_precision"] = mixed_precision
     accelerator = Accelerator(
-        mixed_precision=run.mixed_precision or launcher or "no",
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=run.gradient_accumulation_steps,
         log_with="tensorboard",
         project_dir=run.output_dir,

@@ -43,6 +43,7 @@ from facereward.train.plumbing import (
     resumable_loader,
     write_run_config,
 )
+from facereward.train.speed import Workload, speed_up_stage2
 from facereward.train.trainable import (
     LoraSettings,
     adapters_disabled,
@@ -332,6 +333,13 @@ def _validate(config: ReFLConfig) -> None:
         _load_lpips(config)  # raises the one-line error before anything is loaded
 
 
+def refl_workload(config: ReFLConfig) -> Workload:
+    """Per step: the rollout's forwards before the grad step (its mean over the grad window), the reference's
+    forward when the regulariser is on, and one forward + backward."""
+    before = config.sampling_steps - (config.grad_window + 1) / 2
+    return Workload(config.batch_size, before + (1 if config.reg_weight > 0 else 0), 1)
+
+
 def train_refl(config: ReFLConfig) -> Path:
     """Run (or resume) ReFL; writes OUTPUT/model (restorer), OUTPUT/frm (the evolved FRM), OUTPUT/metrics.json."""
     _validate(config)
@@ -347,6 +355,7 @@ def train_refl(config: ReFLConfig) -> Path:
     initial_frm = copy.deepcopy(frm).requires_grad_(False).eval()  # frozen: held-out scores on a fixed scale
     trainable = prepare_trainable(restorer, config.lora, gradient_checkpointing=run.gradient_checkpointing)
     check_engine(accelerator, trainable)
+    speed_up_stage2(run, accelerator, restorer, trainable, refl_workload(config), "refl")
     reference = None if has_lora(trainable) else (frozen_copy(trainable) if config.reg_weight > 0 else None)
     params = trainable_parameters(trainable)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.adam_betas))
