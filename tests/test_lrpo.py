@@ -345,6 +345,8 @@ def test_resume_continues_the_same_run(tmp_path, pixel_dir):
     a, b = _history(tmp_path / "straight"), _history(tmp_path / "resumed")
     assert [e["epoch"] for e in b] == [1, 2] and b[1]["ppo/optimizer_steps"] == 6.0  # 2 minibatches x 3 steps
     assert a[1]["reward"] == pytest.approx(b[1]["reward"], abs=1e-6)
+    # the training wall-clock carries over the resume (reward per compute, docs/methods.md 2.4)
+    assert b[1]["time/train_s"] == pytest.approx(b[0]["time/train_s"] + b[1]["time/epoch_s"], rel=1e-6)
     sa, sb = Restorer.from_pretrained(straight).unet.state_dict(), Restorer.from_pretrained(resumed).unet.state_dict()
     assert all(torch.allclose(sa[k], sb[k], atol=1e-7) for k in sa)
 

@@ -115,3 +115,20 @@ def test_the_report_renders_in_headless_chromium(tiny_demo, browser, tmp_path):
     shot = tmp_path / "report.png"
     browser.set_window_size(1400, 3000)
     assert browser.save_screenshot(str(shot)) and Image.open(shot).size[0] > 0
+
+
+def test_reward_per_compute_puts_each_lrpo_run_on_its_own_wall_clock(tmp_path):
+    from facereward.report import reward_per_compute
+
+    full = [{"epoch": 0, "held_out/reward": 0.30}, {"epoch": 1, "time/train_s": 4.0},
+            {"epoch": 2, "time/train_s": 8.0, "held_out/reward": 0.34}]
+    window = [{"epoch": 0, "held_out/reward": 0.30}, {"epoch": 2, "time/train_s": 3.0, "held_out/reward": 0.35}]
+    fig = reward_per_compute([("full", full), ("window", window), ("no time", [{"epoch": 1, "held_out/reward": 0.1}])])
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[0].get_lines()}
+    assert lines == {"full": ([0.0, 8.0], [0.30, 0.34]), "window": ([0.0, 3.0], [0.30, 0.35])}
+    assert reward_per_compute([("no time", [{"epoch": 1, "held_out/reward": 0.1}])]) is None
+    _write(tmp_path / "a", "metrics.json", {"epochs": full})
+    _write(tmp_path / "b", "metrics.json", {"epochs": window})
+    page = build_report([tmp_path / "a", tmp_path / "b"], tmp_path / "r.html").read_text()
+    assert "Reward per compute" in page
+    assert "Reward per compute" not in build_report([tmp_path / "a"], tmp_path / "one.html").read_text()

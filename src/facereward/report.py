@@ -196,6 +196,43 @@ def training_plots(source: ReportSource) -> list[tuple[str, str]]:
     return [(caption, uri) for caption, uri in plots if uri]
 
 
+def reward_per_compute(runs: list[tuple[str, list[dict[str, Any]]]], key: str = "held_out/reward"):
+    """LRPO runs' held-out `key` against their training wall-clock (`time/train_s`; the epoch-0 baseline at 0), one
+    line per (label, epoch rows); a matplotlib figure, or None when no run has both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = []
+    for label, rows in runs:
+        rows = [{**r, "time/train_s": r.get("time/train_s", 0.0 if r.get("epoch") == 0 else None)} for r in rows]
+        xs, ys = _series([r for r in rows if r["time/train_s"] is not None], "time/train_s", key)
+        if len(xs) > 1:
+            lines.append((label, xs, ys))
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for label, xs, ys in lines:
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    ax.set_xlabel("training wall-clock (s), held-out evaluation excluded")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _comparison(sources: list[ReportSource]) -> str:
+    runs = [(s.title, s.metrics.get("epochs", [])) for s in sources if s.kind == "lrpo"]
+    fig = reward_per_compute(runs) if len(runs) > 1 else None
+    if fig is None:
+        return ""
+    return ('<section id="compare"><h2>Reward per compute</h2>'
+            + _figure(_png(fig), "Held-out reward of the LRPO runs against their training wall-clock",
+                      "held-out reward against wall-clock") + "</section>")
+
+
 # ---- the page ------------------------------------------------------------------------------------------------
 
 
@@ -284,7 +321,7 @@ def build_report(paths: list[str | Path], out: str | Path, title: str = "facerew
 
     sources = load_sources(paths)
     toc = "".join(f'<li><a href="#s{i}">{html.escape(s.title)}</a></li>' for i, s in enumerate(sources))
-    sections = "\n".join(_section(s, i) for i, s in enumerate(sources))
+    sections = "\n".join(_section(s, i) for i, s in enumerate(sources)) + _comparison(sources)
     intro_html = f"<p>{html.escape(intro)}</p>" if intro else ""
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{intro_html}<ul>{toc}</ul>\n"

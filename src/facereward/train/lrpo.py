@@ -23,6 +23,7 @@ adapters) is trained; the restorer stays in eval mode (the networks have no drop
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -712,7 +713,9 @@ def train_lrpo(config: LRPOConfig) -> Path:
         if held_out is not None:
             history.append({"epoch": 0, **{f"held_out/{k}": v for k, v in held_out(restorer, net=full).items()}})
         accelerator.wait_for_everyone()
+    trained_s = history[-1].get("time/train_s", 0.0) if history else 0.0  # carried over a resume
     for epoch in range(start, config.epochs):
+        epoch_start = time.perf_counter()
         buffer, scores = sample_epoch(restorer, dataset, schedule, config, n_train, reward, accelerator, epoch, net)
         buffer.steps = trained_step_table(config, n_train, buffer.rows, epoch)
         _, advantages = assign_advantages(buffer, scores["reward"], config, n_train, accelerator, epoch)
@@ -720,6 +723,9 @@ def train_lrpo(config: LRPOConfig) -> Path:
         inner = update_epoch(restorer, net, optimizer, buffer, schedule, config, n_train, reference, accelerator, epoch)
         del buffer
         scalars = epoch_scalars(scores, advantages, inner, accelerator)
+        # reward per compute (docs/methods.md 2.4): the run's training wall-clock, held-out evaluation left out
+        trained_s += time.perf_counter() - epoch_start
+        scalars.update({"time/epoch_s": time.perf_counter() - epoch_start, "time/train_s": trained_s})
         stop = False
         if config.held_out.every > 0 and ((epoch + 1) % config.held_out.every == 0 or epoch + 1 == config.epochs):
             full = full_network(accelerator, net, module)

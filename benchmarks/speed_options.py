@@ -1,0 +1,104 @@
+"""What `run.speed: auto` sees and picks, and what torch.compile buys (DESIGN.md "fast").
+
+    python benchmarks/speed_options.py [--models pixel-toy latent-tiny] [--batch 4] [--threads 2] [--compile]
+    python benchmarks/speed_options.py --models latent-real --device cuda --batch 2 --compile   # SD 2.1 + DiffBIR shapes
+
+For each model, the trained network's no-grad and grad (forward + backward) call at the batch, in the four layouts
+`facereward.train.speed.measure` times (fp32 / bf16 autocast x contiguous / channels_last), the layout each
+trainer's workload picks (LRPO's toy recipe and original, ReFL's, train-base's), and with `--compile` the same calls
+after `nn.Module.compile()` (the first call's compile time apart). Random weights: only the shapes matter here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from facereward.models.restorer import LatentConfig, PixelUNetConfig, Restorer, RestorerConfig
+from facereward.train.speed import LAYOUTS, Workload, measure, pick, restorer_probe
+from facereward.train.trainable import LoraSettings, prepare_trainable
+
+WORKLOADS = {  # per trainer step, at the measured batch (train/lrpo.py lrpo_workload, train/refl.py refl_workload)
+    "lrpo toy (T=8, 7 trained)": Workload(0, 8, 7),
+    "lrpo original (T=50, 49 trained)": Workload(0, 50, 49),
+    "refl (T=50, grad window 2)": Workload(0, 48.5 + 1, 1),
+    "train-base stage 2": Workload(0, 0, 1),
+}
+
+
+def build(name: str) -> Restorer:
+    torch.manual_seed(0)
+    if name == "pixel-toy":  # the shipped toy restorer's shape (64 px, UNet 32/64/96)
+        return Restorer.build(RestorerConfig(mode="pixel", size=64))
+    if name == "latent-tiny":  # the tests' and lrpo_epoch.py's tiny latent model
+        return Restorer.build(RestorerConfig(mode="latent", size=32, cleaner_kwargs={"channels": 8, "num_blocks": 1, "downscale": 2}))
+    if name == "latent-real":  # SD 2.1 base UNet + DiffBIR's ControlNet at 512 px (a small cleaner: not timed)
+        return Restorer.build(RestorerConfig(mode="latent", size=512, cleaner_kwargs={"channels": 8, "num_blocks": 1, "downscale": 2},
+                                             latent=LatentConfig(vae_block_out_channels=[128, 256, 512, 512],
+                                                                 unet_block_out_channels=[320, 640, 1280, 1280],
+                                                                 cross_attention_dim=1024, attention_head_dim=64,
+                                                                 prompt_length=77, norm_num_groups=32)))
+    raise ValueError(name)
+
+
+def _per_call(fn, grad: bool, device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        if grad:
+            fn(True).float().square().mean().backward()
+        else:
+            with torch.no_grad():
+                fn(False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["pixel-toy", "latent-tiny"], choices=["pixel-toy", "latent-tiny", "latent-real"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also time nn.Module.compile() (minutes to compile on CPU)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    for name in args.models:
+        restorer = build(name).to(device)
+        module = prepare_trainable(restorer, LoraSettings())
+        probe = restorer_probe(restorer, module, args.batch)
+        timings = measure(probe, module, device, list(LAYOUTS), budget_s=600, rounds=args.rounds)
+        print(f"\n{name}, batch {args.batch}, {device} ({torch.get_num_threads()} threads): ms per call, no-grad / grad")
+        base = timings["fp32"]
+        for layout, (ng, g) in timings.items():
+            print(f"  {layout:20s} {ng * 1e3:9.1f} / {g * 1e3:9.1f}   ({ng / base[0]:.2f}x / {g / base[1]:.2f}x of fp32)")
+        for what, w in WORKLOADS.items():
+            print(f"  picks for {what:34s} {pick(timings, w)}")
+        if args.compile:
+            module.compile()
+            if restorer.mode == "latent":
+                restorer.unet.compile()
+            for precision in ("fp32", "bf16"):
+                for grad in (False, True):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                        start = time.perf_counter()
+                        _per_call(probe, grad, device, 1)
+                        first = time.perf_counter() - start
+                        call = _per_call(probe, grad, device, args.rounds)
+                    kind = "grad" if grad else "no-grad"
+                    print(f"  compiled {precision} {kind:8s} first call {first:7.1f} s, then {call * 1e3:9.1f} ms "
+                          f"({call / base[int(grad)]:.2f}x of eager fp32)", flush=True)
+            for p in module.parameters():
+                p.grad = None
+
+
+if __name__ == "__main__":
+    main()
