@@ -56,7 +56,7 @@ def restorer_dir(tmp_path, pixel_restorer):
 
 
 def test_lrpo_on_two_processes_matches_one(tmp_path, restorer_dir):
-    config = {"run": {"save_every": 2, "log_every": 1, "progress": False}, "init_from": str(restorer_dir),
+    config = {"run": {"save_every": 2, "log_every": 1, "progress": False, "speed": "off"}, "init_from": str(restorer_dir),
               "data": {"toy_faces": 6, "size": 32, "toy_identities": 10}, "rewards": {"weights": {"wavelet": 0.5, "ssim": 0.5}},
               "group_size": 4, "inputs_per_batch": 1, "batches_per_epoch": 2, "epochs": 2, "steps": 4, "micro_batch": 2,
               "train_batch_size": 0, "reg_steps": 2, "lr": 1e-4, "held_out": {"every": 0}}
@@ -84,7 +84,7 @@ def test_refl_on_two_processes_matches_one(tmp_path, restorer_dir):
 
     torch.manual_seed(1)
     FaceRewardModel(FRMConfig(backbone="cnn", input_size=32, cnn_widths=[8, 16], cnn_depth=1)).save_pretrained(tmp_path / "frm")
-    config = {"run": {"save_every": 3, "log_every": 1, "progress": False}, "init_from": str(restorer_dir),
+    config = {"run": {"save_every": 3, "log_every": 1, "progress": False, "speed": "off"}, "init_from": str(restorer_dir),
               "frm": str(tmp_path / "frm"), "data": {"toy_faces": 8, "size": 32, "toy_identities": 10},
               "steps": 3, "batch_size": 4, "sampling_steps": 3, "eta": "random", "lr": 1e-4, "reward_weight": 0.1,
               "lpips_weight": 0.0, "dynamic_frm": {"every": 1, "lr": 1e-3}, "held_out": {"every": 0}}
