@@ -2,6 +2,7 @@
 
     bash benchmarks/setup_trl.sh    # once: .venv-trl with trl 0.23.1 (its DDPOTrainer) beside facereward
     .venv-trl/bin/python benchmarks/vs_trl_ddpo.py [--repeats 3] [--threads 2] [--steps 10] [--batch 4] [--samples 16]
+        [--pairs lora full] [--cfg-off unguided|train-only] [--stepping per_timestep|per_minibatch]
 
 What it measures: the wall time of one epoch (sample the trajectories, score them, advantages, the PPO update over
 every trained step) divided by (trajectories x trained steps per trajectory): ms per trained trajectory-step, for
@@ -10,7 +11,9 @@ every trained step) divided by (trajectories x trained steps per trajectory): ms
   call runs uncond + cond in one doubled batch);
 - trl CFG off: the same with sample_guidance_scale 1.0 and train_cfg False (trl's sampler turns CFG off for a scale
   <= 1, but its training loss doubles the batch whenever train_cfg is True, whatever the scale: both settings are
-  needed to run single-batch calls);
+  needed to run single-batch calls). trl 0.23.1's sampler crashes at scale <= 1 on diffusers >= 0.21 (see
+  `_unguided_prompts`), so this one setting runs with that one-line fix; `--cfg-off train-only` instead keeps
+  guidance 5.0 in sampling (unchanged trl) and turns off only train_cfg;
 - ours: `facereward.train.lrpo` (sample_epoch, assign_advantages, set_regulariser_targets, update_epoch through a
   one-process Accelerator, as benchmarks/lrpo_epoch.py), on the latent restorer the UNet and VAE come from.
 
@@ -240,7 +243,17 @@ def main() -> None:
     if args.lora_rank < 1:
         parser.error("--lora-rank must be >= 1")
     torch.set_num_threads(args.threads)
+    import logging
+
+    import diffusers
+    import transformers
     from accelerate import PartialState
+
+    for lib in (diffusers, transformers):  # the folder's save/load bars and per-load notes
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+    logging.getLogger("trl").setLevel(logging.ERROR)  # "no LoRA weights found", "no image_samples_hook"
+    warnings.filterwarnings("ignore", category=FutureWarning)  # diffusers' _encode_prompt deprecation, per call
 
     PartialState()  # trl's pipeline logs through accelerate's logger, which raises before any accelerate state exists
     tmp = Path(tempfile.mkdtemp())
