@@ -28,19 +28,47 @@ WORKLOADS = {  # per trainer step, at the measured batch (train/lrpo.py lrpo_wor
 }
 
 
-def build(name: str) -> Restorer:
+def build(name: str, device: torch.device | str | None = None) -> Restorer:
+    """The named model with random weights (seeded), on the CPU; `device` only builds latent-real's big networks
+    there directly (random init of 1.3B parameters on the CPU takes seconds), the caller moves the rest."""
     torch.manual_seed(0)
     if name == "pixel-toy":  # the shipped toy restorer's shape (64 px, UNet 32/64/96)
         return Restorer.build(RestorerConfig(mode="pixel", size=64))
     if name == "latent-tiny":  # the tests' and lrpo_epoch.py's tiny latent model
         return Restorer.build(RestorerConfig(mode="latent", size=32, cleaner_kwargs={"channels": 8, "num_blocks": 1, "downscale": 2}))
     if name == "latent-real":  # SD 2.1 base UNet + DiffBIR's ControlNet at 512 px (a small cleaner: not timed)
-        return Restorer.build(RestorerConfig(mode="latent", size=512, cleaner_kwargs={"channels": 8, "num_blocks": 1, "downscale": 2},
-                                             latent=LatentConfig(vae_block_out_channels=[128, 256, 512, 512],
-                                                                 unet_block_out_channels=[320, 640, 1280, 1280],
-                                                                 cross_attention_dim=1024, attention_head_dim=64,
-                                                                 prompt_length=77, norm_num_groups=32)))
+        return _sd21_restorer(device=device)
     raise ValueError(name)
+
+
+def _sd21_restorer(size: int = 512, device: torch.device | str | None = None) -> Restorer:
+    """Random weights in SD 2.1 base's own shapes, built as `import-diffbir` builds them: the UNet config of
+    diffbir_import.unet_config (2 res blocks a level, heads of 64 channels, linear projections: 866M parameters),
+    SD's VAE (84M) and the ControlNet DiffBIR makes of that UNet (363M). (`Restorer.build`'s latent parts have one
+    res block a level and `attention_head_dim` heads, i.e. 64 heads of 5-20 channels: not SD 2.1's shapes.)"""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from facereward.models.cleaner import build_cleaner
+    from facereward.models.controlnet import ConcatControlNetModel
+    from facereward.models.ddim import make_scheduler
+    from facereward.models.diffbir_import import LATENT_SCALE, unet_config
+
+    config = RestorerConfig(mode="latent", size=size, cleaner_kwargs={"channels": 8, "num_blocks": 1, "downscale": 2},
+                            latent=LatentConfig(vae_block_out_channels=[128, 256, 512, 512],
+                                                unet_block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=1024,
+                                                attention_head_dim=64, prompt_length=77, norm_num_groups=32))
+    sd21 = {"model_channels": 320, "in_channels": 4, "mults": [1, 2, 4, 4], "per_level": 2,
+            "attention": [True, True, True, False], "context": 1024, "linear": True, "depth": 1}
+    with torch.device(device or "cpu"):
+        unet = UNet2DConditionModel(**unet_config(sd21, size, head_channels=64))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
+                            layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=size,
+                            scaling_factor=LATENT_SCALE)
+        controlnet = ConcatControlNetModel.from_unet(unet, vae.config.latent_channels)
+    scheduler = make_scheduler(config.beta_schedule, config.beta_start, config.beta_end, prediction_type=config.prediction_type)
+    prompt = torch.randn(1, 77, 1024, generator=torch.Generator().manual_seed(0), device="cpu")
+    return Restorer(config, build_cleaner(config.cleaner, config.cleaner_kwargs), scheduler, unet, vae, controlnet, prompt).eval()
 
 
 def _per_call(fn, grad: bool, device: torch.device, repeats: int) -> float:
