@@ -724,8 +724,9 @@ def train_lrpo(config: LRPOConfig) -> Path:
         del buffer
         scalars = epoch_scalars(scores, advantages, inner, accelerator)
         # reward per compute (docs/methods.md 2.4): the run's training wall-clock, held-out evaluation left out
-        trained_s += time.perf_counter() - epoch_start
-        scalars.update({"time/epoch_s": time.perf_counter() - epoch_start, "time/train_s": trained_s})
+        epoch_s = time.perf_counter() - epoch_start
+        trained_s += epoch_s
+        scalars.update({"time/epoch_s": epoch_s, "time/train_s": trained_s})
         stop = False
         if config.held_out.every > 0 and ((epoch + 1) % config.held_out.every == 0 or epoch + 1 == config.epochs):
             full = full_network(accelerator, net, module)
