@@ -17,7 +17,7 @@ import time
 import torch
 
 from facereward.models.restorer import LatentConfig, PixelUNetConfig, Restorer, RestorerConfig
-from facereward.train.speed import LAYOUTS, Workload, measure, pick, restorer_probe
+from facereward.train.speed import LAYOUTS, Workload, measure, pick, restorer_probe, time_call
 from facereward.train.trainable import LoraSettings, prepare_trainable
 
 WORKLOADS = {  # per trainer step, at the measured batch (train/lrpo.py lrpo_workload, train/refl.py refl_workload)
@@ -71,21 +71,8 @@ def _sd21_restorer(size: int = 512, device: torch.device | str | None = None) ->
     return Restorer(config, build_cleaner(config.cleaner, config.cleaner_kwargs), scheduler, unet, vae, controlnet, prompt).eval()
 
 
-def _per_call(fn, grad: bool, device: torch.device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        if grad:
-            fn(True).float().square().mean().backward()
-        else:
-            with torch.no_grad():
-                fn(False)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def _per_call(probe, grad: bool, module, device: torch.device, repeats: int) -> float:
+    return sorted(time_call(probe, grad, module, device) for _ in range(repeats))[repeats // 2]
 
 
 def main() -> None:
@@ -118,9 +105,9 @@ def main() -> None:
                 for grad in (False, True):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                         start = time.perf_counter()
-                        _per_call(probe, grad, device, 1)
+                        _per_call(probe, grad, module, device, 1)
                         first = time.perf_counter() - start
-                        call = _per_call(probe, grad, device, args.rounds)
+                        call = _per_call(probe, grad, module, device, args.rounds)
                     kind = "grad" if grad else "no-grad"
                     print(f"  compiled {precision} {kind:8s} first call {first:7.1f} s, then {call * 1e3:9.1f} ms "
                           f"({call / base[int(grad)]:.2f}x of eager fp32)", flush=True)

@@ -122,7 +122,8 @@ def _layout(module: nn.Module, device: torch.device, mixed_precision: str, chann
         yield
 
 
-def _timed(probe: Probe, grad: bool, module: nn.Module, device: torch.device) -> float:
+def time_call(probe: Probe, grad: bool, module: nn.Module, device: torch.device) -> float:
+    """Seconds of one no-grad call or one forward + backward of `probe`; clears `module`'s gradients after."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -152,12 +153,12 @@ def measure(probe: Probe, module: nn.Module, device: torch.device, layouts: list
     with torch.random.fork_rng(devices=devices):
         for name in layouts:  # warm-up: first calls allocate and pick kernels
             with _layout(module, device, *LAYOUTS[name]):
-                _timed(probe, False, module, device), _timed(probe, True, module, device)
+                time_call(probe, False, module, device), time_call(probe, True, module, device)
         live = list(layouts)
         for r in range(rounds):
             for name in live:
                 with _layout(module, device, *LAYOUTS[name]):
-                    samples[name].append([_timed(probe, False, module, device), _timed(probe, True, module, device)])
+                    samples[name].append([time_call(probe, False, module, device), time_call(probe, True, module, device)])
             if r == 0 and len(live) > 1:
                 best = [min(samples[n][0][i] for n in live) for i in (0, 1)]
                 live = [n for n in live if any(samples[n][0][i] <= 2 * best[i] for i in (0, 1))]
