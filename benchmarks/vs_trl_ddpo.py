@@ -15,7 +15,8 @@ every trained step) divided by (trajectories x trained steps per trajectory): ms
   `_unguided_prompts`), so this one setting runs with that one-line fix; `--cfg-off train-only` instead keeps
   guidance 5.0 in sampling (unchanged trl) and turns off only train_cfg;
 - ours: `facereward.train.lrpo` (sample_epoch, assign_advantages, set_regulariser_targets, update_epoch through a
-  one-process Accelerator, as benchmarks/lrpo_epoch.py), on the latent restorer the UNet and VAE come from.
+  one-process Accelerator, as benchmarks/lrpo_epoch.py), on the latent restorer the UNet and VAE come from, with
+  the README's default `run.speed: auto` applied as `train_lrpo` applies it (its pick is printed).
 
 Both sides use the UNet and VAE of `Restorer.build(RestorerConfig(mode="latent", size=32, ...))` (same config and
 weights, 32 px images, 4x16x16 latents). trl's pipeline is a StableDiffusionPipeline folder written to a temp dir
@@ -60,8 +61,10 @@ from facereward.models.ddim import DDIMSchedule
 from facereward.models.restorer import Restorer, RestorerConfig
 from facereward.rewards import CompositeReward, RewardsConfig
 from facereward.train.base import DataConfig, build_dataset
-from facereward.train.lrpo import LRPOConfig, assign_advantages, check_config, sample_epoch, set_regulariser_targets, update_epoch
+from facereward.train.lrpo import (LRPOConfig, assign_advantages, check_config, lrpo_workload, sample_epoch,
+                                   set_regulariser_targets, update_epoch)
 from facereward.train.plumbing import RunConfig, make_accelerator
+from facereward.train.speed import speed_up_stage2
 from facereward.train.trainable import LoraSettings, prepare_trainable, trainable_parameters
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # trl's DefaultDDPOStableDiffusionPipeline.get_trainable_layers
@@ -195,6 +198,9 @@ class OurSide:
         module = prepare_trainable(self.restorer, LoraSettings(rank=args.lora_rank, target_modules=list(LORA_TARGETS))
                                    if lora else LoraSettings())
         self.trainable = sum(p.numel() for p in trainable_parameters(module))
+        # the README's default run.speed: auto, as train_lrpo applies it (prints what it picked)
+        self.speed = speed_up_stage2(config.run, self.accelerator, self.restorer, module, lrpo_workload(config, self.n_train),
+                                     "lrpo")
         optimizer = torch.optim.AdamW(trainable_parameters(module), lr=config.lr, weight_decay=config.weight_decay)
         self.opt_steps = _count_steps(optimizer)
         self.net, self.optimizer = self.accelerator.prepare(module, optimizer)

@@ -36,7 +36,7 @@ VARIANTS = {
 
 def variant_config(out: Path, name: str, args: argparse.Namespace) -> ReFLConfig:
     change = VARIANTS[name]
-    return ReFLConfig(
+    return smoke.cap_config(ReFLConfig(  # FACEREWARD_SMOKE=1: ReFLConfig's own caps (toy faces, steps) as well
         run=RunConfig(output_dir=str(out / "runs" / name.replace(" ", "_").replace("/", "").replace(".", "")), seed=0,
                       progress=False, log_every=10, save_every=10_000),
         data=DataConfig(toy_faces=800, toy_seed=TOY_WORLD_SEED, toy_identities=TOY_WORLD_IDENTITIES, size=64, seed=1),
@@ -45,7 +45,7 @@ def variant_config(out: Path, name: str, args: argparse.Namespace) -> ReFLConfig
         structural_weight=change.get("structural_weight", args.structural_weight), wavelet="dtcwt", lpips_weight=0.0,
         dynamic_frm=DynamicFRMConfig(every=change.get("dynamic_frm_every", args.frm_every), lr=args.frm_lr),
         held_out=HeldOutConfig(every=max(1, args.steps // 4), toy_faces=8, steps=args.sampling_steps),
-    )
+    ))
 
 
 def main() -> None:

@@ -242,6 +242,8 @@ def train_base(config: TrainBaseConfig) -> Path:
             if step % run.save_every == 0 or step == total:
                 checkpoint_run(accelerator, run, step, modules, optimizers, {"data": batches.position(), "train_log": log.history})
         module.eval()
+        # back to the layout a resume that starts in the next stage loads it in (channels_last changes conv numerics)
+        module.to(memory_format=torch.contiguous_format)
     log.close()
     out = Path(run.output_dir) / "model"
     accelerator.wait_for_everyone()

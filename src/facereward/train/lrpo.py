@@ -378,7 +378,8 @@ def sample_epoch(restorer: Restorer, dataset: Dataset, schedule: DDIMSchedule, c
         sl = slice(start, start + config.micro_batch)
         generators = row_generators(device, *(mix_seed(config.run.seed, epoch, r, 5) for r in rows[sl].tolist()))
         with accelerator.autocast():
-            traj = rollout(restorer.eps_fn(cond[sl], net), x_T[sl].to(cond.dtype), schedule, eta=config.eta, generator=generators)
+            # x_T stays fp32 under bf16 autocast: only the network runs in bf16, the chain and its log-probs do not
+            traj = rollout(restorer.eps_fn(cond[sl], net), x_T[sl], schedule, eta=config.eta, generator=generators)
             images = restorer.decode(traj.final).clamp(0, 1)
         out = reward(images.float(), hq[sl], captions[sl])
         for name, value in {"reward": out.total, **{f"reward/{k}": v for k, v in out.components.items()}}.items():

@@ -213,7 +213,7 @@ class ReFLStep:
         with torch.no_grad():
             cond = restorer.condition(restorer.clean(lq))
         b, _, h, w = lq.shape
-        x_T = randn(restorer.latent_shape(b, h, w), generator, lq.device, cond.dtype)
+        x_T = randn(restorer.latent_shape(b, h, w), generator, lq.device, torch.promote_types(cond.dtype, torch.float32))
         # step 1: k from the last `grad_window` steps
         device = shared.device if shared is not None else "cpu"
         k = cfg.sampling_steps - 1 - int(torch.randint(cfg.grad_window, (), generator=shared, device=device))

@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch import nn
 
+from facereward import smoke
 from facereward.models.restorer import Restorer
 from facereward.train.plumbing import RunConfig, engine_of
 Probe = Callable[[bool], torch.Tensor]  # one call of the trained network at the run's shapes; True: with grad
@@ -140,10 +141,15 @@ def time_call(probe: Probe, grad: bool, module: nn.Module, device: torch.device)
     return elapsed
 
 
+HOPELESS = 4.0  # a layout whose first no-grad call is this many times the best's is not timed further
+
+
 def measure(probe: Probe, module: nn.Module, device: torch.device, layouts: list[str], budget_s: float = 30.0,
             rounds: int = 5) -> dict[str, list[float]]:
     """Median seconds per [no-grad, grad] call of `probe` in each layout; layouts interleave round by round so drift
-    lands on all. A layout whose first timed calls both take over twice the best's is dropped (inf): it cannot win.
+    lands on all. A layout is dropped (inf) when its first no-grad call takes over `HOPELESS` times the best's (it
+    gets no more calls: on this CPU bf16 autocast made the toy UNet 60x slower, 6 s a call), or when its first timed
+    calls both take over twice the best's: it cannot win.
 
     Leaves `module` contiguous with its gradients cleared and the global RNG state as it was.
     """
@@ -151,10 +157,13 @@ def measure(probe: Probe, module: nn.Module, device: torch.device, layouts: list
     devices = [device] if device.type == "cuda" else []
     start = time.perf_counter()
     with torch.random.fork_rng(devices=devices):
+        first: dict[str, float] = {}
         for name in layouts:  # warm-up: first calls allocate and pick kernels
             with _layout(module, device, *LAYOUTS[name]):
-                time_call(probe, False, module, device), time_call(probe, True, module, device)
-        live = list(layouts)
+                first[name] = time_call(probe, False, module, device)
+                if first[name] <= HOPELESS * min(first.values()):
+                    time_call(probe, True, module, device)
+        live = [n for n in layouts if first[n] <= HOPELESS * min(first.values())]
         for r in range(rounds):
             for name in live:
                 with _layout(module, device, *LAYOUTS[name]):
@@ -257,11 +266,13 @@ def _measured_or_cached(run: RunConfig, module: nn.Module, probe: Probe, workloa
     if recorded and set(layouts) <= set(recorded.get("timings", {})):
         return recorded["timings"], "resumed"
     key = {"machine": machine_key(device), "network": network_key(module, model_config, workload.batch, role)}
+    if smoke.active():  # a smoke run times one round (scaled down like the rest of it): never served to a real run
+        key["smoke"] = True
     digest, path = _digest(key), cache_path()
     cached = _read_json(path).get(digest)
     if cached and set(layouts) <= set(cached.get("timings", {})):
         return cached["timings"], f"cached in {path}"
-    timings = measure(probe, module, device, layouts, budget_s)
+    timings = measure(probe, module, device, layouts, budget_s, rounds=1 if smoke.active() else 5)
     with contextlib.suppress(OSError):  # a read-only home only costs a re-measurement next time
         data = _read_json(path)
         data[digest] = {"key": key, "timings": timings, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
