@@ -2,7 +2,7 @@
 
     bash benchmarks/setup_trl.sh    # once: .venv-trl with trl 0.23.1 (its DDPOTrainer) beside facereward
     .venv-trl/bin/python benchmarks/vs_trl_ddpo.py [--repeats 3] [--threads 2] [--steps 10] [--batch 4] [--samples 16]
-        [--pairs lora full] [--cfg-off unguided|train-only] [--stepping per_timestep|per_minibatch]
+        [--size 32] [--pairs lora full] [--cfg-off unguided|train-only] [--stepping per_timestep|per_minibatch]
 
 What it measures: the wall time of one epoch (sample the trajectories, score them, advantages, the PPO update over
 every trained step) divided by (trajectories x trained steps per trajectory): ms per trained trajectory-step, for
@@ -19,7 +19,7 @@ every trained step) divided by (trajectories x trained steps per trajectory): ms
   the README's default `run.speed: auto` applied as `train_lrpo` applies it (its pick is printed).
 
 Both sides use the UNet and VAE of `Restorer.build(RestorerConfig(mode="latent", size=32, ...))` (same config and
-weights, 32 px images, 4x16x16 latents). trl's pipeline is a StableDiffusionPipeline folder written to a temp dir
+weights, 32 px images, 4x16x16 latents; `--size 64`: 4x32x32, where the calls are less bound by per-op overhead). trl's pipeline is a StableDiffusionPipeline folder written to a temp dir
 with those, a DDIM scheduler of the same betas (set_alpha_to_one False, as SD's: with True trl's last step has
 sigma 0 and its log-prob is NaN), a tiny random CLIPTextModel (hidden size = the UNet's cross_attention_dim,
 context = our prompt length) and a character-level CLIPTokenizer built offline. Per denoising step our policy calls
@@ -70,9 +70,9 @@ from facereward.train.trainable import LoraSettings, prepare_trainable, trainabl
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # trl's DefaultDDPOStableDiffusionPipeline.get_trainable_layers
 
 
-def _restorer() -> Restorer:
+def _restorer(size: int) -> Restorer:
     torch.manual_seed(0)
-    return Restorer.build(RestorerConfig(mode="latent", size=32, cleaner_kwargs={"channels": 8, "num_blocks": 1, "downscale": 2}))
+    return Restorer.build(RestorerConfig(mode="latent", size=size, cleaner_kwargs={"channels": 8, "num_blocks": 1, "downscale": 2}))
 
 
 def _set_accumulation(steps: int) -> None:
@@ -188,13 +188,13 @@ class OurSide:
             raise SystemExit(f"--samples {args.samples} must be a multiple of group_size x 2 inputs = {group * inputs} "
                              f"and of --batch {args.batch}")
         self.config = config = LRPOConfig(
-            run=RunConfig(output_dir=tempfile.mkdtemp(), progress=False), data=DataConfig(toy_faces=16, size=32),
+            run=RunConfig(output_dir=tempfile.mkdtemp(), progress=False), data=DataConfig(toy_faces=16, size=args.size),
             group_size=group, inputs_per_batch=inputs, batches_per_epoch=args.samples // (group * inputs), steps=args.steps,
             micro_batch=args.batch, train_batch_size=args.batch, reg_steps=2, lr=1e-6, stepping=args.stepping)
         config.rewards = RewardsConfig(weights={"wavelet": 0.5, "ssim": 0.5})
         self.n_train = check_config(config)
         self.accelerator = make_accelerator(config.run, "bench")
-        self.restorer = _restorer()
+        self.restorer = _restorer(args.size)
         module = prepare_trainable(self.restorer, LoraSettings(rank=args.lora_rank, target_modules=list(LORA_TARGETS))
                                    if lora else LoraSettings())
         self.trainable = sum(p.numel() for p in trainable_parameters(module))
@@ -209,8 +209,8 @@ class OurSide:
         self.schedule = DDIMSchedule.from_scheduler(self.restorer.scheduler, config.steps)
         self.trajectories = config.batches_per_epoch * config.inputs_per_batch * config.group_size
         self.trained_steps = self.n_train
-        self.size = 32
-        self.latent = tuple(self.restorer.latent_shape(1, 32, 32)[1:])
+        self.size = args.size
+        self.latent = tuple(self.restorer.latent_shape(1, args.size, args.size)[1:])
         self.call = f"ControlNet + UNet on {args.batch} rows"
         self.epoch = 0
         self.kept: list[int] = []
@@ -236,6 +236,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="denoising steps T (both sides)")
+    parser.add_argument("--size", type=int, default=32, help="image size in px (latents are size / 2: the tiny VAE)")
     parser.add_argument("--batch", type=int, default=4, help="trl sample/train batch = our micro_batch/train_batch_size")
     parser.add_argument("--samples", type=int, default=16, help="trajectories per epoch (both sides)")
     parser.add_argument("--group-size", type=int, default=4, help="ours: G (2 inputs per batch)")
@@ -264,10 +265,10 @@ def main() -> None:
     PartialState()  # trl's pipeline logs through accelerate's logger, which raises before any accelerate state exists
     tmp = Path(tempfile.mkdtemp())
     folder = tmp / "sd"
-    write_sd_folder(_restorer(), folder)
+    write_sd_folder(_restorer(args.size), folder)
     sides = {kind: [TrlSide(folder, args, True, kind == "lora"), TrlSide(folder, args, False, kind == "lora"),
                     OurSide(args, kind == "lora")] for kind in args.pairs}
-    print(f"T={args.steps}, batch {args.batch}, {args.samples} trajectories/epoch, {args.threads} threads, fp32, "
+    print(f"{args.size} px, T={args.steps}, batch {args.batch}, {args.samples} trajectories/epoch, {args.threads} threads, fp32, "
           f"ours stepping {args.stepping}, trl CFG off = {args.cfg_off}")
     for kind, group in sides.items():
         print(f"\n[{kind}] side         image latent     traj  trained/traj  opt steps/epoch  trainable  per-step call")

@@ -27,7 +27,8 @@ def test_pick_weights_no_grad_and_grad_calls_by_the_workload():
 
 
 class _Net(nn.Module):
-    """A conv whose calls under bf16 autocast are made slow, so measurement must drop bf16."""
+    """A conv whose calls take 5 ms, and 100 ms under bf16 autocast, so measurement must drop bf16 (the sleeps keep the
+    calls long enough that a loaded machine's jitter cannot make a kept layout look hopeless)."""
 
     def __init__(self):
         super().__init__()
@@ -37,8 +38,7 @@ class _Net(nn.Module):
     def forward(self, x):
         autocast = torch.is_autocast_enabled("cpu")
         self.layouts.append((autocast, self.conv.weight.is_contiguous(memory_format=torch.channels_last)))
-        if autocast:
-            time.sleep(0.03)
+        time.sleep(0.1 if autocast else 0.005)
         return self.conv(x)
 
 
@@ -49,10 +49,10 @@ def test_measure_drops_a_slow_layout_and_leaves_the_network_and_rng_as_they_were
     assert torch.equal(torch.get_rng_state(), state)
     assert all(p.grad is None for p in net.parameters()) and net.conv.weight.is_contiguous(), net.layouts
     assert timings["bf16"] == [float("inf")] * 2 and timings["bf16+channels_last"] == [float("inf")] * 2
-    assert all(t < 0.03 for name in ("fp32", "fp32+channels_last") for t in timings[name]), timings
-    # each layout ran as named: the hopeless ones (300x slower) one no-grad call only, the kept ones every round
-    assert net.layouts.count((True, False)) == 1 and net.layouts.count((True, True)) == 1
-    assert net.layouts.count((False, True)) == 8 and net.layouts.count((False, False)) == 8
+    assert all(0.005 < t < 0.05 for name in ("fp32", "fp32+channels_last") for t in timings[name]), timings
+    # each layout ran as named: the hopeless ones (20x slower) two no-grad calls only, the kept ones every round
+    assert net.layouts.count((True, False)) == 2 and net.layouts.count((True, True)) == 2
+    assert net.layouts.count((False, True)) == 9 and net.layouts.count((False, False)) == 9
 
 
 def _choose(tmp_path, run: RunConfig, calls: list[int], workload=Workload(2, 5, 1)) -> tuple[SpeedChoice, _Net]:
