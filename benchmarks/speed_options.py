@@ -1,6 +1,6 @@
 """What `run.speed: auto` sees and picks, and what torch.compile buys (DESIGN.md "fast").
 
-    python benchmarks/speed_options.py [--models pixel-toy latent-tiny] [--batch 4] [--threads 2] [--compile]
+    python benchmarks/speed_options.py [--models pixel-toy latent-tiny] [--batch 4] [--threads 2] [--no-drop] [--compile]
     python benchmarks/speed_options.py --models latent-real --device cuda --batch 2 --compile   # SD 2.1 + DiffBIR shapes
 
 For each model, the trained network's no-grad and grad (forward + backward) call at the batch, in the four layouts
@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-drop", action="store_true",
+                        help="time every layout in full (run.speed: auto drops hopeless ones: inf in the table)")
     parser.add_argument("--compile", action="store_true", help="also time nn.Module.compile() (minutes to compile on CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,7 +92,7 @@ def main() -> None:
         restorer = build(name).to(device)
         module = prepare_trainable(restorer, LoraSettings())
         probe = restorer_probe(restorer, module, args.batch)
-        timings = measure(probe, module, device, list(LAYOUTS), budget_s=600, rounds=args.rounds)
+        timings = measure(probe, module, device, list(LAYOUTS), budget_s=600, rounds=args.rounds, drop=not args.no_drop)
         print(f"\n{name}, batch {args.batch}, {device} ({torch.get_num_threads()} threads): ms per call, no-grad / grad")
         base = timings["fp32"]
         for layout, (ng, g) in timings.items():

@@ -145,11 +145,12 @@ HOPELESS = 4.0  # a layout whose warmed-up no-grad call takes this many times th
 
 
 def measure(probe: Probe, module: nn.Module, device: torch.device, layouts: list[str], budget_s: float = 30.0,
-            rounds: int = 5) -> dict[str, list[float]]:
+            rounds: int = 5, drop: bool = True) -> dict[str, list[float]]:
     """Median seconds per [no-grad, grad] call of `probe` in each layout; layouts interleave round by round so drift
     lands on all. A layout is dropped (inf) when its second no-grad call (the first pays for allocation and kernel
     choice) takes over `HOPELESS` times the best's: it gets no more calls (on this CPU bf16 autocast made the toy
-    UNet 60x slower, 6 s a call); or when its first timed calls both take over twice the best's: it cannot win.
+    UNet 44x slower, 6 s a call); or when its first timed calls both take over twice the best's: it cannot win.
+    `drop=False` times every layout in full (benchmarks/speed_options.py --no-drop).
 
     Leaves `module` contiguous with its gradients cleared and the global RNG state as it was.
     """
@@ -162,14 +163,14 @@ def measure(probe: Probe, module: nn.Module, device: torch.device, layouts: list
             with _layout(module, device, *LAYOUTS[name]):
                 time_call(probe, False, module, device)
                 first[name] = time_call(probe, False, module, device)
-                if first[name] <= HOPELESS * min(first.values()):
+                if not drop or first[name] <= HOPELESS * min(first.values()):
                     time_call(probe, True, module, device)
-        live = [n for n in layouts if first[n] <= HOPELESS * min(first.values())]
+        live = [n for n in layouts if not drop or first[n] <= HOPELESS * min(first.values())]
         for r in range(rounds):
             for name in live:
                 with _layout(module, device, *LAYOUTS[name]):
                     samples[name].append([time_call(probe, False, module, device), time_call(probe, True, module, device)])
-            if r == 0 and len(live) > 1:
+            if drop and r == 0 and len(live) > 1:
                 best = [min(samples[n][0][i] for n in live) for i in (0, 1)]
                 live = [n for n in live if any(samples[n][0][i] <= 2 * best[i] for i in (0, 1))]
             if time.perf_counter() - start > budget_s:
