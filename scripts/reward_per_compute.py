@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from facereward.smoke import active
 
 MODES = {"all": [], "window": ["--set", "trained_steps=window"], "random": ["--set", "trained_steps=random"]}
 
@@ -66,7 +67,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=3, help="trained steps per sample for window and random")
     parser.add_argument("--out", default="runs/reward-per-compute")
     args = parser.parse_args()
-    smoke = os.environ.get("FACEREWARD_SMOKE") == "1"
+    smoke = active()  # FACEREWARD_SMOKE=1
     if smoke:  # scaled down like every smoke run: 2 epochs, and one seed
         args.seeds = args.seeds[:1]
     out = Path(args.out)
