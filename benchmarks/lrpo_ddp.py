@@ -52,7 +52,7 @@ def _config(restorer: Path, out: Path, epochs: int) -> dict:
     return {"run": {"output_dir": str(out), "save_every": 1000, "log_every": 1, "progress": False},
             "init_from": str(restorer), "data": {"toy_faces": 16, "size": 32, "toy_identities": 10},
             "rewards": {"weights": {"wavelet": 0.5, "ssim": 0.5}}, "group_size": 4, "inputs_per_batch": 2,
-            "batches_per_epoch": 2, "epochs": epochs, "steps": 10, "micro_batch": 4, "train_batch_size": 4,
+            "batches_per_epoch": 2, "epochs": epochs, "sample_steps": 10, "micro_batch": 4, "train_batch_size": 4,
             "reg_steps": 2, "lr": 1e-5, "held_out": {"every": 0}}
 
 

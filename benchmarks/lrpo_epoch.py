@@ -31,10 +31,11 @@ import torch
 from refl_step import sync
 from speed_options import build
 
+from facereward.data.training_data import DataConfig, build_dataset
 from facereward.models.ddim import DDIMSchedule, ddim_step_with_logprob
 from facereward.models.restorer import PixelUNetConfig, Restorer, RestorerConfig
-from facereward.rewards import CompositeReward, RewardsConfig
-from facereward.train.base import DataConfig, build_dataset
+from facereward.measures import MeasuresConfig, WeightedSum
+from facereward.train.accelerator import RunConfig, make_accelerator
 from facereward.train.lrpo import (
     LRPOConfig,
     assign_advantages,
@@ -43,7 +44,6 @@ from facereward.train.lrpo import (
     set_regulariser_targets,
     update_epoch,
 )
-from facereward.train.plumbing import RunConfig, make_accelerator
 from facereward.train.trainable import LoraSettings, prepare_trainable, trainable_parameters
 
 
@@ -69,10 +69,10 @@ def bench(mode: str, args: argparse.Namespace) -> list[float]:
     restorer = _restorer(mode, accelerator.device).to(accelerator.device)
     size = restorer.config.size
     config = LRPOConfig(run=run, data=DataConfig(toy_faces=16, size=size), group_size=args.group_size,
-                        inputs_per_batch=args.inputs_per_batch, batches_per_epoch=args.batches, steps=args.steps,
+                        inputs_per_batch=args.inputs_per_batch, batches_per_epoch=args.batches, sample_steps=args.steps,
                         micro_batch=args.micro_batch, train_batch_size=args.train_batch_size or args.micro_batch,
                         reg_steps=2, lr=1e-6)
-    config.rewards = RewardsConfig(weights={"wavelet": 0.5, "ssim": 0.5})
+    config.rewards = MeasuresConfig(weights={"wavelet": 0.5, "ssim": 0.5})
     n_train = check_config(config)
     module = prepare_trainable(restorer, LoraSettings())
     if args.compile:  # as run.compile (train/speed.py compile_networks): before prepare, shared by both sides
@@ -81,9 +81,9 @@ def bench(mode: str, args: argparse.Namespace) -> list[float]:
             restorer.unet.compile()
     optimizer = torch.optim.AdamW(trainable_parameters(module), lr=config.lr)
     net, optimizer = accelerator.prepare(module, optimizer)
-    reward = CompositeReward.from_config(config.rewards, accelerator.device)
+    reward = WeightedSum.from_config(config.rewards, device=accelerator.device)
     dataset = build_dataset(config.data)
-    schedule = DDIMSchedule.from_scheduler(restorer.scheduler, config.steps, device=accelerator.device)
+    schedule = DDIMSchedule.from_scheduler(restorer.scheduler, config.sample_steps, device=accelerator.device)
     params = trainable_parameters(module)
     n = config.batches_per_epoch * config.inputs_per_batch * config.group_size
     lq = torch.rand(n, 3, size, size).to(accelerator.device)
@@ -91,7 +91,7 @@ def bench(mode: str, args: argparse.Namespace) -> list[float]:
     cuda = accelerator.device.type == "cuda"
     print(f"{mode}: {accelerator.device}, {args.precision}{' + compile' if args.compile else ''}, {size} px, "
           f"{sum(p.numel() for p in params) / 1e6:.1f}M trained parameters; {n} samples an epoch (G={config.group_size}, "
-          f"{config.batches_per_epoch}x{config.inputs_per_batch} inputs), T={config.steps} ({n_train} trained), "
+          f"{config.batches_per_epoch}x{config.inputs_per_batch} inputs), T={config.sample_steps} ({n_train} trained), "
           f"micro-batch {config.micro_batch}, minibatch {config.train_batch_size}", flush=True)
 
     def autocast():  # the bare side's precision (the trainer's comes from the accelerator)

@@ -31,6 +31,7 @@ CHILD = r'''
 import json, resource, sys, tempfile
 import torch
 torch.set_num_threads(2)
+from facereward.measures import MeasuresConfig
 from facereward.models.frm import FaceRewardModel, FRMConfig
 from facereward.models.restorer import PixelUNetConfig, Restorer, RestorerConfig
 kind, g, t, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -46,9 +47,9 @@ if opts["restorer"] is None:
 restorer = opts["restorer"] or tmp + "/restorer"
 FaceRewardModel(FRMConfig(backbone="cnn", input_size=size, cnn_widths=[8, 16], cnn_depth=1)).save_pretrained(tmp + "/frm")
 kib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-from facereward.train.base import DataConfig
+from facereward.data.training_data import DataConfig
 from facereward.train.heldout import HeldOutConfig
-from facereward.train.plumbing import RunConfig
+from facereward.train.accelerator import RunConfig
 run = RunConfig(output_dir=tmp + "/run", save_every=1000, progress=False)
 if opts["device"] == "cpu" and torch.cuda.is_available():
     run.cpu = True
@@ -64,14 +65,14 @@ mb = opts["micro_batch"]
 if kind == "lrpo":
     from facereward.train.lrpo import LRPOConfig, train_lrpo
     config = LRPOConfig(run=run, data=data, init_from=restorer, group_size=g, inputs_per_batch=2, batches_per_epoch=opts["batches"],
-                        epochs=1, steps=t, micro_batch=mb, train_batch_size=mb, reg_steps=2, held_out=HeldOutConfig(every=0))
+                        epochs=1, sample_steps=t, micro_batch=mb, train_batch_size=mb, reg_steps=2, held_out=HeldOutConfig(every=0))
     config.rewards.weights = {"wavelet": 0.5, "ssim": 0.5}
     setup = kib()
     train_lrpo(config)
 else:
     from facereward.train.refl import ReFLConfig, train_refl
-    config = ReFLConfig(run=run, data=data, init_from=restorer, frm=tmp + "/frm", steps=3, batch_size=opts["refl_batch"],
-                        sampling_steps=t, lpips_weight=0.0, held_out=HeldOutConfig(every=0))
+    config = ReFLConfig(run=run, data=data, init_from=restorer, rewards=MeasuresConfig(weights={"frm": 1.0}, options={"frm": {"path": tmp + "/frm"}}), train_steps=3, batch_size=opts["refl_batch"],
+                        sample_steps=t, losses=MeasuresConfig(weights={"wavelet": 0.01}), held_out=HeldOutConfig(every=0))
     setup = kib()
     train_refl(config)
 out = {"setup": setup / 1024, "peak": kib() / 1024}

@@ -32,7 +32,7 @@ import torch
 from facereward.models.ddim import DDIMSchedule, ddim_step_with_logprob, predict_x0
 from facereward.models.frm import FaceRewardModel
 from facereward.models.restorer import Restorer
-from facereward.train.plumbing import RunConfig, make_accelerator
+from facereward.train.accelerator import RunConfig, make_accelerator
 from facereward.train.refl import ReFLConfig, ReFLStep
 from facereward.train.trainable import LoraSettings, frozen_copy, prepare_trainable
 from facereward.weights import WEIGHTS_DIR, default_restorer_path
@@ -121,7 +121,7 @@ def main() -> None:
         accelerator.backward(loss) if accelerator is not None else loss.backward()
 
     for reg in (0.0, 1e-4):
-        cfg = ReFLConfig(sampling_steps=args.steps, grad_window=1, eta=1.0, reg_weight=reg)
+        cfg = ReFLConfig(sample_steps=args.steps, grad_window=1, eta=1.0, reg_weight=reg)
         step = ReFLStep(cfg, restorer, frm, reference, net=net)
         gen = torch.Generator(device=device).manual_seed(0)
 

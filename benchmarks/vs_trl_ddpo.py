@@ -57,13 +57,13 @@ from pathlib import Path
 
 import torch
 
+from facereward.data.training_data import DataConfig, build_dataset
 from facereward.models.ddim import DDIMSchedule
 from facereward.models.restorer import Restorer, RestorerConfig
-from facereward.rewards import CompositeReward, RewardsConfig
-from facereward.train.base import DataConfig, build_dataset
+from facereward.measures import MeasuresConfig, WeightedSum
+from facereward.train.accelerator import RunConfig, make_accelerator
 from facereward.train.lrpo import (LRPOConfig, assign_advantages, check_config, lrpo_workload, sample_epoch,
                                    set_regulariser_targets, update_epoch)
-from facereward.train.plumbing import RunConfig, make_accelerator
 from facereward.train.speed import speed_up_stage2
 from facereward.train.trainable import LoraSettings, prepare_trainable, trainable_parameters
 
@@ -189,9 +189,9 @@ class OurSide:
                              f"and of --batch {args.batch}")
         self.config = config = LRPOConfig(
             run=RunConfig(output_dir=tempfile.mkdtemp(), progress=False), data=DataConfig(toy_faces=16, size=args.size),
-            group_size=group, inputs_per_batch=inputs, batches_per_epoch=args.samples // (group * inputs), steps=args.steps,
+            group_size=group, inputs_per_batch=inputs, batches_per_epoch=args.samples // (group * inputs), sample_steps=args.steps,
             micro_batch=args.batch, train_batch_size=args.batch, reg_steps=2, lr=1e-6, stepping=args.stepping)
-        config.rewards = RewardsConfig(weights={"wavelet": 0.5, "ssim": 0.5})
+        config.rewards = MeasuresConfig(weights={"wavelet": 0.5, "ssim": 0.5})
         self.n_train = check_config(config)
         self.accelerator = make_accelerator(config.run, "bench")
         self.restorer = _restorer(args.size)
@@ -204,9 +204,9 @@ class OurSide:
         optimizer = torch.optim.AdamW(trainable_parameters(module), lr=config.lr, weight_decay=config.weight_decay)
         self.opt_steps = _count_steps(optimizer)
         self.net, self.optimizer = self.accelerator.prepare(module, optimizer)
-        self.reward = CompositeReward.from_config(config.rewards, self.accelerator.device)
+        self.reward = WeightedSum.from_config(config.rewards, device=self.accelerator.device)
         self.dataset = build_dataset(config.data)
-        self.schedule = DDIMSchedule.from_scheduler(self.restorer.scheduler, config.steps)
+        self.schedule = DDIMSchedule.from_scheduler(self.restorer.scheduler, config.sample_steps)
         self.trajectories = config.batches_per_epoch * config.inputs_per_batch * config.group_size
         self.trained_steps = self.n_train
         self.size = args.size

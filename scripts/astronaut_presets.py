@@ -76,7 +76,7 @@ def main() -> None:
                 warnings.filterwarnings("ignore", message=".*FID.*")
                 result = evaluate(EvaluateConfig(
                     testset=str(folder), out_dir=str(folder / ("eval-colour-fix" if colour_fix else "eval")),
-                    models={"base": args.model}, include_lq=not colour_fix, steps=args.steps, eta=0.0, seed=0,
+                    models={"base": args.model}, include_lq=not colour_fix, sample_steps=args.steps, eta=0.0, seed=0,
                     identity="dlib", landmarks="dlib", fid="none", colour_fix=colour_fix, progress=False))
             rows.update({("base + colour fix" if colour_fix else k): v for k, v in result.rows.items()})
         cells = [f"{_column(rows[row], prefix):.{3 if prefix == 'IDS' else 2}f}"

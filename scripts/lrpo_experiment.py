@@ -25,13 +25,14 @@ import torch
 from facereward import smoke
 from facereward.config import load_config
 from facereward.data.imageio import read_image
-from facereward.demo import TOY_WORLD_IDENTITIES, TOY_WORLD_SEED, make_toy_testset
+from facereward.data.training_data import DataConfig
+from facereward.data.testset import write_toy_testset
+from facereward.data.toyfaces import TOY_WORLD_IDENTITIES, TOY_WORLD_SEED
 from facereward.evaluate import EvaluateConfig, evaluate, markdown_table
-from facereward.rewards import CompositeReward
-from facereward.train.base import DataConfig
+from facereward.measures import MeasureEnv, WeightedSum
+from facereward.train.accelerator import RunConfig
 from facereward.train.heldout import HeldOutConfig
 from facereward.train.lrpo import LRPOConfig, rewards_with_defaults, train_lrpo
-from facereward.train.plumbing import RunConfig
 from facereward.weights import default_restorer_path
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "lrpo_toy.yaml"
@@ -68,14 +69,14 @@ def lrpo_config(out: Path, s: Settings, fields: dict) -> LRPOConfig:
                              random_flip=False)
     config.held_out = HeldOutConfig(every=0)
     for key, value in {"group_size": s.group_size, "inputs_per_batch": s.inputs_per_batch, "epochs": s.epochs,
-                       "steps": s.steps, "micro_batch": s.train_batch_size, "train_batch_size": s.train_batch_size,
+                       "sample_steps": s.steps, "micro_batch": s.train_batch_size, "train_batch_size": s.train_batch_size,
                        "lr": s.lr, "reg_steps": s.reg_steps, **fields}.items():
         setattr(config, key, value)
     return config
 
 
 @torch.no_grad()
-def composite_columns(testset: Path, outputs: Path, reward: CompositeReward) -> dict[str, float]:
+def composite_columns(testset: Path, outputs: Path, reward: WeightedSum) -> dict[str, float]:
     """The composite reward and its parts on one method's saved restorations of the test set."""
     hq_files = sorted((testset / "hq").glob("*.png"))
     restored = torch.from_numpy(np.stack([read_image(outputs / f.name) for f in hq_files]).transpose(0, 3, 1, 2).copy())
@@ -116,11 +117,11 @@ def main() -> None:
         print(f"{name}: {run_seconds[name]:.0f} s, training reward {curves[name][0]:.4f} -> {curves[name][-1]:.4f}", flush=True)
 
     t0 = time.time()
-    testset = make_toy_testset(args.out / "toy-test", s.test_faces, size=64, seed=0)
+    testset = write_toy_testset(args.out / "toy-test", s.test_faces, size=64, seed=0)
     result = evaluate(EvaluateConfig(testset=str(testset), out_dir=str(args.out / "eval"), models=models, include_lq=False,
-                                     steps=s.steps, eta=0.0, seed=0, fid="none", progress=False))
+                                     sample_steps=s.steps, eta=0.0, seed=0, fid="none", progress=False))
     rewards = rewards_with_defaults(load_config(LRPOConfig, RECIPE, []).rewards)
-    reward = CompositeReward.from_config(rewards)
+    reward = WeightedSum.from_config(rewards, env=MeasureEnv(toy=True))
     rows = {}
     for name in models:
         slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name).strip("_")

@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 
 from facereward import smoke
-from facereward.demo import TOY_WORLD_IDENTITIES, TOY_WORLD_SEED, make_toy_testset
+from facereward.data.training_data import DataConfig
+from facereward.data.testset import write_toy_testset
+from facereward.data.toyfaces import TOY_WORLD_IDENTITIES, TOY_WORLD_SEED
 from facereward.evaluate import EvaluateConfig, evaluate, redraw_grid
-from facereward.train.base import DataConfig
+from facereward.train.accelerator import RunConfig
 from facereward.train.heldout import HeldOutConfig
-from facereward.train.plumbing import RunConfig
+from facereward.measures import MeasuresConfig
 from facereward.train.refl import DynamicFRMConfig, ReFLConfig, train_refl
 from facereward.weights import WEIGHTS_DIR, default_restorer_path
 
@@ -40,11 +42,12 @@ def variant_config(out: Path, name: str, args: argparse.Namespace) -> ReFLConfig
         run=RunConfig(output_dir=str(out / "runs" / name.replace(" ", "_").replace("/", "").replace(".", "")), seed=0,
                       progress=False, log_every=10, save_every=10_000),
         data=DataConfig(toy_faces=800, toy_seed=TOY_WORLD_SEED, toy_identities=TOY_WORLD_IDENTITIES, size=64, seed=1),
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, sampling_steps=args.sampling_steps, grad_window=2, eta="random",
+        train_steps=args.steps, batch_size=args.batch_size, lr=args.lr, sample_steps=args.sampling_steps, grad_window=2, eta="random",
         reward_weight=args.reward_weight, reg_weight=change.get("reg_weight", args.reg_weight),
-        structural_weight=change.get("structural_weight", args.structural_weight), wavelet="dtcwt", lpips_weight=0.0,
+        losses=MeasuresConfig(weights={"wavelet": change.get("structural_weight", args.structural_weight)},
+                              options={"wavelet": {"wavelet": "dtcwt", "levels": 3, "clamp": True}}),
         dynamic_frm=DynamicFRMConfig(every=change.get("dynamic_frm_every", args.frm_every), lr=args.frm_lr),
-        held_out=HeldOutConfig(every=max(1, args.steps // 4), toy_faces=8, steps=args.sampling_steps),
+        held_out=HeldOutConfig(every=max(1, args.steps // 4), toy_faces=8, sample_steps=args.sampling_steps),
     ))
 
 
@@ -74,7 +77,7 @@ def main() -> None:
         args.steps, args.test_faces, args.sampling_steps, args.batch_size = 2, 4, 3, 2
     torch.set_num_threads(2)
     start = time.time()
-    testset = make_toy_testset(args.out / "toy-test", args.test_faces, size=64, seed=0)
+    testset = write_toy_testset(args.out / "toy-test", args.test_faces, size=64, seed=0)
     models = {"base": str(default_restorer_path())}
     curves = {}
     for name in VARIANTS:
@@ -85,8 +88,8 @@ def main() -> None:
         curves[name] = metrics["held_out"]
         print(f"{name}: trained in {time.time() - t0:.0f} s", flush=True)
     result = evaluate(EvaluateConfig(
-        testset=str(testset), out_dir=str(args.out / "eval"), models=models, include_lq=True, steps=args.sampling_steps,
-        eta=0.0, seed=0, frm=str(WEIGHTS_DIR / "toy-frm"), fid="none", progress=False,
+        testset=str(testset), out_dir=str(args.out / "eval"), models=models, include_lq=True, sample_steps=args.sampling_steps,
+        eta=0.0, seed=0, options={"frm": {"path": str(WEIGHTS_DIR / "toy-frm")}}, fid="none", progress=False,
     ))
     lines = [result.table, "", "Held-out FRM score during training (8 faces; initial FRM / live FRM):", "",
              "| run | " + " | ".join(f"step {h['step']}" for h in next(iter(curves.values()))) + " |",

@@ -28,11 +28,11 @@ from scipy.stats import spearmanr
 from facereward import smoke
 from facereward.data.degradation import degrade
 from facereward.data.toyfaces import ToyFaceWorld
-from facereward.demo import TOY_WORLD_IDENTITIES, TOY_WORLD_SEED
+from facereward.data.toyfaces import TOY_WORLD_IDENTITIES, TOY_WORLD_SEED
 from facereward.labelling.oracle import build_toy_preferences
 from facereward.models.frm import FaceRewardModel, FRMConfig
+from facereward.train.accelerator import RunConfig
 from facereward.train.frm import TrainFRMConfig, train_frm
-from facereward.train.plumbing import RunConfig
 
 STRENGTHS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
@@ -81,7 +81,7 @@ def main() -> None:
         run=RunConfig(output_dir=str(out / "train"), save_every=500, log_every=50, seed=0),
         pairs=str(out / "train-prefs" / "pairs.jsonl"), eval_pairs=str(out / "test-prefs" / "pairs.jsonl"),
         model=FRMConfig(backbone="cnn", input_size=64, cnn_widths=[16, 32, 64, 128], cnn_depth=1),
-        steps=args.steps, batch_size=32, lr=1e-3, eval_every=min(100, args.steps),
+        train_steps=args.steps, batch_size=32, lr=1e-3, eval_every=min(100, args.steps),
     )
     t0 = time.perf_counter()
     best = train_frm(config)

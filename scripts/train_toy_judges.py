@@ -27,7 +27,7 @@ from torch import Tensor
 from facereward import smoke
 from facereward.data.degradation import degrade
 from facereward.data.toyfaces import ToyFace, ToyFaceWorld
-from facereward.metrics.toy_judges import (
+from facereward.measures.toy_judges import (
     IBUG_FLIP,
     ToyIdentityEmbedder,
     ToyLandmarkRegressor,

@@ -30,16 +30,16 @@ import facereward.train.refl  # noqa: E402, F401
 
 def _die_in_save(step: int) -> None:
     """Make the checkpoint writer SIGKILL this process halfway through writing checkpoint `step`."""
-    import facereward.train.plumbing as plumbing
+    import facereward.train.checkpoints as checkpoints
 
-    publish = plumbing._publish
+    publish = checkpoints._publish
 
     def dying(output_dir, at, *args, **kwargs):
         if at == step:
             os.kill(os.getpid(), signal.SIGKILL)
         return publish(output_dir, at, *args, **kwargs)
 
-    plumbing._publish = dying
+    checkpoints._publish = dying
 
 
 def run_phase(argv: list[str], kill_on: str | None, kill_in_save: int | None = None) -> dict:

@@ -9,12 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from facereward.train.base import DataConfig, TrainBaseConfig, check_config, train_base
-from facereward.train.lrpo import LRPOConfig
-from facereward.train.lrpo import check_config as check_lrpo_config
-from facereward.train.plumbing import (
+from facereward.data.training_data import DataConfig
+from facereward.train.accelerator import RunConfig
+from facereward.train.base import TrainBaseConfig, check_config, train_base
+from facereward.train.checkpoints import (
     CheckpointError,
-    RunConfig,
     checkpoint_problem,
     find_checkpoint,
     load_checkpoint,
@@ -22,6 +21,8 @@ from facereward.train.plumbing import (
     resume_run,
     save_checkpoint,
 )
+from facereward.train.lrpo import LRPOConfig
+from facereward.train.lrpo import check_config as check_lrpo_config
 
 
 def _save(out: Path, step: int, num_processes: int = 1) -> Path:
@@ -189,7 +190,7 @@ def test_lrpo_rejects_values_that_cannot_train(field, value):
 
 
 def test_fp16_on_cpu_is_one_line_not_a_silent_fp32_run(tmp_path):
-    from facereward.train.plumbing import make_accelerator
+    from facereward.train.accelerator import make_accelerator
 
     with pytest.raises(ValueError, match=r"^run\.mixed_precision: fp16 needs a GPU .*use bf16 or no$"):
         make_accelerator(RunConfig(output_dir=str(tmp_path), mixed_precision="fp16", cpu=True), "x")

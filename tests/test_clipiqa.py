@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from facereward.cli import app
-from facereward.metrics.clipiqa import CLIPIQA, PROMPT_SETS, clip_resize, resolve_prompts
+from facereward.measures.clipiqa import CLIPIQA, PROMPT_SETS, clip_resize, resolve_prompts
 from facereward.models.frm import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from facereward.models.restorer import ModelFolderError
 
@@ -282,9 +282,9 @@ def test_clipiqa_reward_in_the_registry_and_a_composite(tiny_clip):
 
 @pytest.fixture(scope="module")
 def toy_testset(tmp_path_factory):
-    from facereward.demo import make_toy_testset
+    from facereward.data.testset import write_toy_testset
 
-    return make_toy_testset(tmp_path_factory.mktemp("toy") / "set", n=4, size=64, seed=0)
+    return write_toy_testset(tmp_path_factory.mktemp("toy") / "set", n=4, size=64, seed=0)
 
 
 def test_evaluate_adds_a_clipiqa_column_without_gt(tiny_clip, toy_testset, tmp_path):

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from facereward.cli import app
 from facereward.data.imageio import read_image, write_image
-from facereward.demo import make_toy_testset
+from facereward.data.testset import write_toy_testset
 from facereward.data.testset import write_degraded_testset
 from facereward.data.toyfaces import TOY_MARKER, write_toyfaces
 from facereward.evaluate import EvaluateConfig, evaluate, markdown_table, redraw_grid
@@ -22,7 +22,7 @@ from facereward.evaluate import EvaluateConfig, evaluate, markdown_table, redraw
 
 @pytest.fixture(scope="module")
 def toy_testset(tmp_path_factory):
-    return make_toy_testset(tmp_path_factory.mktemp("toy") / "set", n=6, size=64, seed=0)
+    return write_toy_testset(tmp_path_factory.mktemp("toy") / "set", n=6, size=64, seed=0)
 
 
 def test_images_equal_to_gt_score_perfectly_and_lq_does_not(toy_testset, tmp_path):

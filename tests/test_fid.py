@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from facereward.metrics.fid import (
+from facereward.measures.fid import (
     CallableFeatures,
     FeatureExtractor,
     FIDInceptionV3,
@@ -111,7 +111,7 @@ def test_fid_needs_two_images_and_warns_when_covariance_singular():
 
 
 def test_fid_sqrtm_fixes_as_pytorch_fid(monkeypatch):
-    import facereward.metrics.fid as fidmod
+    import facereward.measures.fid as fidmod
 
     s1, s2 = np.diag([1.0, 4.0]), np.diag([4.0, 1.0])
     mu = np.zeros(2)

@@ -26,7 +26,7 @@ import torch
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from facereward.metrics.fullref import psnr, rgb_to_y, ssim
+from facereward.measures.fullref import psnr, rgb_to_y, ssim
 
 TOL = 1e-4
 

@@ -10,7 +10,7 @@ import torch
 
 from facereward.data.degradation import degrade
 from facereward.data.imageio import image_to_tensor
-from facereward.metrics.identity import (
+from facereward.measures.identity import (
     ArcFaceOnnxEmbedder,
     DlibIdentityEmbedder,
     IdentityEmbedder,
@@ -20,7 +20,7 @@ from facereward.metrics.identity import (
     identity_similarity,
     list_identity_embedders,
 )
-from facereward.metrics.landmarks import (
+from facereward.measures.landmarks import (
     DlibLandmarkDetector,
     LandmarkDetector,
     get_landmark_detector,

@@ -14,7 +14,7 @@ from facereward.candidates import load_candidates, make_candidates
 from facereward.data.degradation import degrade
 from facereward.data.preferences import PAIR_KEYS, PreferencePair, load_pairs
 from facereward.data.toyfaces import ToyFaceWorld
-from facereward.demo import TOY_WORLD_IDENTITIES, TOY_WORLD_SEED
+from facereward.data.toyfaces import TOY_WORLD_IDENTITIES, TOY_WORLD_SEED
 from facereward.labelling import (
     AutoLabeller,
     FullReferenceFeatures,
@@ -22,13 +22,13 @@ from facereward.labelling import (
     build_toy_preferences,
     label_candidates,
     oracle_label,
-    toy_quality,
-    write_toy_paired_set,
 )
-from facereward.labelling.oracle import ORACLE_WEIGHTS, bradley_terry_first_wins, detail_score
-from facereward.metrics.fullref import ssim
-from facereward.metrics.identity import get_identity_embedder, identity_similarity
-from facereward.metrics.landmarks import get_landmark_detector, landmark_distance
+from facereward.data.testset import write_toy_testset
+from facereward.labelling.oracle import bradley_terry_first_wins
+from facereward.measures.toy_quality import ORACLE_WEIGHTS, detail_score, toy_quality
+from facereward.measures.fullref import ssim
+from facereward.measures.identity import get_identity_embedder, identity_similarity
+from facereward.measures.landmarks import get_landmark_detector, landmark_distance
 from facereward.models.restorer import Restorer
 
 STRENGTHS = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6)
@@ -55,7 +55,7 @@ def graded(tmp_path_factory):
     """A candidates folder of 16 train-split toy faces: LQ, GT and GT degraded at graded strengths, oracle-labelled."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("graded")
-    testset = write_toy_paired_set(root / "testset", 16, size=64, split="train", seed=0)
+    testset = write_toy_testset(root / "testset", 16, size=64, split="train", seed=0)
     cands = make_candidates(testset, root / "cands", {}, k=0, include_lq=True, include_gt=True,
                             degraded_strengths=STRENGTHS, progress=False)
     n = label_candidates(cands, cands / "pairs.jsonl")
@@ -173,7 +173,7 @@ def test_label_candidates_sampling_margin_and_errors(graded, tmp_path):
         label_candidates(nogt, tmp_path / "x.jsonl")
 
 
-def test_write_toy_paired_set_uses_the_requested_split(graded):
+def test_write_toy_testset_uses_the_requested_split(graded):
     world = ToyFaceWorld(seed=TOY_WORLD_SEED, n_identities=TOY_WORLD_IDENTITIES)
     info = json.loads((graded["root"] / "testset" / "toyworld.json").read_text())
     assert info["split"] == "train" and len(info["identities"]) == 16
@@ -244,7 +244,7 @@ def test_label_unlabelled_fills_in_the_remaining_pairs(graded, tmp_path):
 
 
 def test_features_of_the_gt_itself_and_with_lpips(graded, tmp_path):
-    from facereward.metrics.lpips import backbone_layout, heads_layout
+    from facereward.measures.lpips import backbone_layout, heads_layout
 
     g = torch.Generator().manual_seed(0)
     save_file({k: torch.randn(s, generator=g) * 0.05 for k, s in backbone_layout("alex").items()}, str(tmp_path / "alex.safetensors"))

@@ -1,4 +1,4 @@
-"""LPIPS v0.1 (facereward.metrics.lpips) against an independent hand computation.
+"""LPIPS v0.1 (facereward.measures.lpips) against an independent hand computation.
 
 No real weights can be fetched here, so the files are fabricated with the real key layouts: every
 tensor that torchvision's ``vgg16().state_dict()`` / ``alexnet().state_dict()`` hold under
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from facereward.metrics.lpips import LPIPS, load_lpips
+from facereward.measures.lpips import LPIPS, load_lpips
 
 # (features index, out channels, in channels, kernel) as in torchvision.models.vgg16 / alexnet
 VGG_CONVS = [

@@ -263,9 +263,9 @@ def test_group_batch_rows_of_a_group_share_one_degraded_input():
 
 
 def _config(tmp_path, model_dir, name: str = "run", **fields) -> LRPOConfig:
-    from facereward.train.base import DataConfig
+    from facereward.data.training_data import DataConfig
     from facereward.train.heldout import HeldOutConfig
-    from facereward.train.plumbing import RunConfig
+    from facereward.train.accelerator import RunConfig
 
     config = LRPOConfig(
         run=RunConfig(output_dir=str(tmp_path / name), save_every=1, log_every=1, progress=False),

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from facereward.cli import app
 from facereward.data.imageio import read_image
-from facereward.demo import make_toy_testset
+from facereward.data.testset import write_toy_testset
 from facereward.evaluate import EvaluateConfig, evaluate
 from facereward.metrics.table import (
     DEFAULT_METRICS,
@@ -29,7 +29,7 @@ from facereward.metrics.table import (
 
 @pytest.fixture(scope="module")
 def toy_testset(tmp_path_factory):
-    return make_toy_testset(tmp_path_factory.mktemp("toy") / "set", n=4, size=64, seed=0)
+    return write_toy_testset(tmp_path_factory.mktemp("toy") / "set", n=4, size=64, seed=0)
 
 
 def _mean_abs_laplacian(images, gt=None, captions=None):
@@ -45,7 +45,7 @@ def sharpness_metric():
 
 
 def test_the_composite_reward_column_is_the_weighted_sum_of_its_terms():
-    from facereward.metrics.fullref import psnr
+    from facereward.measures.fullref import psnr
 
     torch.manual_seed(0)
     gt = torch.rand(3, 3, 16, 16)

@@ -14,7 +14,7 @@ from scipy.stats import spearmanr
 from typer.testing import CliRunner
 
 from facereward.cli import app
-from facereward.metrics.niqe import (
+from facereward.measures.niqe import (
     NIQE,
     NIQEModel,
     _resize_matrix,
@@ -266,10 +266,10 @@ def test_fitted_model_ranks_mild_degradations(pristine_faces_model):
 
 def test_fit_niqe_command_and_evaluate_column(tmp_path):
     from facereward.data.imageio import write_image
-    from facereward.demo import make_toy_testset
+    from facereward.data.testset import write_toy_testset
     from facereward.evaluate import EvaluateConfig, evaluate
 
-    testset = make_toy_testset(tmp_path / "set", n=4, size=64, seed=0)
+    testset = write_toy_testset(tmp_path / "set", n=4, size=64, seed=0)
     hq = tmp_path / "pristine"
     from facereward.data.toyfaces import ToyFaceWorld
 

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from facereward.cli import app
 from facereward.data.degradation import _REGISTRY, list_degradations
+from facereward.data.training_data import DataConfig, build_dataset
 from facereward.plugins import import_plugins
-from facereward.train.base import DataConfig, build_dataset
 
 PLUGIN = """
 from facereward.data.degradation import DegradationPreset, register_degradation

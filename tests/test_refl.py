@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
+from facereward.data.training_data import DataConfig
 from facereward.models.frm import FaceRewardModel, FRMConfig
 from facereward.models.restorer import Restorer
 from facereward.rewards import RewardsConfig, register_reward
-from facereward.train.base import DataConfig
+from facereward.train.accelerator import RunConfig
 from facereward.train.heldout import HeldOutConfig
-from facereward.train.plumbing import RunConfig
 from facereward.train.refl import (
     DynamicFRMConfig,
     ReFLConfig,
@@ -218,7 +218,7 @@ class RangeSpy(torch.nn.Module):
 
 @pytest.mark.parametrize("clamp", [True, False])
 def test_x_hat_is_clamped_before_the_rewards_and_the_structural_term(clamp, pixel_restorer, tiny_frm, monkeypatch):
-    from facereward.metrics import wavelet
+    from facereward.measures import wavelet
 
     decode = pixel_restorer.decode
     monkeypatch.setattr(pixel_restorer, "decode", lambda z: decode(z) * 3 - 1)  # well outside [0, 1]
@@ -236,7 +236,7 @@ def test_x_hat_is_clamped_before_the_rewards_and_the_structural_term(clamp, pixe
 
 def test_a_composite_reward_term_by_hand(pixel_restorer, tiny_frm):
     """R = 0.5 s(x_hat) + 0.5 SSIM(x_hat, gt): the reward loss is w_r * mean(1 - R), its parts logged."""
-    from facereward.metrics.fullref import ssim
+    from facereward.measures.fullref import ssim
 
     rewards = RewardsConfig(weights={"frm": 0.5, "ssim": 0.5})
     cfg_kw = dict(rewards=rewards, reg_weight=0.0, structural_weight=0.0)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from facereward.metrics.fullref import psnr, ssim
-from facereward.metrics.wavelet import lowpass_l1
+from facereward.measures.fullref import psnr, ssim
+from facereward.measures.wavelet import lowpass_l1
 from facereward.models.frm import FaceRewardModel
 from facereward.rewards import (
     PAPER_WEIGHTS,
@@ -167,7 +167,7 @@ def test_frm_reward_scores_like_the_model_and_passes_gradients():
 
 
 def test_lpips_reward_is_one_minus_lpips(tmp_path):
-    from facereward.metrics.lpips import LPIPS
+    from facereward.measures.lpips import LPIPS
 
     g = torch.Generator().manual_seed(0)
     convs = [(0, 64, 3, 11), (3, 192, 64, 5), (6, 384, 192, 3), (8, 256, 384, 3), (10, 256, 256, 3)]

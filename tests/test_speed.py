@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from facereward.train import speed
-from facereward.train.plumbing import RunConfig, make_accelerator
+from facereward.train.accelerator import RunConfig, make_accelerator
 from facereward.train.speed import LAYOUTS, SpeedChoice, Workload, choose_speed, measure, pick
 
 

@@ -16,9 +16,9 @@ import torch
 
 from facereward.data.degradation import degrade
 from facereward.data.toyfaces import ToyFaceWorld
-from facereward.metrics.identity import IdentityEmbedder, identity_scores
-from facereward.metrics.landmarks import LandmarkDetector, landmark_distance
-from facereward.metrics.toy_judges import (
+from facereward.measures.identity import IdentityEmbedder, identity_scores
+from facereward.measures.landmarks import LandmarkDetector, landmark_distance
+from facereward.measures.toy_judges import (
     ToyIdentityEmbedder,
     ToyLandmarkRegressor,
     default_toy_judges_dir,
@@ -162,7 +162,7 @@ def test_missing_weights_clear_error(tmp_path):
 
 
 def test_save_load_roundtrip(tmp_path, held_out):
-    from facereward.metrics.toy_judges import save_toy_judge
+    from facereward.measures.toy_judges import save_toy_judge
 
     torch.manual_seed(0)
     model = ToyIdentityEmbedder().eval()

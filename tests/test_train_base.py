@@ -12,25 +12,18 @@ import yaml
 
 from facereward.config import ConfigError, load_config
 from facereward.data.imageio import write_image
+from facereward.data.training_data import DataConfig, build_dataset
 from facereward.models.ddim import make_scheduler, output_to_eps, scheduler_defaults, training_target
 from facereward.models.restorer import PixelUNetConfig, Restorer, RestorerConfig
+from facereward.train.accelerator import RunConfig
 from facereward.train.base import (
-    DataConfig,
     TrainBaseConfig,
-    build_dataset,
     initial_restorer,
     stage1_loss,
     stage2_loss,
     train_base,
 )
-from facereward.train.plumbing import (
-    CheckpointError,
-    RunConfig,
-    find_checkpoint,
-    load_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
+from facereward.train.checkpoints import CheckpointError, find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 
 
 def _tiny_model() -> RestorerConfig:

@@ -11,8 +11,9 @@ import torch
 from facereward.data.imageio import write_image
 from facereward.data.preferences import append_pair
 from facereward.models.frm import FaceRewardModel, FRMConfig
+from facereward.train.accelerator import RunConfig
+from facereward.train.checkpoints import find_checkpoint
 from facereward.train.frm import TrainFRMConfig, train_frm
-from facereward.train.plumbing import RunConfig, find_checkpoint
 
 
 def _blur(img: np.ndarray, k: int) -> np.ndarray:

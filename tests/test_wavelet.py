@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from facereward.metrics.wavelet import dtcwt_lowpass, haar_lowpass, lowpass, lowpass_l1
+from facereward.measures.wavelet import dtcwt_lowpass, haar_lowpass, lowpass, lowpass_l1
 
 
 def test_one_level_haar_ll_by_hand():

@@ -27,7 +27,7 @@ def _fail(message: str) -> None:
 
 # Known user errors by (module, class): checked only in modules already imported, so `--help` imports no torch.
 _USER_ERRORS = (("facereward.config", "ConfigError"), ("facereward.data.imageio", "ImageError"),
-                ("facereward.models.restorer", "ModelFolderError"), ("facereward.train.plumbing", "CheckpointError"),
+                ("facereward.models.restorer", "ModelFolderError"), ("facereward.train.checkpoints", "CheckpointError"),
                 ("facereward.models.checkpoint_io", "CheckpointError"))
 _started = time.monotonic()
 
@@ -239,7 +239,7 @@ def _reward_overrides(reward: list[str], reward_module: list[str], key: str = "r
             if not sep or not name:
                 _fail(f"--reward expects NAME=WEIGHT, got {item!r}")
             overrides.append(f"{key}.{name}={weight}")
-    return overrides + _module_overrides("rewards.imports", reward_module)
+    return overrides + _module_overrides("imports", reward_module)
 
 
 def _module_overrides(key: str, modules: list[str]) -> list[str]:
@@ -273,16 +273,16 @@ def refl_cmd(
     frm: Path | None = typer.Option(None, help="Face Reward Model folder (default: the shipped toy FRM)."),
     hq_dir: Path | None = typer.Option(None, help="Folder of HQ faces (sets data.hq_dir)."),
     toy_faces: int | None = typer.Option(None, help="Train on N procedural toy faces instead (sets data.toy_faces)."),
-    steps: int | None = typer.Option(None, help="Optimizer steps (sets steps)."),
+    train_steps: int | None = typer.Option(None, help="Optimizer steps (sets train_steps)."),
     lora_rank: int | None = typer.Option(None, help="Train LoRA adapters of this rank instead of the full network."),
     output_dir: Path | None = typer.Option(None, help="Run folder (sets run.output_dir)."),
     resume: str | None = typer.Option(None, help="'latest' (the newest valid checkpoint), 'auto' (the same, or a fresh "
                                       "start if there is none) or a checkpoint folder (sets run.resume)."),
     reward: list[str] = typer.Option([], "--reward", help="NAME=WEIGHT: the reward term's composite (repeatable; replaces frm=1; "
                                      "frm is the dynamic FRM; differentiable rewards only)."),
-    reward_module: list[str] = typer.Option([], "--reward-module", help="Module or .py file that registers custom rewards (repeatable)."),
-    lpips_backbone: Path | None = typer.Option(None, help="LPIPS backbone weights for the structural term (sets lpips_backbone)."),
-    lpips_heads: Path | None = typer.Option(None, help="LPIPS linear heads for the structural term (sets lpips_heads)."),
+    reward_module: list[str] = typer.Option([], "--reward-module", help="Module or .py file that registers custom measures (repeatable; sets imports)."),
+    lpips_backbone: Path | None = typer.Option(None, help="LPIPS backbone weights for the structural term (sets losses.options.lpips.backbone_path)."),
+    lpips_heads: Path | None = typer.Option(None, help="LPIPS linear heads for the structural term (sets losses.options.lpips.heads_path)."),
     no_reward: bool = typer.Option(False, "--no-reward", help="Ablation: drop the FRM reward term."),
     no_regulariser: bool = typer.Option(False, "--no-regulariser", help="Ablation: drop the regulariser vs the initial network."),
     no_structural: bool = typer.Option(False, "--no-structural", help="Ablation: drop the wavelet low-pass and LPIPS terms."),
@@ -294,15 +294,16 @@ def refl_cmd(
     from facereward.train.refl import ReFLConfig, train_refl
 
     overrides = list(set_) + _reward_overrides(reward, reward_module) + _module_overrides("data.imports", degradation_module)
-    for key, value in (("init_from", init_from), ("frm", frm), ("data.hq_dir", hq_dir), ("data.toy_faces", toy_faces),
-                       ("steps", steps), ("lora.rank", lora_rank), ("run.output_dir", output_dir), ("run.resume", resume),
-                       ("lpips_backbone", lpips_backbone), ("lpips_heads", lpips_heads)):
+    for key, value in (("init_from", init_from), ("rewards.options.frm.path", frm), ("data.hq_dir", hq_dir),
+                       ("data.toy_faces", toy_faces), ("train_steps", train_steps), ("lora.rank", lora_rank),
+                       ("run.output_dir", output_dir), ("run.resume", resume),
+                       ("losses.options.lpips.backbone_path", lpips_backbone), ("losses.options.lpips.heads_path", lpips_heads)):
         if value is not None:
             overrides.append(f"{key}={value}")
     for flag, keys in ((no_reward, ["reward_weight"]), (no_regulariser, ["reg_weight"]),
-                       (no_structural, ["structural_weight", "lpips_weight"]), (no_dynamic_frm, ["dynamic_frm.every"])):
+                       (no_structural, ["losses.weights"]), (no_dynamic_frm, ["dynamic_frm.every"])):
         if flag:
-            overrides += [f"{k}=0" for k in keys]
+            overrides += [f"{k}={{}}" if k == "losses.weights" else f"{k}=0" for k in keys]
     cfg = load_config(ReFLConfig, config, overrides)
     _announce("refl", cfg)
     model = train_refl(cfg)
@@ -318,7 +319,7 @@ def candidates(
     model: list[str] = typer.Option([], "--model", help="NAME=DIR restorer (repeatable; candidates cycle over models)."),
     k: int = typer.Option(4, help="Restorations per LQ input."),
     etas: str = typer.Option("0,0.5,1", help="Comma-separated eta values cycled over candidates."),
-    steps: int = typer.Option(50, help="DDIM steps."),
+    steps: int = typer.Option(50, "--sample-steps", "--steps", help="DDIM steps."),
     spacing: str | None = typer.Option(None, help=SPACING_HELP),
     final_alpha_bar: str | None = typer.Option(None, help=FINAL_ALPHA_HELP),
     colour_fix: bool | None = typer.Option(None, "--colour-fix/--no-colour-fix", help=COLOUR_FIX_HELP),
@@ -357,7 +358,7 @@ def toy_preferences(
     k: int = typer.Option(3, help="Restorations per input (plus the LQ, graded degradations of the GT and the GT)."),
     split: str = typer.Option("train", help="Identities: train (FRM training data) or test (held-out pairs)."),
     model: Path | None = typer.Option(None, help="Restorer (default: the shipped toy restorer)."),
-    steps: int = typer.Option(20, help="DDIM steps."),
+    steps: int = typer.Option(20, "--sample-steps", "--steps", help="DDIM steps."),
     noise: float = typer.Option(0.0, help="Oracle label noise (Bradley-Terry temperature); 0 is noiseless."),
     seed: int = typer.Option(0, help="Seed."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -466,7 +467,7 @@ def restore(
     max_faces: int | None = typer.Option(None, help="--photos: restore at most this many faces per photo (the largest)."),
     save_faces: bool = typer.Option(False, "--save-faces", help="--photos: also write OUT/faces/{lq,restored,compare}/."),
     model: Path | None = typer.Option(None, help="Restorer folder (default: the shipped toy restorer)."),
-    steps: int = typer.Option(50, help="DDIM steps (any number from 1 to the schedule's 1000)."),
+    steps: int = typer.Option(50, "--sample-steps", "--steps", help="DDIM steps (any number from 1 to the schedule's 1000)."),
     eta: str | None = typer.Option(None, help="DDIM eta: a number, or 'random' (redrawn per step) (default: the model's, 0 for the toy model)."),
     spacing: str | None = typer.Option(None, help=SPACING_HELP),
     final_alpha_bar: str | None = typer.Option(None, help=FINAL_ALPHA_HELP),
@@ -564,7 +565,7 @@ def evaluate(
     out_dir: Path | None = typer.Option(None, help="Where results.md/.csv/.json and grid.png go (default eval_out)."),
     stage1: bool = typer.Option(False, "--stage1", help="Also evaluate each model's stage-1 (cleaner) output."),
     lq: bool = typer.Option(True, help="Include the LQ input as a row."),
-    steps: int | None = typer.Option(None, help="DDIM steps (default 50)."),
+    steps: int | None = typer.Option(None, "--sample-steps", "--steps", help="DDIM steps (sets sample_steps; default 50)."),
     eta: float | None = typer.Option(None, help="DDIM eta (default: each model's, 0 for the toy model, 1 for imported DiffBIR)."),
     spacing: str | None = typer.Option(None, help=SPACING_HELP),
     final_alpha_bar: str | None = typer.Option(None, help=FINAL_ALPHA_HELP),
@@ -579,10 +580,10 @@ def evaluate(
     clipiqa: Path | None = typer.Option(None, help="A local CLIP folder (or OpenCLIP checkpoint): adds CLIPIQA as a column (no GT needed)."),
     niqe_model: Path | None = typer.Option(None, help="A NIQE pristine model (modelparameters.mat, .npz, or `facereward fit-niqe`'s): adds NIQE (no GT needed)."),
     reward: list[str] = typer.Option([], "--reward", help="NAME=WEIGHT: adds the composite reward of these terms as a column "
-                                     "(repeatable; options with --set reward_options.NAME.KEY=VALUE)."),
+                                     "(repeatable; options with --set reward.options.NAME.KEY=VALUE)."),
     metrics: str | None = typer.Option(None, help="Comma-separated names from the metric table (default: every default metric that applies)."),
     list_metrics: bool = typer.Option(False, "--list-metrics", help="Print the metric table (name, type, lower is better, needs) and exit."),
-    metric_module: list[str] = typer.Option([], "--metric-module", help="Module or .py file that registers custom metrics (repeatable)."),
+    metric_module: list[str] = typer.Option([], "--metric-module", "--reward-module", help="Module or .py file that registers custom measures (repeatable; sets imports)."),
     lpips_backbone: Path | None = typer.Option(None, help="LPIPS backbone weights (torchvision vgg16/alexnet layout)."),
     lpips_heads: Path | None = typer.Option(None, help="LPIPS linear heads (lpips v0.1 vgg.pth/alex.pth layout)."),
     lpips_net: str | None = typer.Option(None, help="vgg (default) or alex."),
@@ -597,24 +598,29 @@ def evaluate(
     from facereward.evaluate import EvaluateConfig
     from facereward.evaluate import evaluate as run_evaluate
 
-    cfg = load_config(EvaluateConfig, config, list(set_) + _reward_overrides(reward, [], key="reward_weights"))
+    overrides = list(set_) + _reward_overrides(reward, [], key="reward.weights")
+    for key, value in (("options.frm.path", frm), ("options.clipiqa.path", clipiqa), ("options.niqe.model", niqe_model),
+                       ("options.lpips.backbone_path", lpips_backbone), ("options.lpips.heads_path", lpips_heads),
+                       ("options.lpips.net", lpips_net)):  # the same keys as the trainers' measure options
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(EvaluateConfig, config, overrides)
     cfg.imports = [*cfg.imports, *metric_module]
     if list_metrics or metrics is not None:
-        from facereward.metrics.table import format_metric_table, parse_metric_names
+        from facereward.measures import format_measure_table, parse_measure_names
         from facereward.plugins import import_plugins
 
-        import_plugins(cfg.imports, option="--metric-module")  # plugin metrics are known after their import
+        import_plugins(cfg.imports, option="--metric-module")  # plugin measures are known after their import
         if list_metrics:
-            typer.echo(format_metric_table())
+            typer.echo(format_measure_table())
             return
         try:
-            cfg.metrics = parse_metric_names(metrics)
+            cfg.measures = parse_measure_names(metrics, "--metrics")
         except ValueError as err:
             _fail(str(err))
-    given = {"testset": testset, "out_dir": out_dir, "steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size,
-             "identity": identity, "landmarks": landmarks, "fid": fid, "fid_reference": fid_reference, "frm": frm,
-             "clipiqa": clipiqa, "lpips_backbone": lpips_backbone, "lpips_heads": lpips_heads, "lpips_net": lpips_net,
-             "crop_border": crop_border, "device": device, "niqe_model": niqe_model, "photos": photos,
+    given = {"testset": testset, "out_dir": out_dir, "sample_steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size,
+             "identity": identity, "landmarks": landmarks, "fid": fid, "fid_reference": fid_reference,
+             "crop_border": crop_border, "device": device, "photos": photos,
              "photo_detector": detector, "spacing": spacing, "final_alpha_bar": final_alpha_bar, "colour_fix": colour_fix}
     _sampler(spacing, final_alpha_bar, colour_fix)  # checks the choices
     for key, value in given.items():
@@ -650,7 +656,7 @@ def fit_niqe_cmd(
     from tqdm.auto import tqdm
 
     from facereward.data.imageio import ImageError, list_images, read_image
-    from facereward.metrics.niqe import fit_niqe_model, save_niqe_model
+    from facereward.measures.niqe import fit_niqe_model, save_niqe_model
 
     if out.suffix.lower() not in (".safetensors", ".npz"):
         _fail(f"{out}: write the NIQE model as .safetensors or .npz")
@@ -690,7 +696,9 @@ def lrpo_cmd(
     toy_faces: int | None = typer.Option(None, help="Train on N procedural toy faces instead (sets data.toy_faces)."),
     reward: list[str] = typer.Option([], "--reward", help="NAME=WEIGHT: the composite reward's terms (repeatable; replaces the default)."),
     frm: Path | None = typer.Option(None, help="Face Reward Model folder for the frm reward (default: the shipped toy FRM)."),
-    reward_module: list[str] = typer.Option([], "--reward-module", help="Module or .py file that registers custom rewards (repeatable)."),
+    reward_module: list[str] = typer.Option([], "--reward-module", help="Module or .py file that registers custom measures (repeatable; sets imports)."),
+    lpips_backbone: Path | None = typer.Option(None, help="LPIPS backbone weights of the lpips reward (sets rewards.options.lpips.backbone_path)."),
+    lpips_heads: Path | None = typer.Option(None, help="LPIPS linear heads of the lpips reward (sets rewards.options.lpips.heads_path)."),
     epochs: int | None = typer.Option(None, help="Epochs (sets epochs)."),
     lora_rank: int | None = typer.Option(None, help="Train LoRA adapters of this rank instead of the full network."),
     output_dir: Path | None = typer.Option(None, help="Run folder (sets run.output_dir)."),
@@ -706,6 +714,7 @@ def lrpo_cmd(
 
     overrides = list(set_) + _reward_overrides(reward, reward_module) + _module_overrides("data.imports", degradation_module)
     for key, value in (("init_from", init_from), ("rewards.options.frm.path", frm), ("data.hq_dir", hq_dir),
+                       ("rewards.options.lpips.backbone_path", lpips_backbone), ("rewards.options.lpips.heads_path", lpips_heads),
                        ("data.toy_faces", toy_faces), ("epochs", epochs), ("lora.rank", lora_rank),
                        ("run.output_dir", output_dir), ("run.resume", resume)):
         if value is not None:
@@ -728,7 +737,7 @@ def demo(
     n: int | None = typer.Option(None, help="Held-out toy faces to restore (default 16; 8 with --quick)."),
     model: Path | None = typer.Option(None, help="Base restorer folder (default: the shipped toy restorer)."),
     frm: Path | None = typer.Option(None, help="Face Reward Model folder (default: the shipped toy FRM)."),
-    steps: int | None = typer.Option(None, help="DDIM steps of the evaluation (default 50; 20 with --quick)."),
+    steps: int | None = typer.Option(None, "--sample-steps", "--steps", help="DDIM steps of the evaluation (default 50; 20 with --quick)."),
     seed: int = typer.Option(0, help="Degradation, training and sampling seed."),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
     progress: bool = typer.Option(True, help="Show progress bars."),

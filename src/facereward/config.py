@@ -97,9 +97,36 @@ def _child(where: str, key: str) -> str:
     return f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
 
 
+# Keys that were renamed, per config class: old key -> its new (dotted) key. A saved config with an old key gets a
+# one-line error naming the new one, so its owner knows what to change.
+RENAMED: dict[str, dict[str, str]] = {
+    "ReFLConfig": {"steps": "train_steps", "sampling_steps": "sample_steps", "frm": "rewards.options.frm.path",
+                   "structural_weight": "losses.weights.wavelet", "wavelet": "losses.options.wavelet.wavelet",
+                   "wavelet_levels": "losses.options.wavelet.levels", "lpips_weight": "losses.weights.lpips",
+                   "lpips_net": "losses.options.lpips.net", "lpips_backbone": "losses.options.lpips.backbone_path",
+                   "lpips_heads": "losses.options.lpips.heads_path"},
+    "LRPOConfig": {"steps": "sample_steps"},
+    "HeldOutConfig": {"steps": "held_out.sample_steps"},
+    "TrainFRMConfig": {"steps": "train_steps"},
+    "MeasuresConfig": {"imports": "imports (at the top level of the config)"},
+    "EvaluateConfig": {"steps": "sample_steps", "metrics": "measures", "metric_options": "options",
+                       "lpips_net": "options.lpips.net", "lpips_backbone": "options.lpips.backbone_path",
+                       "lpips_heads": "options.lpips.heads_path", "frm": "options.frm.path", "clipiqa": "options.clipiqa.path",
+                       "niqe_model": "options.niqe.model", "reward_weights": "reward.weights", "reward_options": "reward.options",
+                       "kid_subsets": "options.kid.subsets", "kid_subset_size": "options.kid.subset_size"},
+}
+
+
+def _renamed(cls: type, key: str) -> str | None:
+    return RENAMED.get(cls.__name__, {}).get(key)
+
+
 def config_from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
+    for key in unknown:
+        if _renamed(cls, key):
+            raise ConfigError(f"{_child(where, key)}: this key was renamed: use {_renamed(cls, key)}")
     if unknown:
         raise ConfigError(f"{where.rstrip(':')}: unknown key {unknown[0]!r} for {cls.__name__} (known: {', '.join(types_)})")
     kwargs = {k: _coerce(v, types_[k], _child(where, k)) for k, v in data.items()}
@@ -159,6 +186,8 @@ def check_override(cls: type, text: str) -> None:
         types_ = _field_types(node)
         if key not in types_:
             where = ".".join(keys[:depth]) or cls.__name__
+            if _renamed(node, key):
+                raise ConfigError(f"--set {text}: key {'.'.join(keys[:depth + 1])} was renamed: use {_renamed(node, key)}")
             raise ConfigError(f"--set {text}: unknown key {key!r} in {where} (known: {', '.join(types_)})")
         tp = types_[key]
         if depth == len(keys) - 1:

@@ -13,15 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from facereward.data.imageio import write_image
-from facereward.data.testset import write_degraded_testset
-from facereward.data.toyfaces import ToyFaceWorld, write_toy_marker
+from facereward.data.testset import write_toy_testset
+from facereward.data.toyfaces import TOY_WORLD_IDENTITIES
 from facereward.evaluate import EvaluateConfig, EvaluateResult, evaluate
+from facereward.measures import MeasuresConfig
 from facereward.weights import default_frm_path, default_restorer_path
 
-# The world the shipped toy restorer was trained on (scripts/toy_restorer.yaml); the demo uses its test identities.
-TOY_WORLD_SEED = 0
-TOY_WORLD_IDENTITIES = 200
 DEMO_PRESET = "diffbir"
 
 # The demo's post-training recipes: configs/refl_toy.yaml (all 60 steps) and configs/lrpo_toy.yaml (12 of its 20
@@ -29,20 +26,20 @@ DEMO_PRESET = "diffbir"
 DEMO_REFL: dict[str, Any] = {
     "run": {"log_every": 2, "save_every": 10},
     "data": {"toy_faces": 800, "toy_identities": TOY_WORLD_IDENTITIES, "size": 64, "seed": 1},
-    "steps": 60, "batch_size": 4, "lr": 5.0e-5, "sampling_steps": 10, "grad_window": 2, "eta": "random",
-    "reward_weight": 1.0e-4, "reg_weight": 1.0e-4, "structural_weight": 0.01, "lpips_weight": 0.0,
+    "train_steps": 60, "batch_size": 4, "lr": 5.0e-5, "sample_steps": 10, "grad_window": 2, "eta": "random",
+    "reward_weight": 1.0e-4, "reg_weight": 1.0e-4, "losses": {"weights": {"wavelet": 0.01}},
     "dynamic_frm": {"every": 2, "lr": 3.0e-4},
-    "held_out": {"every": 15, "toy_faces": 8, "steps": 10},
+    "held_out": {"every": 15, "toy_faces": 8, "sample_steps": 10},
 }
 DEMO_LRPO: dict[str, Any] = {
     "run": {"log_every": 1, "save_every": 4},
     "data": {"toy_faces": 96, "toy_identities": TOY_WORLD_IDENTITIES, "size": 64, "random_flip": False},
-    "group_size": 4, "inputs_per_batch": 2, "batches_per_epoch": 1, "epochs": 12, "steps": 8,
+    "group_size": 4, "inputs_per_batch": 2, "batches_per_epoch": 1, "epochs": 12, "sample_steps": 8,
     "micro_batch": 4, "train_batch_size": 4, "lr": 1.0e-5,
-    "rewards": {"weights": {"frm": 0.3, "wavelet": 0.3, "identity": 0.2, "ssim": 0.2}, "options": {"frm": {"scale": 0.1}}},
-    "held_out": {"every": 4, "toy_faces": 8, "steps": 8},
+    "rewards": {"weights": {"frm": 0.3, "wavelet": 0.3, "ids": 0.2, "ssim": 0.2}, "options": {"frm": {"scale": 0.1}}},
+    "held_out": {"every": 4, "toy_faces": 8, "sample_steps": 8},
 }
-QUICK_REFL: dict[str, Any] = {"steps": 6, "held_out": {"every": 3}}
+QUICK_REFL: dict[str, Any] = {"train_steps": 6, "held_out": {"every": 3}}
 QUICK_LRPO: dict[str, Any] = {"epochs": 3, "held_out": {"every": 3}}
 QUICK_FACES, QUICK_STEPS = 8, 20
 
@@ -63,22 +60,6 @@ class DemoResult:
     runs: dict[str, Path] = field(default_factory=dict)
     report: Path | None = None
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def make_toy_testset(out_dir: str | Path, n: int, size: int = 64, seed: int = 0, preset: str = DEMO_PRESET) -> Path:
-    """Write n held-out (test-identity) toy faces and their degraded copies: OUT/lq, OUT/hq, manifest.json, toyworld.json."""
-    out_dir = Path(out_dir)
-    world = ToyFaceWorld(seed=TOY_WORLD_SEED, n_identities=TOY_WORLD_IDENTITIES)
-    faces = world.sample(n, size=size, split="test", seed=seed)
-    source = out_dir / "source-hq"
-    for i, face in enumerate(faces):
-        write_image(source / f"{i:04d}.png", face.image)
-        (source / f"{i:04d}.txt").write_text(face.caption + "\n")
-    write_degraded_testset(source, out_dir, preset=preset, seed=seed, size=size, progress=False)
-    world_info = {"world_seed": TOY_WORLD_SEED, "n_identities": TOY_WORLD_IDENTITIES, "split": "test", "sample_seed": seed,
-                  "identities": [f.identity for f in faces], "landmarks": [f.landmarks.tolist() for f in faces]}
-    write_toy_marker(out_dir, world_info)
-    return out_dir
 
 
 def _train(kind: str, recipe: dict[str, Any], out_dir: Path, progress: bool) -> Path:
@@ -115,10 +96,11 @@ def run_demo(out_dir: str | Path, n: int | None = None, model: str | Path | None
     seconds: dict[str, float] = {}
     start = time.monotonic()
     size = _model_size(model_path)
-    testset = make_toy_testset(out_dir / "toy-test", n, size=size, seed=seed)
+    testset = write_toy_testset(out_dir / "toy-test", n, size=size, split="test", seed=seed, preset=DEMO_PRESET)
     seconds["test set"] = time.monotonic() - start
     common = {"init_from": str(model_path), "run": {"seed": seed}, "data": {"size": size}}
-    refl_recipe = merge(merge(DEMO_REFL, QUICK_REFL) if quick else DEMO_REFL, merge(common, {"frm": str(frm_path)}))
+    refl_recipe = merge(merge(DEMO_REFL, QUICK_REFL) if quick else DEMO_REFL,
+                        merge(common, {"rewards": {"options": {"frm": {"path": str(frm_path)}}}}))
     lrpo_recipe = merge(merge(DEMO_LRPO, QUICK_LRPO) if quick else DEMO_LRPO,
                         merge(common, {"rewards": {"options": {"frm": {"path": str(frm_path)}}}}))
     refl_recipe, lrpo_recipe = merge(refl_recipe, refl or {}), merge(lrpo_recipe, lrpo or {})
@@ -133,9 +115,9 @@ def run_demo(out_dir: str | Path, n: int | None = None, model: str | Path | None
             seconds[name] = time.monotonic() - t0
     rewards = lrpo_recipe["rewards"]  # the composite LRPO trains on is the table's reward column
     config = EvaluateConfig(
-        testset=str(testset), out_dir=str(out_dir), models=models, include_lq=True, include_stage1=["base"], steps=steps,
-        eta=0.0, seed=seed, device=device, identity=identity, landmarks=landmarks, frm=str(frm_path),
-        reward_weights=rewards["weights"], reward_options=rewards.get("options", {}), progress=progress,
+        testset=str(testset), out_dir=str(out_dir), models=models, include_lq=True, include_stage1=["base"], sample_steps=steps,
+        eta=0.0, seed=seed, device=device, identity=identity, landmarks=landmarks, options={"frm": {"path": str(frm_path)}},
+        reward=MeasuresConfig(weights=rewards["weights"], options=rewards.get("options", {})), progress=progress,
     )
     t0 = time.monotonic()
     evaluation = evaluate(config)

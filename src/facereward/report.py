@@ -239,7 +239,7 @@ def _comparison(sources: list[ReportSource]) -> str:
 def _fmt(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return html.escape(str(value))
-    from facereward.evaluate import format_value
+    from facereward.evaluate.outputs import format_value
 
     return format_value(value)
 

@@ -19,9 +19,9 @@ from facereward.atomic import atomic_write_json
 from .datasets import _image_files
 from .degradation import DegradationFn, DegradationPreset, degrade
 from .imageio import ImageError, read_image, write_image
-from .toyfaces import TOY_MARKER, read_toy_marker, write_toy_marker
+from .toyfaces import TOY_MARKER, TOY_WORLD_IDENTITIES, TOY_WORLD_SEED, ToyFaceWorld, read_toy_marker, write_toy_marker
 
-__all__ = ["write_degraded_testset"]
+__all__ = ["write_degraded_testset", "write_toy_testset"]
 
 
 def _preset_name(preset: str | DegradationPreset | DegradationFn) -> str:
@@ -89,3 +89,21 @@ def _carry_toy_marker(hq_dir: Path, out_dir: Path, preset: str, seed: int) -> No
         write_toy_marker(out_dir, {**info, "preset": preset, "degradation_seed": seed})
     else:
         (out_dir / TOY_MARKER).unlink(missing_ok=True)
+
+
+def write_toy_testset(out_dir: str | Path, n: int, size: int = 64, split: str = "test", seed: int = 0,
+                      preset: str = "diffbir") -> Path:
+    """n toy faces of `split` identities of the shipped toy world and seeded degraded copies: OUT/lq, OUT/hq,
+    manifest.json and toyworld.json (so evaluate uses the toy judges). split="test" for evaluation, "train" for
+    FRM training data."""
+    out_dir = Path(out_dir)
+    faces = ToyFaceWorld(seed=TOY_WORLD_SEED, n_identities=TOY_WORLD_IDENTITIES).sample(n, size=size, split=split, seed=seed)
+    source = out_dir / "source-hq"
+    for i, face in enumerate(faces):
+        write_image(source / f"{i:04d}.png", face.image)
+        (source / f"{i:04d}.txt").write_text(face.caption + "\n")
+    write_degraded_testset(source, out_dir, preset=preset, seed=seed, size=size, progress=False)
+    info = {"world_seed": TOY_WORLD_SEED, "n_identities": TOY_WORLD_IDENTITIES, "split": split, "sample_seed": seed,
+            "identities": [f.identity for f in faces], "landmarks": [f.landmarks.tolist() for f in faces]}
+    write_toy_marker(out_dir, info)
+    return out_dir

@@ -1033,6 +1033,10 @@ def _draw_glasses(sc: _Scene) -> None:
 # The toy marker: which folders hold toy faces
 
 TOY_MARKER = "toyworld.json"
+# The world the shipped toy restorer, FRM and judges were trained on (scripts/toy_restorer.yaml): the demo, the
+# experiments and the toy test sets use its identities (train split for training, test split for evaluation).
+TOY_WORLD_SEED = 0
+TOY_WORLD_IDENTITIES = 200
 
 
 def write_toy_marker(folder: str | Path, info: Mapping[str, Any]) -> Path:

@@ -9,8 +9,6 @@ from facereward.labelling.oracle import (
     build_toy_preferences,
     label_candidates,
     oracle_label,
-    toy_quality,
-    write_toy_paired_set,
 )
 
 __all__ = [
@@ -20,6 +18,4 @@ __all__ = [
     "build_toy_preferences",
     "label_candidates",
     "oracle_label",
-    "toy_quality",
-    "write_toy_paired_set",
 ]

@@ -1,7 +1,8 @@
 """The automatic labeller paired with human labels (docs/methods.md 1.1): a linear SVM (or logistic regression) on GT-referenced features.
 
-Each candidate gets full-reference features against its GT (`FullReferenceFeatures`: PSNR, SSIM,
-low-frequency wavelet L1 (DT-CWT), identity similarity, optionally LPIPS and a detail ratio). A pair
+Each candidate gets full-reference features against its GT (`FullReferenceFeatures`: measures of the measures
+table, by default PSNR, SSIM-Y, the low-frequency wavelet L1 (DT-CWT) and identity similarity, optionally LPIPS and
+the detail ratio). A pair
 (a, b) becomes d = (f(a) - f(b)) / s, s the per-feature std over the training candidates; the
 classifier is trained on both orders (d -> 1, -d -> 0) with no intercept, so
 P(a > b) = sigmoid(g * w.d) and P(b > a) = 1 - P(a > b) exactly. For the SVM, g is a Platt scale
@@ -24,13 +25,6 @@ from torch import Tensor
 from facereward.candidates import load_candidates
 from facereward.data.imageio import image_to_tensor, read_image
 from facereward.data.preferences import PreferencePair, split_pairs, write_pairs
-from facereward.metrics.fullref import psnr, ssim
-from facereward.metrics.identity import (
-    IdentityEmbedder,
-    get_identity_embedder,
-    identity_similarity,
-)
-from facereward.metrics.wavelet import lowpass_l1
 
 __all__ = ["PSNR_CAP", "AutoLabeller", "FullReferenceFeatures", "auto_labeller_agreement"]
 
@@ -39,60 +33,66 @@ KINDS = ("svm", "logreg")
 FORMAT_VERSION = 1
 
 
-class FullReferenceFeatures:
-    """Per-candidate features against the GT: (B, 3, H, W) images, gt -> (B, F) float64 numpy.
+DEFAULT_FEATURES = ("psnr", "ssim-y", "wavelet", "ids")
+# the old saved feature names (format 1) -> measure names
+_OLD_NAMES = {"psnr": "psnr", "ssim": "ssim-y", "lowpass_l1": "wavelet", "ids": "ids", "lpips": "lpips", "detail": "detail"}
 
-    Features, in order: "psnr" (dB, RGB, capped at PSNR_CAP), "ssim" (Y), "lowpass_l1" (the low-pass L1 of
-    `metrics.wavelet`: DT-CWT by default, 3 levels), then "ids" unless identity="none", "lpips" when `lpips` is given
-    (an `LPIPS` module or (net, backbone_path, heads_path)), "detail" when `detail` (the oracle's
-    Laplacian-energy ratio min(r, 1/r)).
+
+class FullReferenceFeatures:
+    """Per-candidate features against the GT: (B, 3, H, W) images, gt -> (B, F) float64 numpy, one column per measure.
+
+    The columns are measures of `facereward.measures` (full-reference, by name, with `options` per name). The
+    default: "psnr" (dB, RGB, capped at PSNR_CAP), "ssim-y", "wavelet" (the low-pass L1 of a 3-level DT-CWT) and
+    "ids" (the `identity` judge; left out with identity="none"); `lpips=(net, backbone_path, heads_path)` adds
+    "lpips", `detail=True` the oracle's Laplacian-energy ratio "detail".
     """
 
     def __init__(
         self,
-        identity: str | IdentityEmbedder | None = "toy",
+        identity: str = "toy",
         lpips: Any = None,
         detail: bool = False,
         levels: int = 3,
         wavelet: str = "dtcwt",
         device: str | torch.device = "cpu",
+        measures: Sequence[str] | None = None,
+        options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
-        self.device = torch.device(device)
-        self.levels, self.wavelet = int(levels), wavelet
-        self.detail = bool(detail)
-        if identity is None or identity == "none":
-            self.identity_name, self.identity = None, None
-        elif isinstance(identity, str):
-            self.identity_name, self.identity = identity, get_identity_embedder(identity)
-        else:
-            self.identity_name, self.identity = getattr(identity, "name", type(identity).__name__), identity
-        self.lpips_spec: list[str] | None = None
-        self.lpips = None
-        if lpips is not None:
-            from facereward.metrics.lpips import LPIPS
+        from facereward.measures import MeasureEnv, create_measure
 
-            if isinstance(lpips, LPIPS):
-                self.lpips = lpips
-                self.lpips_spec = None
-            else:
-                net, backbone, heads = lpips
-                self.lpips = LPIPS(net, backbone, heads)
-                self.lpips_spec = [str(net), str(backbone), str(heads)]
-            self.lpips = self.lpips.to(self.device)
-        self.names = ["psnr", "ssim", "lowpass_l1"] + (["ids"] if self.identity else []) + (["lpips"] if self.lpips else [])
-        self.names += ["detail"] if self.detail else []
+        self.device = torch.device(device)
+        if measures is None:
+            measures = [m for m in DEFAULT_FEATURES if m != "ids" or identity not in (None, "none")]
+            measures += (["lpips"] if lpips is not None else []) + (["detail"] if detail else [])
+            options = {"psnr": {"max_db": PSNR_CAP}, "wavelet": {"levels": int(levels), "wavelet": wavelet},
+                       "ids": {"judge": identity},
+                       **({"lpips": dict(zip(("net", "backbone_path", "heads_path"), map(str, lpips)))} if lpips is not None else {}),
+                       **(options or {})}
+        self.names = list(measures)
+        self.options = {k: dict(v) for k, v in (options or {}).items() if k in self.names}
+        env = MeasureEnv("cpu")  # judges run on the CPU, where they are loaded
+        self.measures = [create_measure(name, env=env, device=self.device, **self.options.get(name, {})) for name in self.names]
+        not_fr = [m.name for m in self.measures if not getattr(m, "needs_gt", False)]
+        if not_fr:
+            raise ValueError(f"FullReferenceFeatures: {not_fr[0]!r} is not a full-reference measure")
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable settings that rebuild these features with `from_config`."""
-        return {"names": self.names, "identity": self.identity_name, "lpips": self.lpips_spec,
-                "detail": self.detail, "levels": self.levels, "wavelet": self.wavelet}
+        return {"names": self.names, "measures": self.names, "options": self.options}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], device: str | torch.device = "cpu") -> FullReferenceFeatures:
-        if "lpips" in config["names"] and config.get("lpips") is None:
+        """Rebuild from `config()`; also reads files saved before features were measures (format 1)."""
+        if "measures" in config:
+            return cls(measures=config["measures"], options=config.get("options") or {}, device=device)
+        names = [_OLD_NAMES[n] for n in config["names"]]
+        if "lpips" in names and config.get("lpips") is None:
             raise ValueError("these features used an LPIPS module given as an object; pass features= with the same LPIPS to load")
-        return cls(identity=config.get("identity") or "none", lpips=config.get("lpips"), detail=config.get("detail", False),
-                   levels=config.get("levels", 3), wavelet=config.get("wavelet", "haar"), device=device)  # saved before the wavelet field: Haar
+        options = {"psnr": {"max_db": PSNR_CAP}, "ids": {"judge": config.get("identity") or "none"},
+                   "wavelet": {"levels": config.get("levels", 3), "wavelet": config.get("wavelet", "haar")}}  # saved before the wavelet field: Haar
+        if config.get("lpips"):
+            options["lpips"] = dict(zip(("net", "backbone_path", "heads_path"), config["lpips"]))
+        return cls(measures=names, options=options, device=device)
 
     @torch.no_grad()
     def __call__(self, images: Tensor, gt: Tensor) -> np.ndarray:
@@ -101,21 +101,8 @@ class FullReferenceFeatures:
         if images.shape != gt.shape:
             raise ValueError(f"FullReferenceFeatures: images {tuple(images.shape)} and gt {tuple(gt.shape)} differ in shape")
         images, gt = images.float().to(self.device), gt.float().to(self.device)
-        cols = [
-            psnr(images, gt).clamp(max=PSNR_CAP),
-            ssim(images, gt, y_channel=True),
-            lowpass_l1(images, gt, levels=self.levels, wavelet=self.wavelet).to(torch.float64),
-        ]
-        if self.identity is not None:
-            emb = self.identity.embed(torch.cat([images, gt]).cpu()).cpu()  # judges run where they were loaded (CPU)
-            cols.append(identity_similarity(emb[: len(images)], emb[len(images):]))
-        if self.lpips is not None:
-            cols.append(self.lpips(images, gt).to(torch.float64))
-        if self.detail:
-            from facereward.labelling.oracle import detail_score
-
-            cols.append(detail_score(images, gt))
-        return torch.stack([c.to(torch.float64).cpu() for c in cols], dim=1).numpy()
+        cols = [m(images, gt).to(torch.float64).cpu() for m in self.measures]
+        return torch.stack(cols, dim=1).numpy()
 
 
 def _need_gt(pair: PreferencePair) -> Path:

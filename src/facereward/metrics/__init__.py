@@ -1,1 +1,1 @@
-"""Layer 4: BFR metrics."""
+"""Deprecated (one release): metrics are the measures of `facereward.measures`."""

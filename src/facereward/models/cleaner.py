@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from facereward.models.swinir import SwinIR
 from facereward.registry import Registry
 
 _CLEANERS: Registry[Callable[..., nn.Module]] = Registry("cleaner", hint="register it with register_cleaner")
@@ -59,4 +60,4 @@ class ResidualCleaner(nn.Module):
 
 
 register_cleaner("residual_cnn", ResidualCleaner)
-from facereward.models import swinir as _swinir  # noqa: F401  (registers the "swinir" cleaner)
+register_cleaner("swinir", SwinIR)

@@ -4,7 +4,7 @@ The face model pixel-unshuffles the image by 8, runs 8 residual Swin stages (6 b
 shifted windows on every other block) at 1/8 resolution and brings the features back to full size with
 three nearest-neighbour x2 + conv steps. Module and buffer names follow DiffBIR's `diffbir/model/swinir.py`
 exactly, so the released `face_swinir_v1.ckpt` loads with a strict `load_state_dict`
-(`swinir_from_checkpoint`). Registered as the cleaner "swinir".
+(`swinir_from_checkpoint`). `facereward.models.cleaner` registers it as the cleaner "swinir".
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from facereward.models.checkpoint_io import read_state_dict
-from facereward.models.cleaner import register_cleaner
 
 _RGB_MEAN = (0.4488, 0.4371, 0.4040)
 _NUM_FEAT = 64  # width of DiffBIR's reconstruction convs, fixed there too
@@ -408,6 +407,3 @@ def swinir_from_state_dict(sd: Mapping[str, Tensor], path: str | Path = "state d
         raise ValueError(f"{path}: not a SwinIR checkpoint for this config: {', '.join(problems[:3])}{more}")
     model.load_state_dict(sd, strict=True)
     return model.eval()
-
-
-register_cleaner("swinir", SwinIR)

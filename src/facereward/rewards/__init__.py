@@ -1,45 +1,20 @@
-"""Rewards (DESIGN.md layer 3): one small protocol, a registry by name, built-ins and a weighted composite.
+"""Deprecated (one release): rewards are the reward forms of `facereward.measures`; these names point there."""
 
-A reward maps restored images in [0, 1] (B, 3, H, W), the ground truth (or None) and captions to one
-score per image, (B,) float32, higher is better. Built-ins: ``frm``, ``lpips`` (1 - LPIPS),
-``wavelet`` (exp(-c * DWT_L1)), ``clipiqa`` (CLIPIQA from a local CLIP folder, docs/methods.md 3),
-``identity`` (embedding cosine), ``psnr``, ``ssim``.
-"""
+from facereward.measures import PAPER_WEIGHTS, MeasuresConfig, WeightedOutput, WeightedSum, create_measure, list_measures, register_reward
 
-from facereward.rewards.base import (
-    PAPER_WEIGHTS,
-    CompositeReward,
-    Reward,
-    RewardOutput,
-    RewardsConfig,
-    build_reward,
-    list_rewards,
-    register_reward,
-)
-from facereward.rewards.builtin import (
-    CLIPIQAReward,
-    FRMReward,
-    IdentityReward,
-    LPIPSReward,
-    PSNRReward,
-    SSIMReward,
-    WaveletReward,
-)
+CompositeReward = WeightedSum
+RewardsConfig = MeasuresConfig
+RewardOutput = WeightedOutput
 
-__all__ = [
-    "PAPER_WEIGHTS",
-    "CLIPIQAReward",
-    "CompositeReward",
-    "FRMReward",
-    "IdentityReward",
-    "LPIPSReward",
-    "PSNRReward",
-    "Reward",
-    "RewardOutput",
-    "RewardsConfig",
-    "SSIMReward",
-    "WaveletReward",
-    "build_reward",
-    "list_rewards",
-    "register_reward",
-]
+
+def build_reward(name: str, **options):
+    """Deprecated: `create_measure(name, as_reward=True, **options)`."""
+    return create_measure(name, as_reward=True, **options)
+
+
+def list_rewards() -> list[str]:
+    """Deprecated: the measures with a reward form."""
+    return [s.name for s in list_measures() if s.reward is not None]
+
+
+__all__ = ["PAPER_WEIGHTS", "CompositeReward", "RewardOutput", "RewardsConfig", "build_reward", "list_rewards", "register_reward"]

@@ -14,41 +14,16 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from facereward.data.datasets import HQFolderDataset, InMemoryHQDataset, collate_batch
+from facereward.data.datasets import collate_batch
+from facereward.data.training_data import DataConfig, build_dataset
 from facereward.models.ddim import make_scheduler, q_sample, scheduler_defaults, training_target
 from facereward.models.restorer import Restorer, RestorerConfig
+from facereward.train.accelerator import RunConfig, engine_of, make_accelerator
+from facereward.train.checkpoints import checkpoint_run, restore_run, resume_run, write_run_config
+from facereward.train.data_stream import BatchStream, data_position, resumable_loader
+from facereward.train.progress import ProgressLog
 from facereward.train.speed import Workload, speed_up_cleaner, speed_up_stage2
-from facereward.train.plumbing import (
-    BatchStream,
-    ProgressLog,
-    RunConfig,
-    checkpoint_run,
-    data_position,
-    engine_of,
-    make_accelerator,
-    restore_run,
-    resumable_loader,
-    resume_run,
-    write_run_config,
-)
-
-
-@dataclass
-class DataConfig:
-    """Training faces: a folder of HQ images, or `toy_faces` procedural faces (train split); LQ made on the fly."""
-
-    hq_dir: str | None = None
-    toy_faces: int = 0
-    toy_seed: int = 0
-    toy_identities: int | None = None
-    size: int = 64
-    preset: str = "diffbir"  # a built-in preset or one registered by a module of `imports`
-    imports: list[str] = field(default_factory=list)  # modules or .py files imported first (they call register_degradation)
-    seed: int = 0
-    random_flip: bool = True
-    num_workers: int = 0
 
 
 @dataclass
@@ -72,40 +47,6 @@ class TrainBaseConfig:
     grad_clip: float = 1.0
     loss_weighting: str = "uniform"  # "uniform" or "min_snr": weight min(SNR_t, gamma) / SNR_t (Hang et al. 2023)
     min_snr_gamma: float = 5.0
-
-
-def build_dataset(data: DataConfig) -> Dataset:
-    """The HQ dataset `data` names; exactly one of hq_dir / toy_faces must be set."""
-    if (data.hq_dir is None) == (data.toy_faces <= 0):
-        raise ValueError("data: set exactly one of data.hq_dir (a folder of HQ faces) or data.toy_faces (a count)")
-    resolve_preset(data)
-    if data.hq_dir is not None:
-        return HQFolderDataset(data.hq_dir, size=data.size, preset=data.preset, seed=data.seed, random_flip=data.random_flip)
-    faces = toy_world(data).sample(data.toy_faces, size=data.size, split="train", seed=data.seed)
-    return InMemoryHQDataset(
-        [f.image for f in faces], [f.caption for f in faces], [f"toy{i:06d}" for i in range(len(faces))],
-        preset=data.preset, seed=data.seed, random_flip=data.random_flip,
-    )
-
-
-def resolve_preset(data: DataConfig) -> None:
-    """Import `data.imports` and check `data.preset` names a registered degradation (one line naming it if not)."""
-    from facereward.data.degradation import get_degradation, list_degradations
-    from facereward.plugins import import_plugins
-
-    import_plugins(data.imports, option="data.imports")
-    try:
-        get_degradation(data.preset)
-    except (KeyError, ValueError):
-        raise ValueError(f"data.preset: unknown degradation {data.preset!r} (known: {', '.join(list_degradations())}; "
-                         "register your own in a module given with --degradation-module)") from None
-
-
-def toy_world(data: DataConfig):
-    """The procedural world `data.toy_faces` trains on (its test identities are the held-out faces)."""
-    from facereward.data.toyfaces import ToyFaceWorld
-
-    return ToyFaceWorld(seed=data.toy_seed, n_identities=data.toy_identities or max(10, data.toy_faces // 10))
 
 
 def stage1_loss(restorer: Restorer, batch: dict[str, Any], net: torch.nn.Module | None = None) -> torch.Tensor:

@@ -20,24 +20,15 @@ from torch.utils.data import DataLoader, Dataset
 from facereward.data.imageio import read_image
 from facereward.data.preferences import PreferencePair, load_pairs, split_pairs
 from facereward.models.frm import FaceRewardModel, FRMConfig, bradley_terry_loss
-from facereward.train.plumbing import (
-    BatchStream,
-    ProgressLog,
-    RunConfig,
-    checkpoint_run,
-    data_position,
-    engine_of,
-    make_accelerator,
-    restore_run,
-    resume_run,
-    resumable_loader,
-    write_run_config,
-)
+from facereward.train.accelerator import RunConfig, engine_of, make_accelerator
+from facereward.train.checkpoints import checkpoint_run, restore_run, resume_run, write_run_config
+from facereward.train.data_stream import BatchStream, data_position, resumable_loader
+from facereward.train.progress import ProgressLog
 
 
 @dataclass
 class TrainFRMConfig:
-    SMOKE: ClassVar[dict[str, float]] = {"steps": 2, "batch_size": 4, "eval_every": 2, "run.save_every": 2}  # facereward.smoke
+    SMOKE: ClassVar[dict[str, float]] = {"train_steps": 2, "batch_size": 4, "eval_every": 2, "run.save_every": 2}  # facereward.smoke
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/frm", save_every=500, log_every=20))
     pairs: str = ""  # preference JSONL (pairs and/or rankings)
     eval_pairs: str | None = None  # a separate held-out JSONL; without it a split of `pairs` grouped by LQ input
@@ -45,7 +36,7 @@ class TrainFRMConfig:
     model: FRMConfig = field(default_factory=FRMConfig)
     init_from: str | None = None  # an FRM folder to start from (e.g. a converted DiffusionReward checkpoint)
     image_size: int | None = None  # resize every image to this on load (pairs of mixed sizes); None: as stored
-    steps: int = 2000
+    train_steps: int = 2000  # optimizer steps
     batch_size: int = 32
     lr: float = 3e-4
     weight_decay: float = 1e-4
@@ -142,10 +133,10 @@ def train_frm(config: TrainFRMConfig) -> Path:
     eval_loader = DataLoader(PairImages(eval_pairs, config.image_size), batch_size=config.batch_size, collate_fn=_collate)
     wrapped, optimizer, loader = accelerator.prepare(frm, optimizer, loader)
     batches = BatchStream(loader, accelerator, data_position(state))
-    log = ProgressLog(accelerator, config.steps, step, "train-frm", run.log_every, run.progress, history=state.get("train_log"))
+    log = ProgressLog(accelerator, config.train_steps, step, "train-frm", run.log_every, run.progress, history=state.get("train_log"))
     out = Path(run.output_dir)
     restore_run(accelerator, state, {"frm": wrapped}, {"frm": optimizer})  # last, after every setup that draws random numbers
-    while step < config.steps:
+    while step < config.train_steps:
         wrapped.train()
         _, batch = next(batches)
         captions = batch["caption"] if config.use_captions else None
@@ -163,7 +154,7 @@ def train_frm(config: TrainFRMConfig) -> Path:
             continue
         step += 1
         scalars: dict[str, Any] = {"frm/loss": loss, "frm/train_acc": (s_w > s_l).float().mean(), "frm/tau": frm.tau}
-        if step % config.eval_every == 0 or step == config.steps:
+        if step % config.eval_every == 0 or step == config.train_steps:
             metrics = pairwise_accuracy(frm, eval_loader, config.use_captions, accelerator.device)
             scalars.update({"frm/held_out_acc": metrics["accuracy"], "frm/held_out_margin": metrics["margin"]})
             history.append({"step": step, **metrics})
@@ -171,7 +162,7 @@ def train_frm(config: TrainFRMConfig) -> Path:
                 best = metrics["accuracy"]
                 frm.save_pretrained(out / "best")
         log.step(step, scalars)
-        if step % run.save_every == 0 or step == config.steps:
+        if step % run.save_every == 0 or step == config.train_steps:
             checkpoint_run(accelerator, run, step, {"frm": wrapped}, {"frm": optimizer},
                            {"data": batches.position(), "best_accuracy": best, "history": history, "train_log": log.history})
     log.close()

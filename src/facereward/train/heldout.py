@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,12 +17,10 @@ from torch import Tensor, nn
 
 from facereward.data.datasets import PairedFolderDataset, collate_batch
 from facereward.data.degradation import degrade
-from facereward.evaluate import identity_judge
-from facereward.metrics.fullref import psnr, ssim
-from facereward.metrics.identity import identity_similarity
+from facereward.data.training_data import DataConfig, resolve_preset, toy_world
+from facereward.measures import Measure, MeasureEnv, MissingNeeds, SetMeasure, create_measure
 from facereward.models.frm import FaceRewardModel
 from facereward.models.restorer import Restorer
-from facereward.train.base import DataConfig, resolve_preset, toy_world
 
 Scorer = Callable[[Tensor, Tensor, list[str]], Tensor]
 """(restored [0, 1], hq [0, 1], captions) -> (B,) scores."""
@@ -35,11 +34,14 @@ class HeldOutConfig:
     toy_faces: int = 16  # held-out toy faces (test identities of data's toy world), used when data.toy_faces > 0
     testset: str | None = None  # a paired folder (lq/, hq/); used instead of toy faces when given
     max_images: int = 16  # at most this many pairs of `testset`
-    steps: int = 10  # DDIM steps for the held-out restorations
-    eta: float = 0.0
+    sample_steps: int = 10  # DDIM steps for the held-out restorations
+    eta: float | str | None = 0.0  # None: the restorer's default
     batch_size: int = 16
     seed: int = 1234
-    identity: str = "auto"  # identity judge: auto (toy for toy data, else none), toy, dlib, arcface:PATH, none
+    # the judges: measures of facereward.measures (full-reference or not; a plugin's too), options per measure
+    measures: list[str] = field(default_factory=lambda: ["psnr", "ssim", "ids"])
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    identity: str = "auto"  # identity judge of ids: auto (toy for toy data, else none: ids is left out), toy, dlib, arcface:PATH
     # the reward-hacking alarm (facereward.train.hacking): the training reward rises while a frozen judge falls
     hacking_patience: int = 3  # evaluations in a row that fire it; 0 turns it off
     hacking_judges: list[str] = field(default_factory=lambda: ["frm/initial", "ids", "psnr"])  # those present are watched
@@ -65,7 +67,7 @@ def load_heldout_batch(config: HeldOutConfig, data: DataConfig, size: int) -> di
 
 
 class HeldOutEvaluator:
-    """`evaluator(restorer)` -> {"psnr", "ssim", ["ids"], "frm/NAME" per FRM, NAME per extra scorer}: means over the batch."""
+    """`evaluator(restorer)` -> {NAME per held-out measure, "frm/NAME" per FRM, NAME per extra scorer}: means over the batch."""
 
     def __init__(self, config: HeldOutConfig, data: DataConfig, size: int, device: torch.device | str,
                  frms: dict[str, FaceRewardModel] | None = None, extra: dict[str, Scorer] | None = None):
@@ -74,8 +76,25 @@ class HeldOutEvaluator:
         self.frms = frms or {}
         self.extra = extra or {}
         toy = not config.testset
-        # "auto" on a real test folder means no judge here: dlib per held-out step is slow and may miss faces
-        self.identity = None if config.identity == "auto" and not toy else identity_judge(config.identity, toy)
+        # "auto" on a real test folder means no identity judge: dlib per held-out step is slow and may miss faces
+        identity = "none" if config.identity == "auto" and not toy else config.identity
+        env = MeasureEnv("cpu", toy=toy, identity=identity)  # the held-out batch is scored on the CPU
+        unknown = sorted(set(config.options) - set(config.measures))
+        if unknown:
+            raise ValueError(f"held_out.options.{unknown[0]}: options for a measure not in held_out.measures")
+        self.measures: dict[str, Measure] = {}
+        for name in config.measures:
+            try:
+                measure = create_measure(name, env=env, **(config.options.get(name) or {}))
+            except MissingNeeds:
+                if name == "ids" and identity == "none":
+                    continue  # no identity judge: ids is left out, as the config says
+                raise
+            except ValueError as err:
+                raise ValueError(f"held_out.measures: {err}") from None
+            if isinstance(measure, SetMeasure):
+                raise ValueError(f"held_out.measures: {name!r} scores a whole set, not each image")
+            self.measures[name] = measure
 
     @torch.no_grad()
     def restore(self, restorer: Restorer, net: nn.Module | None = None) -> Tensor:
@@ -89,7 +108,7 @@ class HeldOutEvaluator:
         for start in range(0, n, bs):
             idx = list(range(start, min(n, start + bs)))
             lq = self.batch["lq"][idx].to(self.device)
-            res = restore_batch(restorer, lq, idx, steps=self.config.steps, eta=self.config.eta, seed=self.config.seed, net=net)
+            res = restore_batch(restorer, lq, idx, steps=self.config.sample_steps, eta=self.config.eta, seed=self.config.seed, net=net)
             out.append(res["restored"].float().cpu())
         restorer.train(was_training)
         return torch.cat(out)
@@ -97,9 +116,7 @@ class HeldOutEvaluator:
     @torch.no_grad()
     def __call__(self, restorer: Restorer, net: nn.Module | None = None) -> dict[str, float]:
         restored, hq, captions = self.restore(restorer, net), self.batch["hq"], self.batch["caption"]
-        scores = {"psnr": float(psnr(restored, hq).mean()), "ssim": float(ssim(restored, hq).mean())}
-        if self.identity is not None:
-            scores["ids"] = float(identity_similarity(self.identity.embed(restored), self.identity.embed(hq)).mean())
+        scores = {name: float(measure(restored, hq, captions).mean()) for name, measure in self.measures.items()}
         for name, frm in self.frms.items():
             scores[f"frm/{name}"] = float(frm.score(restored.to(self.device), captions).float().mean())
         for name, fn in self.extra.items():

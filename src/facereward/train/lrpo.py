@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from facereward.data.datasets import collate_batch
+from facereward.data.training_data import DataConfig, build_dataset
 from facereward.models.ddim import (
     DDIMSchedule,
     ddim_step_with_logprob,
@@ -47,23 +48,20 @@ from facereward.models.ddim import (
     row_generators,
 )
 from facereward.models.restorer import Restorer
-from facereward.rewards import CompositeReward, RewardsConfig
-from facereward.train.base import DataConfig, build_dataset
-from facereward.train.hacking import new_alarms
-from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator
-from facereward.train.plumbing import (
-    ProgressLog,
+from facereward.plugins import import_plugins
+from facereward.measures import MeasureEnv, MeasuresConfig, WeightedSum
+from facereward.train.accelerator import (
     RunConfig,
     check_engine,
-    checkpoint_run,
     full_network,
     make_accelerator,
     micro_step,
-    restore_run,
-    resume_run,
     set_deepspeed_micro_batch,
-    write_run_config,
 )
+from facereward.train.checkpoints import checkpoint_run, restore_run, resume_run, write_run_config
+from facereward.train.hacking import new_alarms
+from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator
+from facereward.train.progress import ProgressLog
 from facereward.train.speed import Workload, speed_up_stage2
 from facereward.train.trainable import (
     LoraSettings,
@@ -74,7 +72,7 @@ from facereward.train.trainable import (
     save_restorer,
     trainable_parameters,
 )
-from facereward.weights import default_frm_path, default_restorer_path
+from facereward.weights import default_restorer_path, frm_path_or_default
 
 
 @dataclass
@@ -83,23 +81,24 @@ class LRPOConfig:
     docs/methods.md section 4 lists (configs/lrpo_original.yaml has every original value)."""
 
     SMOKE: ClassVar[dict[str, float]] = {  # facereward.smoke
-        "epochs": 1, "group_size": 2, "inputs_per_batch": 2, "batches_per_epoch": 1, "steps": 3, "micro_batch": 2,
+        "epochs": 1, "group_size": 2, "inputs_per_batch": 2, "batches_per_epoch": 1, "sample_steps": 3, "micro_batch": 2,
         "train_batch_size": 2, "reg_steps": 1, "trained_count": 1, "data.toy_faces": 8, "run.save_every": 1,
-        "held_out.every": 1, "held_out.toy_faces": 2, "held_out.max_images": 2, "held_out.steps": 2}
+        "held_out.every": 1, "held_out.toy_faces": 2, "held_out.max_images": 2, "held_out.sample_steps": 2}
 
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/lrpo", save_every=10, log_every=1))
     data: DataConfig = field(default_factory=DataConfig)
     init_from: str | None = None  # the restorer folder to fine-tune (default: the shipped toy restorer)
+    imports: list[str] = field(default_factory=list)  # plugin modules or .py files imported first (register_measure, ...)
     lora: LoraSettings = field(default_factory=LoraSettings)
-    rewards: RewardsConfig = field(default_factory=RewardsConfig)  # frm without options.frm.path: the shipped toy FRM
+    rewards: MeasuresConfig = field(default_factory=MeasuresConfig)  # frm without options.frm.path: the shipped toy FRM
     group_size: int = 9  # G candidates per LQ input
     inputs_per_batch: int = 2  # LQ inputs per sampling batch, over all processes
     batches_per_epoch: int = 12
     epochs: int = 160
-    steps: int = 50  # DDIM sampling steps T
+    sample_steps: int = 50  # DDIM sampling steps T
     spacing: str | None = None  # timestep spacing leading | linspace | trailing; None: the restorer's
     final_alpha_bar: str | None = None  # one | first (alpha-bar_0: ldm's DDIM, as both originals); None: the restorer's
-    eta: float = 1.0
+    eta: float | str | None = 1.0  # a number > 0 (the policy needs noise)
     timestep_fraction: float = 0.99  # the first int(fraction * T) steps are trainable (never the last, sigma 0)
     # which trainable steps each sample trains per epoch (docs/methods.md 2.4): all; a random subset of `trained_count`
     # per sample (DDPO's timestep fraction); or a window of `trained_count` consecutive steps that moves one step
@@ -133,7 +132,7 @@ def check_config(config: LRPOConfig) -> int:
     """Validate `config` (ValueError naming the field); returns the number of trained steps."""
     if config.group_size < 2:
         raise ValueError(f"group_size must be >= 2 (a group of one has advantage 0, so nothing trains), got {config.group_size}")
-    positive = ("epochs", "inputs_per_batch", "batches_per_epoch", "steps", "inner_epochs", "micro_batch")
+    positive = ("epochs", "inputs_per_batch", "batches_per_epoch", "sample_steps", "inner_epochs", "micro_batch")
     for name in positive:
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
@@ -146,7 +145,7 @@ def check_config(config: LRPOConfig) -> int:
     for name in ("kl_beta", "reg_weight", "grad_clip", "weight_decay"):
         if getattr(config, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
-    if not 0 < config.eta:
+    if isinstance(config.eta, str) or config.eta is None or not 0 < config.eta:
         raise ValueError(f"eta must be > 0 (the policy needs noise), got {config.eta}")
     choices = {"adv_std": ("global", "group"), "adv_weighting": ("noise_level", "uniform"),
                "kl_reference": ("auto", "copy", "base"), "reg_noising": ("closed_form", "compounding"),
@@ -157,9 +156,9 @@ def check_config(config: LRPOConfig) -> int:
     if config.run.gradient_accumulation_steps != 1:
         raise ValueError("run.gradient_accumulation_steps: lrpo accumulates by its own rule (stepping, train_batch_size); "
                          f"leave it at 1, got {config.run.gradient_accumulation_steps}")
-    n_train = min(int(config.timestep_fraction * config.steps), config.steps - 1)
+    n_train = min(int(config.timestep_fraction * config.sample_steps), config.sample_steps - 1)
     if not 0 < config.timestep_fraction <= 1 or n_train < 1:
-        raise ValueError(f"timestep_fraction {config.timestep_fraction} of {config.steps} steps trains no step "
+        raise ValueError(f"timestep_fraction {config.timestep_fraction} of {config.sample_steps} steps trains no step "
                          "(the last step has sigma 0 and is never trained)")
     if config.reg_weight > 0 and config.reg_steps > n_train:
         raise ValueError(f"reg_steps {config.reg_steps} exceeds the {n_train} trained steps")
@@ -343,7 +342,7 @@ def rollout_order(n: int, seed: int, epoch: int, rank: int) -> Tensor:
 
 @torch.no_grad()
 def sample_epoch(restorer: Restorer, dataset: Dataset, schedule: DDIMSchedule, config: LRPOConfig, n_train: int,
-                 reward: CompositeReward, accelerator: Accelerator, epoch: int,
+                 reward: WeightedSum, accelerator: Accelerator, epoch: int,
                  net: nn.Module | None = None) -> tuple[EpochBuffer, dict[str, Tensor]]:
     """All of `epoch`'s group batches on this process, rolled out and scored: (buffer, {"reward", "reward/NAME"}).
 
@@ -624,18 +623,13 @@ def epoch_scalars(scores: dict[str, Tensor], advantages: Tensor, inner_stats: li
 # ---- the trainer -----------------------------------------------------------------------------------
 
 
-def rewards_with_defaults(rewards: RewardsConfig, toy_restorer: bool = True) -> RewardsConfig:
-    """A copy of `rewards` where an frm reward without a path scores with the shipped toy FRM (as `refl` does).
-
-    The toy FRM only pairs with the shipped toy restorer: with `init_from` set, a missing path is an error.
-    """
+def rewards_with_defaults(rewards: MeasuresConfig, init_from: str | None = None) -> MeasuresConfig:
+    """A copy of `rewards` where an frm reward without a path scores with the shipped toy FRM (as `refl` does); with
+    your own restorer (`init_from`), a missing path is an error."""
     options = {k: dict(v or {}) for k, v in rewards.options.items()}
-    if "frm" in rewards.weights and not options.get("frm", {}).get("path"):
-        if not toy_restorer:
-            raise ValueError("rewards.weights.frm: no FRM for your restorer: set --frm PATH (rewards.options.frm.path); "
-                             "the shipped toy FRM only pairs with the shipped toy restorer")
-        options.setdefault("frm", {})["path"] = str(default_frm_path())
-    return RewardsConfig(weights=dict(rewards.weights), options=options, imports=list(rewards.imports))
+    if "frm" in rewards.weights:
+        options.setdefault("frm", {})["path"] = frm_path_or_default(options.get("frm", {}).get("path"), init_from)
+    return MeasuresConfig(weights=dict(rewards.weights), options=options)
 
 
 def _hacking_alarm(history: list[dict], config: LRPOConfig, accelerator: Accelerator) -> bool:
@@ -661,7 +655,7 @@ def _hacking_alarm(history: list[dict], config: LRPOConfig, accelerator: Acceler
     return accelerator.check_trigger()
 
 
-def _held_out(config: LRPOConfig, reward: CompositeReward, size: int, device: torch.device) -> HeldOutEvaluator | None:
+def _held_out(config: LRPOConfig, reward: WeightedSum, size: int, device: torch.device) -> HeldOutEvaluator | None:
     if config.held_out.every <= 0:
         return None
     return HeldOutEvaluator(config.held_out, config.data, size, device, extra=reward.scorers())
@@ -678,13 +672,14 @@ def lrpo_workload(config: LRPOConfig, n_train: int) -> Workload:
     trained step and inner epoch, in micro-batches."""
     trained = (config.trained_count or n_train) if config.trained_steps != "all" else n_train
     updates = trained * config.inner_epochs
-    return Workload(config.micro_batch, config.steps + (updates if config.kl_beta > 0 else 0), updates)
+    return Workload(config.micro_batch, config.sample_steps + (updates if config.kl_beta > 0 else 0), updates)
 
 
 def train_lrpo(config: LRPOConfig) -> Path:
     """Run LRPO (resuming if asked); writes OUTPUT/model (LoRA merged) and OUTPUT/metrics.json; returns the model folder."""
     n_train = check_config(config)
     run = config.run
+    import_plugins(config.imports, option="imports")
     accelerator = make_accelerator(run, "lrpo")
     write_run_config(config, run, accelerator)
     restorer = Restorer.from_pretrained(config.init_from or default_restorer_path())
@@ -699,9 +694,10 @@ def train_lrpo(config: LRPOConfig) -> Path:
     # Only the trained network goes through prepare (DeepSpeed's one-model rule); rewards and the reference stay plain.
     set_deepspeed_micro_batch(accelerator, config.micro_batch)
     net, optimizer = accelerator.prepare(module, optimizer)
-    reward = CompositeReward.from_config(rewards_with_defaults(config.rewards, config.init_from is None), accelerator.device)
+    reward = WeightedSum.from_config(rewards_with_defaults(config.rewards, config.init_from), as_reward=True, device=accelerator.device,
+                                     env=MeasureEnv(accelerator.device, toy=config.data.toy_faces > 0), where="rewards")
     dataset = build_dataset(config.data)
-    schedule = restorer.schedule(config.steps, config.spacing, config.final_alpha_bar, device=accelerator.device)
+    schedule = restorer.schedule(config.sample_steps, config.spacing, config.final_alpha_bar, device=accelerator.device)
     held_out = _held_out(config, reward, restorer.config.size, accelerator.device) if accelerator.is_main_process else None
     state = resume_run(accelerator, run)
     start, history = (int(state["step"]), list(state.get("history", []))) if state else (0, [])

@@ -2,8 +2,9 @@
 
 Per batch: DDIM from noise to a grad step k (no grad), the trainable network's step-k call with grad,
 x0_hat decoded to x_hat, and the generator loss
-    w_r * reward(s(x_hat)) + w_reg * sum_j mean((h_j - h_j_ref)^2) + w_dwt * DWT_L1(x_hat, x_gt) + w_lpips * LPIPS,
-the FRM frozen but differentiable. Every U generator steps the FRM takes one Bradley-Terry step preferring
+    w_r * reward(R(x_hat)) + w_reg * sum_j mean((h_j - h_j_ref)^2) + sum_l w_l * loss_l(x_hat, x_gt),
+R the `rewards` spec (its "frm" the dynamic FRM, frozen but differentiable), loss_l the `losses` spec's measures
+(the original's: DWT_L1 and LPIPS). Every U generator steps the FRM takes one Bradley-Terry step preferring
 the GT over the detached restoration (optionally mixed with pairs of the original preference set).
 Setting a weight to 0 (or `dynamic_frm.every: 0`) turns that component off for ablations.
 """
@@ -22,28 +23,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facereward.data.datasets import collate_batch
+from facereward.data.training_data import DataConfig, build_dataset
 from facereward.models.ddim import DDIMSchedule, Generators, mix_seed, randn, row_generators, truncated_rollout
 from facereward.models.frm import FaceRewardModel, bradley_terry_loss
 from facereward.models.restorer import Restorer
-from facereward.rewards import CompositeReward, RewardsConfig
-from facereward.train.base import DataConfig, build_dataset
+from facereward.measures import MeasureEnv, MeasuresConfig, WeightedSum
+from facereward.plugins import import_plugins
+from facereward.train.accelerator import RunConfig, check_engine, full_network, make_accelerator
+from facereward.train.checkpoints import checkpoint_run, restore_run, resume_run, write_run_config
+from facereward.train.data_stream import BatchStream, data_position, resumable_loader
 from facereward.train.hacking import new_alarms
 from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator
-from facereward.train.plumbing import (
-    BatchStream,
-    ProgressLog,
-    RunConfig,
-    check_engine,
-    checkpoint_run,
-    data_position,
-    full_network,
-    make_accelerator,
-    restore_run,
-    resume_run,
-    resumable_loader,
-    write_run_config,
-)
+from facereward.train.progress import ProgressLog
 from facereward.train.speed import Workload, speed_up_stage2
+from facereward.weights import default_restorer_path
 from facereward.train.trainable import (
     LoraSettings,
     adapters_disabled,
@@ -79,40 +72,39 @@ class ReFLConfig:
     section 4 lists (configs/refl_original.yaml has every original value)."""
 
     SMOKE: ClassVar[dict[str, float]] = {  # facereward.smoke
-        "steps": 2, "batch_size": 2, "sampling_steps": 3, "data.toy_faces": 8, "dynamic_frm.every": 1, "run.save_every": 2,
-        "held_out.every": 2, "held_out.toy_faces": 2, "held_out.max_images": 2, "held_out.steps": 2}
+        "train_steps": 2, "batch_size": 2, "sample_steps": 3, "data.toy_faces": 8, "dynamic_frm.every": 1, "run.save_every": 2,
+        "held_out.every": 2, "held_out.toy_faces": 2, "held_out.max_images": 2, "held_out.sample_steps": 2}
 
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/refl", save_every=500, log_every=10))
     data: DataConfig = field(default_factory=DataConfig)
     init_from: str | None = None  # the restorer folder to fine-tune (default: the shipped toy restorer)
-    frm: str | None = None  # the Face Reward Model folder (default: the shipped toy FRM)
+    imports: list[str] = field(default_factory=list)  # plugin modules or .py files imported first (register_measure, ...)
     lora: LoraSettings = field(default_factory=LoraSettings)
-    steps: int = 3500  # optimizer steps
+    train_steps: int = 3500  # optimizer steps
     batch_size: int = 1
     lr: float = 5e-5
     weight_decay: float = 1e-2
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
-    sampling_steps: int = 50  # T DDIM steps
+    sample_steps: int = 50  # T DDIM steps
     spacing: str | None = None  # timestep spacing leading | linspace | trailing; None: the restorer's
     final_alpha_bar: str | None = None  # one | first (alpha-bar_0: ldm's DDIM, as both originals); None: the restorer's
     grad_window: int = 2  # the grad step is drawn from the last `grad_window` of the T steps
-    eta: float | str = "random"  # a number, or "random": redrawn from U(0, 1) every step (the original)
+    eta: float | str | None = "random"  # a number, "random": redrawn from U(0, 1) every step (the original), None: the restorer's
     reward_weight: float = 0.005  # w_r
     reward_form: str = "one_minus"  # one_minus: 1 - R; negative: -R; hinge: relu(margin - R)
     reward_margin: float = 1.0
-    # R, the composite reward of the reward term (differentiable rewards only); "frm" is the dynamic FRM of `frm`
-    rewards: RewardsConfig = field(default_factory=lambda: RewardsConfig(weights={"frm": 1.0}))
-    clamp_x_hat: bool = True  # x_hat clamped to [0, 1] before the rewards and the structural term (LPIPS sees it unclamped)
+    # R, the reward term's weighted measures (differentiable reward forms only); "frm" is the dynamic FRM, whose folder is
+    # options.frm.path (default: the shipped toy FRM)
+    rewards: MeasuresConfig = field(default_factory=lambda: MeasuresConfig(weights={"frm": 1.0}))
+    clamp_x_hat: bool = True  # x_hat clamped to [0, 1] before the rewards (each loss term has its own `clamp` option)
     accumulate_last_only: bool = False  # the original's quirk: zero_grad inside the accumulate block keeps the last micro-batch
     reg_weight: float = 1e-4  # w_reg, residuals vs the frozen initial network
-    structural_weight: float = 0.01  # w_dwt
-    wavelet: str = "dtcwt"  # low-pass band: dtcwt (the original's) or haar
-    wavelet_levels: int = 3
-    lpips_weight: float = 0.01  # used only when lpips_backbone and lpips_heads are given
-    lpips_net: str = "vgg"
-    lpips_backbone: str | None = None
-    lpips_heads: str | None = None
+    # the structural terms, measures minimised as they are (lower is better): the original's DT-CWT low-pass L1 on the
+    # clamped x_hat and LPIPS (VGG) on the unclamped one; LPIPS needs options.lpips.backbone_path and heads_path
+    losses: MeasuresConfig = field(default_factory=lambda: MeasuresConfig(
+        weights={"wavelet": 0.01, "lpips": 0.01},
+        options={"wavelet": {"wavelet": "dtcwt", "levels": 3, "clamp": True}, "lpips": {"net": "vgg"}}))
     use_captions: bool = True  # pass captions to caption-scoring FRMs
     dynamic_frm: DynamicFRMConfig = field(default_factory=DynamicFRMConfig)
     held_out: HeldOutConfig = field(default_factory=HeldOutConfig)
@@ -180,17 +172,18 @@ class ReFLStep:
     """The ReFL generator loss for one batch (docs/methods.md 1.2 steps 1-4), independent of the training loop."""
 
     def __init__(self, config: ReFLConfig, restorer: Restorer, frm: FaceRewardModel, reference: nn.Module | None,
-                 lpips: nn.Module | None = None, rewards: CompositeReward | None = None, net: nn.Module | None = None):
-        """`rewards`: the reward term's other rewards (all but "frm", which is `frm`), weighted as in config.rewards;
-        `net`: the trained network as `accelerator.prepare` returned it (default: the restorer's own)."""
+                 losses: WeightedSum | None = None, rewards: WeightedSum | None = None, net: nn.Module | None = None):
+        """`rewards`: the reward term's other measures (all but "frm", which is `frm`), weighted as in config.rewards;
+        `losses`: the structural terms (config.losses); `net`: the trained network as `accelerator.prepare` returned
+        it (default: the restorer's own)."""
         if config.reward_form not in REWARD_FORMS:
             raise ValueError(f"reward_form must be one of {', '.join(REWARD_FORMS)}, got {config.reward_form!r}")
-        if not 1 <= config.grad_window <= config.sampling_steps:
-            raise ValueError(f"grad_window must be in [1, sampling_steps={config.sampling_steps}], got {config.grad_window}")
-        self.config, self.restorer, self.frm, self.reference, self.lpips = config, restorer, frm, reference, lpips
+        if not 1 <= config.grad_window <= config.sample_steps:
+            raise ValueError(f"grad_window must be in [1, sample_steps={config.sample_steps}], got {config.grad_window}")
+        self.config, self.restorer, self.frm, self.reference, self.losses = config, restorer, frm, reference, losses
         self.rewards, self.net = rewards, net
         self.frm_weight = float(config.rewards.weights.get("frm", 0.0))
-        self.schedule = restorer.schedule(config.sampling_steps, config.spacing, config.final_alpha_bar, device=restorer.device)
+        self.schedule = restorer.schedule(config.sample_steps, config.spacing, config.final_alpha_bar, device=restorer.device)
 
     def reference_residuals(self, x_t: Tensor, t: Tensor, cond: Tensor) -> list[Tensor]:
         """The initial network's outputs at the same inputs: LoRA adapters off, or the frozen copy."""
@@ -216,7 +209,7 @@ class ReFLStep:
         x_T = randn(restorer.latent_shape(b, h, w), generator, lq.device, torch.promote_types(cond.dtype, torch.float32))
         # step 1: k from the last `grad_window` steps
         device = shared.device if shared is not None else "cpu"
-        k = cfg.sampling_steps - 1 - int(torch.randint(cfg.grad_window, (), generator=shared, device=device))
+        k = cfg.sample_steps - 1 - int(torch.randint(cfg.grad_window, (), generator=shared, device=device))
         captured: dict[str, list[Tensor]] = {}
 
         def eps_fn(x_t: Tensor, t: Tensor) -> Tensor:
@@ -227,7 +220,7 @@ class ReFLStep:
         # steps 2-3: no-grad rollout to k, then step k with grad and x0_hat
         out = truncated_rollout(eps_fn, x_T, self.schedule, k, eta=cfg.eta, generator=generator, eta_generator=shared)
         x_hat = restorer.decode(out.pred_x0)
-        x_r = x_hat.clamp(0, 1) if cfg.clamp_x_hat else x_hat  # the original clamps before the FRM and the DWT term
+        x_r = x_hat.clamp(0, 1) if cfg.clamp_x_hat else x_hat  # the original clamps before the FRM
         parts: dict[str, Tensor] = {}
         loss = x_hat.new_zeros(())
         captions = batch.get("caption") if cfg.use_captions else None
@@ -247,62 +240,53 @@ class ReFLStep:
             reference = self.reference_residuals(out.x_t, out.t, cond)
             parts["refl/reg_loss"] = residual_regulariser(captured["residuals"], reference)
             loss = loss + cfg.reg_weight * parts["refl/reg_loss"]
-        if cfg.structural_weight > 0:
-            from facereward.metrics.wavelet import lowpass_l1
-
-            parts["refl/structural_loss"] = lowpass_l1(x_r, hq, cfg.wavelet_levels, wavelet=cfg.wavelet).mean()
-            loss = loss + cfg.structural_weight * parts["refl/structural_loss"]
-        if self.lpips is not None and cfg.lpips_weight > 0:
-            parts["refl/lpips_loss"] = self.lpips(x_hat, hq).mean()
-            loss = loss + cfg.lpips_weight * parts["refl/lpips_loss"]
+        if self.losses is not None:  # the structural terms, e.g. DWT_L1 (clamped x_hat) and LPIPS (docs/methods.md 1.2 step 4)
+            for name, measure in self.losses.measures.items():
+                parts[f"refl/{name}_loss"] = measure(x_hat, hq).mean()
+                loss = loss + self.losses.weights[name] * parts[f"refl/{name}_loss"]
         parts["refl/loss"] = loss.detach()
         parts["refl/grad_step"] = torch.tensor(float(k))
         return ReFLOutput(loss=loss, parts={k_: v.detach() for k_, v in parts.items()}, restored=x_hat.detach())
 
 
-def _resolve_defaults(config: ReFLConfig) -> tuple[str, str]:
-    from facereward.weights import default_frm_path, default_restorer_path
+def _frm_path(config: ReFLConfig) -> str:
+    """The dynamic FRM's folder: rewards.options.frm.path, or the shipped toy FRM beside the shipped toy restorer."""
+    from facereward.weights import frm_path_or_default
 
-    if config.init_from and not config.frm:
-        raise ValueError("frm: no Face Reward Model for your restorer: set --frm PATH; "
-                         "the shipped toy FRM only pairs with the shipped toy restorer")
-    restorer_path = config.init_from or str(default_restorer_path())
-    frm_path = config.frm or str(default_frm_path())
-    return restorer_path, frm_path
+    options = dict(config.rewards.options.get("frm") or {})
+    extra = sorted(set(options) - {"path"})
+    if extra:
+        raise ValueError(f"rewards.options.frm.{extra[0]}: ReFL's frm is its dynamic FRM, which takes only path")
+    return frm_path_or_default(options.get("path"), config.init_from)
 
 
-def _load_lpips(config: ReFLConfig) -> nn.Module | None:
-    """The LPIPS module of the structural term, or None when lpips_weight is 0; never silently dropped."""
-    if config.lpips_weight <= 0:
+def build_losses(config: ReFLConfig, device: torch.device, env: MeasureEnv | None = None) -> WeightedSum | None:
+    """The structural terms of `config.losses` (measures, lower is better; None when every weight is 0)."""
+    weights = {k: v for k, v in config.losses.weights.items() if v != 0}
+    if not weights:
         return None
-    if not (config.lpips_backbone and config.lpips_heads):
-        raise ValueError(f"lpips_weight {config.lpips_weight:g} needs LPIPS weights: --lpips-backbone PATH and --lpips-heads PATH "
-                         "(or --set lpips_weight=0, as configs/refl_toy.yaml does)")
-    from facereward.metrics.lpips import load_lpips
+    spec = MeasuresConfig(weights=weights, options={k: v for k, v in config.losses.options.items() if k in weights})
+    try:
+        return WeightedSum.from_config(spec, as_reward=False, device=device, env=env, where="losses",
+                                       require_differentiable="ReFL backpropagates its losses")
+    except ValueError as err:
+        if "lpips" in str(err) and "backbone_path" in str(err):
+            raise ValueError(f"{err}; or --set losses.weights.lpips=0, as configs/refl_toy.yaml does") from None
+        raise
 
-    return load_lpips(config.lpips_net, config.lpips_backbone, config.lpips_heads)
 
-
-def build_reward_term(config: ReFLConfig, device: torch.device) -> CompositeReward | None:
-    """The reward term's rewards other than the dynamic FRM, as a composite (None if "frm" is the only one).
-
-    ReFL backpropagates R, so every reward must be differentiable (a ValueError names one that is not).
-    """
+def build_reward_term(config: ReFLConfig, device: torch.device, env: MeasureEnv | None = None) -> WeightedSum | None:
+    """The reward term's measures other than the dynamic FRM, as a weighted sum of reward forms (None if "frm" is the
+    only one). ReFL backpropagates R, so every one must be differentiable (a ValueError names one that is not)."""
     rewards = config.rewards
-    if "frm" in rewards.options:
-        raise ValueError("rewards.options.frm: ReFL's frm reward is its dynamic FRM; set frm: PATH (or --frm) instead")
-    others = RewardsConfig(weights={k: v for k, v in rewards.weights.items() if k != "frm"},
-                           options=dict(rewards.options), imports=list(rewards.imports))
+    others = MeasuresConfig(weights={k: v for k, v in rewards.weights.items() if k != "frm"},
+                            options={k: v for k, v in rewards.options.items() if k != "frm"})
     if not others.weights:
-        if rewards.options:
-            raise ValueError(f"rewards.options.{sorted(rewards.options)[0]}: options for a reward without a weight")
+        if others.options:
+            raise ValueError(f"rewards.options.{sorted(others.options)[0]}: options for a reward without a weight")
         return None
-    composite = CompositeReward.from_config(others, device)
-    for name, reward in composite.rewards.items():
-        if not getattr(reward, "differentiable", False):
-            raise ValueError(f"rewards.weights.{name}: ReFL backpropagates the reward, and {name!r} is not differentiable "
-                             "(use it in lrpo, or drop it)")
-    return composite
+    return WeightedSum.from_config(others, as_reward=True, device=device, env=env, where="rewards",
+                                   require_differentiable="ReFL backpropagates the reward; use it in lrpo, or drop it")
 
 
 def _preference_batches(config: DynamicFRMConfig, seed: int, size: int, accelerator, position: dict[str, int] | None = None):
@@ -321,22 +305,18 @@ def _preference_batches(config: DynamicFRMConfig, seed: int, size: int, accelera
 
 
 def _validate(config: ReFLConfig) -> None:
-    if config.steps < 1 or config.batch_size < 1:
-        raise ValueError("steps and batch_size must be >= 1")
+    if config.train_steps < 1 or config.batch_size < 1:
+        raise ValueError("train_steps and batch_size must be >= 1")
     if isinstance(config.eta, str) and config.eta != "random":
         raise ValueError(f"eta must be a number or 'random', got {config.eta!r}")
     if config.dynamic_frm.every < 0:
         raise ValueError("dynamic_frm.every must be >= 0 (0: a fixed FRM)")
-    if config.wavelet not in ("haar", "dtcwt"):
-        raise ValueError(f"wavelet must be haar or dtcwt, got {config.wavelet!r}")
-    if config.lpips_weight > 0 and not (config.lpips_backbone and config.lpips_heads):
-        _load_lpips(config)  # raises the one-line error before anything is loaded
 
 
 def refl_workload(config: ReFLConfig) -> Workload:
     """Per step: the rollout's forwards before the grad step (its mean over the grad window), the reference's
     forward when the regulariser is on, and one forward + backward."""
-    before = config.sampling_steps - (config.grad_window + 1) / 2
+    before = config.sample_steps - (config.grad_window + 1) / 2
     return Workload(config.batch_size, before + (1 if config.reg_weight > 0 else 0), 1)
 
 
@@ -344,7 +324,10 @@ def train_refl(config: ReFLConfig) -> Path:
     """Run (or resume) ReFL; writes OUTPUT/model (restorer), OUTPUT/frm (the evolved FRM), OUTPUT/metrics.json."""
     _validate(config)
     run = config.run
-    restorer_path, frm_path = _resolve_defaults(config)
+    import_plugins(config.imports, option="imports")
+    restorer_path, frm_path = config.init_from or str(default_restorer_path()), _frm_path(config)
+    toy = config.data.toy_faces > 0
+    losses = build_losses(config, torch.device("cpu"), MeasureEnv("cpu", toy=toy))  # its errors before anything is loaded
     accelerator = make_accelerator(run, "refl")
     write_run_config(config, run, accelerator)
     device = accelerator.device
@@ -377,7 +360,9 @@ def train_refl(config: ReFLConfig) -> Path:
     wrapped, optimizer, loader = accelerator.prepare(trainable, optimizer, loader)
     modules: dict[str, nn.Module] = {"stage2": wrapped, "frm": frm}
     optimizers = {"restorer": optimizer, **({"frm": frm_optimizer} if frm_optimizer else {})}
-    refl_step = ReFLStep(config, restorer, frm, reference, _load_lpips(config), build_reward_term(config, device), net=wrapped)
+    env = MeasureEnv(device, toy=toy)
+    losses = losses.to(device) if losses is not None else None
+    refl_step = ReFLStep(config, restorer, frm, reference, losses, build_reward_term(config, device, env), net=wrapped)
     evaluator = None
     if config.held_out.every > 0 and accelerator.is_main_process:
         frms = {"initial": initial_frm, **({"live": frm} if frm_optimizer else {})}
@@ -385,7 +370,7 @@ def train_refl(config: ReFLConfig) -> Path:
     preference_batches = (_preference_batches(dyn, run.seed, restorer.config.size, accelerator, state.get("preference_data"))
                           if frm_optimizer else None)
     batches = BatchStream(loader, accelerator, data_position(state))
-    log = ProgressLog(accelerator, config.steps, step, "refl", run.log_every, run.progress, history=state.get("train_log"))
+    log = ProgressLog(accelerator, config.train_steps, step, "refl", run.log_every, run.progress, history=state.get("train_log"))
     out_dir = Path(run.output_dir)
 
     # the training reward of each step since the last evaluation (on device; checkpointed, so a resume sees the same)
@@ -415,7 +400,7 @@ def train_refl(config: ReFLConfig) -> Path:
     restore_run(accelerator, state, modules, optimizers)  # last, after every setup that draws random numbers
     # micro-batches since the run's start: each one's draws are seeded by it and its rows (docs/methods.md 4)
     micro = step * run.gradient_accumulation_steps
-    while step < config.steps:
+    while step < config.train_steps:
         wrapped.train()
         _, batch = next(batches)
         generators, shared = _step_generators(run.seed, micro, len(batch["lq"]), accelerator)
@@ -440,9 +425,9 @@ def train_refl(config: ReFLConfig) -> Path:
         reward_since.append(torch.as_tensor(scalars["refl/reward"], device=device).detach().float())
         log.step(step, scalars)
         stop = False
-        if config.held_out.every > 0 and (step % config.held_out.every == 0 or step == config.steps):
+        if config.held_out.every > 0 and (step % config.held_out.every == 0 or step == config.train_steps):
             stop = held_out(step)
-        if stop or step % run.save_every == 0 or step == config.steps:
+        if stop or step % run.save_every == 0 or step == config.train_steps:
             positions = {"data": batches.position(),
                          **({"preference_data": preference_batches.position()} if preference_batches is not None else {})}
             checkpoint_run(accelerator, run, step, modules, optimizers, {**positions, "history": history, "train_log": log.history,

@@ -25,15 +25,16 @@ def describe_run(kind: str, config: Any) -> str:
                 f"{'from ' + config.init_from if config.init_from else 'from random weights'}, on {_data(config.data)}")
         unit = "steps"
     elif kind == "train-frm":
-        what = f"{config.steps:,} steps at batch {config.batch_size} on the pairs of {config.pairs or '(none: give --pairs)'}"
+        what = f"{config.train_steps:,} steps at batch {config.batch_size} on the pairs of {config.pairs or '(none: give --pairs)'}"
         unit = "steps"
     elif kind == "refl":
-        what = (f"{config.steps:,} steps at batch {config.batch_size}, {config.sampling_steps} DDIM steps, from "
-                f"{config.init_from or 'the shipped toy restorer'}, FRM {config.frm or 'the shipped toy FRM'}, on {_data(config.data)}")
+        frm = (config.rewards.options.get("frm") or {}).get("path")
+        what = (f"{config.train_steps:,} steps at batch {config.batch_size}, {config.sample_steps} DDIM steps, from "
+                f"{config.init_from or 'the shipped toy restorer'}, FRM {frm or 'the shipped toy FRM'}, on {_data(config.data)}")
         unit = "steps"
     elif kind == "lrpo":
         what = (f"{config.epochs:,} epochs of {config.batches_per_epoch} x {config.inputs_per_batch} inputs x G={config.group_size}, "
-                f"{config.steps} DDIM steps, from {config.init_from or 'the shipped toy restorer'}, on {_data(config.data)}")
+                f"{config.sample_steps} DDIM steps, from {config.init_from or 'the shipped toy restorer'}, on {_data(config.data)}")
         unit = "epochs"
     else:
         raise ValueError(f"describe_run: unknown trainer {kind!r}")

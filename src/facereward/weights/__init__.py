@@ -21,3 +21,14 @@ def default_frm_path() -> Path:
     if not (path / "frm.json").is_file():
         raise FileNotFoundError(f"{path}: the shipped toy FRM is missing; retrain it with scripts/toy_frm_experiment.py")
     return path
+
+
+def frm_path_or_default(path: str | None, init_from: str | None, option: str = "rewards.options.frm.path") -> str:
+    """The FRM folder a trainer scores with: `path`, or the shipped toy FRM when the restorer is the shipped toy one
+    (`init_from` None); with your own restorer and no path, a one-line error naming `option`."""
+    if path:
+        return str(path)
+    if init_from:
+        raise ValueError(f"{option}: no Face Reward Model for your restorer: set --frm PATH ({option}); "
+                         "the shipped toy FRM only pairs with the shipped toy restorer")
+    return str(default_frm_path())

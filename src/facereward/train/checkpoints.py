@@ -1,136 +1,38 @@
-"""What every trainer shares: accelerate setup, TensorBoard logging, progress, atomic checkpoints, resume.
+"""Atomic checkpoints and resume: `checkpoint_run` writes OUTPUT/checkpoints/step-XXXXXXXX/ so that a crash never
+leaves a torn one; `resume_run` picks the newest valid one and `restore_run` loads it (weights, optimizers, RNGs)."""
 
-A checkpoint is a folder `OUTPUT/checkpoints/step-XXXXXXXX/` holding `NAME.safetensors` per module,
-`NAME.optim.pt` per optimizer that was not prepared and accelerate's `optimizer*.bin` for the prepared ones
-(plain tensors and numbers, read back with weights_only=True), `rng-RANK.safetensors` per process and
-`state.json`; under FSDP or DeepSpeed the prepared model and optimizer are the engine's own files from
-`accelerator.save_state`. It is written under a temporary name and renamed into place, and
-`OUTPUT/checkpoints/latest` names the newest complete one, so a crash never leaves a torn checkpoint
-behind. Resuming still checks each file (a disk can fill or a copy stop short) and falls back to the
-previous valid checkpoint. The trainers make two calls: `resume_run` (which checkpoint, its state) before
-setup and `restore_run` (load it all) after `prepare`, just before the first step.
-"""
+# A checkpoint folder holds `NAME.safetensors` per module, `NAME.optim.pt` per optimizer that was not prepared and
+# accelerate's `optimizer*.bin` for the prepared ones (plain tensors and numbers, read back with weights_only=True),
+# `rng-RANK.safetensors` per process and `state.json`; under FSDP or DeepSpeed the prepared model and optimizer are
+# the engine's own files from `accelerator.save_state`. It is written under a temporary name and renamed into place,
+# and `OUTPUT/checkpoints/latest` names the newest complete one. Resuming still checks each file (a disk can fill or
+# a copy stop short) and falls back to the previous valid checkpoint. The trainers make two calls: `resume_run`
+# (which checkpoint, its state) before setup and `restore_run` (load it all) after `prepare`, just before the first step.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import shutil
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from facereward.config import save_config
-
-
-SPEED_MODES = ("auto", "off")
+from facereward.train.accelerator import RunConfig, _unwrap_model, engine_of
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing or does not match the run; one line naming it."""
-
-
-@dataclass
-class RunConfig:
-    """Fields every trainer has (embedded as `run` in each trainer's config)."""
-
-    output_dir: str = "runs/train"
-    seed: int = 0
-    mixed_precision: str | None = None  # "no", "bf16" or "fp16", through accelerate; unset: the launcher's, else "no"
-    speed: str = "auto"  # "auto": bf16 autocast and channels_last where measured faster (train/speed.py); "off"
-    channels_last: bool | None = None  # the trained network's memory layout; unset: speed decides (off: contiguous)
-    compile: bool = False  # torch.compile the networks a step calls (slow to start: minutes on CPU)
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False  # recompute the trained network's activations in backward (refl, lrpo): less memory
-    log_every: int = 10
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    resume: str | None = None  # None, "latest", "auto" (latest, or a fresh start if none) or a checkpoint folder
-    cpu: bool = False  # force CPU even where a GPU exists (and enable gloo for multi-process CPU runs)
-    progress: bool = True
-
-
-def make_accelerator(run: RunConfig, project_name: str) -> Accelerator:
-    """An Accelerator logging to TensorBoard under OUTPUT/logs, seeded per process.
-
-    `run.mixed_precision` unset takes the launcher's (`accelerate launch --config_file ...`, e.g. configs/accelerate/),
-    else "no"; set, it wins, and a launcher that says otherwise is named in one line.
-    """
-    if run.mixed_precision not in (None, "no", "bf16", "fp16"):
-        raise ValueError(f"run.mixed_precision must be 'no', 'bf16' or 'fp16', got {run.mixed_precision!r}")
-    if run.speed not in SPEED_MODES:
-        raise ValueError(f"run.speed must be one of {', '.join(SPEED_MODES)}, got {run.speed!r}")
-    if run.channels_last not in (None, True, False) or run.compile not in (True, False):
-        raise ValueError("run.channels_last must be true, false or unset, and run.compile true or false")
-    if run.gradient_accumulation_steps < 1:
-        raise ValueError("run.gradient_accumulation_steps must be >= 1")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if run.mixed_precision and launcher and launcher != run.mixed_precision and int(os.environ.get("RANK", "0")) == 0:
-        print(f"note: run.mixed_precision {run.mixed_precision!r} overrides the launcher's {launcher!r}", file=sys.stderr)
-    if (run.mixed_precision or launcher) == "fp16" and (run.cpu or not torch.cuda.is_available()):
-        raise ValueError("run.mixed_precision: fp16 needs a GPU (accelerate has no fp16 autocast or loss scaling on CPU, "
-                         "the run would silently train in fp32); use bf16 or no")
-    on_cpu = world_size > 1 and not torch.cuda.is_available()
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if on_cpu and deepspeed:
-        # DeepSpeed on several CPU processes: accelerate sets no backend there, so each process would think it is alone
-        from accelerate import PartialState
-
-        PartialState(backend="gloo")
-    # Without cpu=True, several CPU processes each start as a lone process and silently train apart
-    # (but cpu=True turns DeepSpeed off, so not with it).
-    cpu = run.cpu or (on_cpu and not deepspeed)
-    mixed_precision = run.mixed_precision or launcher or "no"
-    from accelerate.state import AcceleratorState
-
-    if AcceleratorState._shared_state.get("_mixed_precision") not in (None, mixed_precision):
-        # an earlier run in this process had its precision switched by run.speed (train/speed.py); accelerate's shared
-        # state would refuse a new precision, and this run is a new choice
-        AcceleratorState._shared_state["_mixed_precision"] = mixed_precision
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=run.gradient_accumulation_steps,
-        log_with="tensorboard",
-        project_dir=run.output_dir,
-        cpu=cpu,
-    )
-    if accelerator.num_processes != world_size:
-        raise RuntimeError(
-            f"launched {world_size} processes but accelerate joined {accelerator.num_processes}: they would train apart; "
-            "check the accelerate launch settings (on CPU use --multi_gpu with run.cpu=true)"
-        )
-    accelerator.init_trackers(project_name)
-    set_seed(run.seed, device_specific=True)
-    return accelerator
-
-
-@contextlib.contextmanager
-def micro_step(accelerator: Accelerator, model: nn.Module, sync: bool) -> Iterator[None]:
-    """One backward of the several that make an optimizer step: gradients are synchronised over processes (and
-    DeepSpeed's engine steps) only when `sync`, on the step's last backward.
-
-    `accelerator.accumulate` counts a fixed number of micro-steps; LRPO's vary per step (docs/methods.md 2.3), so
-    this sets accelerate's sync flag itself, as `accumulate` does.
-    """
-    accelerator.gradient_state._set_sync_gradients(sync)
-    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-        yield
-    if not sync:
-        accelerator.gradient_state._set_sync_gradients(True)
 
 
 def write_run_config(config: Any, run: RunConfig, accelerator: Accelerator) -> None:
@@ -200,66 +102,8 @@ def _plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in _unwrap_model(module).state_dict().items()}
 
 
-def _unwrap_model(module: nn.Module) -> nn.Module:
-    """The module inside a DDP (or compile) wrapper; itself otherwise."""
-    from accelerate.utils import extract_model_from_parallel
-
-    return extract_model_from_parallel(module)
-
-
 def _unwrap_optimizer(optimizer: Any) -> Any:
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer holds the torch one
-
-
-def engine_of(accelerator: Accelerator) -> str | None:
-    """"fsdp" or "deepspeed" when an engine shards or owns the prepared state, else None (one process or DDP)."""
-    from accelerate.utils import DistributedType
-
-    return {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(accelerator.distributed_type)
-
-
-def _sharded(accelerator: Accelerator) -> bool:
-    """Whether the prepared weights are split over processes (FSDP, DeepSpeed ZeRO-3)."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    engine = engine_of(accelerator)
-    return engine == "fsdp" or (engine == "deepspeed" and plugin is not None and plugin.zero_stage == 3)
-
-
-def set_deepspeed_micro_batch(accelerator: Accelerator, size: int) -> None:
-    """Give DeepSpeed the per-process micro-batch its config leaves "auto" (accelerate reads it from a prepared
-    dataloader, and LRPO prepares none; DeepSpeed only logs it: the trainer batches itself)."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = size
-
-
-def check_engine(accelerator: Accelerator, module: nn.Module) -> None:
-    """Refuse what the engine cannot do with `module` before training starts: LoRA under FSDP or ZeRO-3 (the
-    reference is the LoRA-free network in place, which sharding hides)."""
-    if _sharded(accelerator) and any("lora_" in name for name, _ in module.named_parameters()):
-        raise ValueError("LoRA training under FSDP or DeepSpeed ZeRO-3 is not supported (LoRA weights are small: use "
-                         "DDP or ZeRO-2, configs/accelerate/ddp.yaml or deepspeed_zero2_offload.yaml)")
-
-
-def full_network(accelerator: Accelerator, wrapped: nn.Module, module: nn.Module) -> nn.Module | None:
-    """The trained network with all its weights, for held-out evaluation and the final save; call it on every process.
-
-    Under DDP and DeepSpeed ZeRO-1/2 every process holds the full weights, so that is `module` (the unwrapped
-    network) itself. Under FSDP and ZeRO-3 the weights are sharded: they are gathered (`get_state_dict`, a collective)
-    into a copy of `module` on the main process; the other processes get None.
-    """
-    if not _sharded(accelerator):
-        return module
-    check_engine(accelerator, module)
-    state = accelerator.get_state_dict(wrapped)
-    if not accelerator.is_main_process:
-        return None
-    plain = _unwrap_model(module)
-    if not (hasattr(plain, "config") and hasattr(type(plain), "from_config")):
-        raise ValueError(f"cannot rebuild a {type(plain).__name__} to gather its sharded weights into")
-    gathered = type(plain).from_config(plain.config)
-    gathered.load_state_dict(state)
-    return gathered.to(accelerator.device).eval()
 
 
 def _prepared_names(accelerator: Accelerator, modules: dict[str, nn.Module],
@@ -609,123 +453,3 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
         return load_file(file)
     except (SafetensorError, OSError):
         raise CheckpointError(f"{file.parent}: {_weights_problem(file) or f'corrupt {file.name}'}") from None
-
-
-def data_position(state: dict[str, Any] | None) -> dict[str, int] | None:
-    """Where a resumed run's data continues ({"epoch", "batch"}); checkpoints from before positions were saved
-    restart at the epoch after the saved one."""
-    if not state:
-        return None
-    return state.get("data") or {"epoch": int(state.get("epoch", -1)) + 1, "batch": 0}
-
-
-def resumable_loader(dataset, batch_size: int, seed: int, shuffle: bool = True, **kwargs) -> torch.utils.data.DataLoader:
-    """A DataLoader whose order is a function of (seed, epoch) and which never draws from the global RNG.
-
-    (A plain DataLoader draws a base seed from the global RNG each time an epoch starts, so where a
-    resumed run starts its epochs would change the model's random draws.)
-    """
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed, shuffle),
-                                       generator=torch.Generator().manual_seed(seed), **kwargs)
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A shuffle that is a function of (seed, epoch) alone, so a resumed run sees the same order (no global RNG)."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        if not self.shuffle:
-            return iter(range(self.n))
-        return iter(np.random.default_rng([self.seed, self.epoch, 0x5EED]).permutation(self.n).tolist())
-
-
-class BatchStream:
-    """(epoch, batch) forever from a prepared loader, knowing where it is: `position()` -> {"epoch", "batch"}.
-
-    Built from a saved position, it continues inside the interrupted epoch at the next batch (the skipped
-    batches are not loaded: accelerate's `skip_first_batches` skips them in the sampler).
-    """
-
-    def __init__(self, loader: torch.utils.data.DataLoader, accelerator: Accelerator, position: dict[str, int] | None = None):
-        self.loader, self.accelerator = loader, accelerator
-        self.epoch = int(position["epoch"]) if position else 0
-        self.batch = int(position["batch"]) if position else 0
-        self._iter: Iterator | None = None
-
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
-
-    def _start_epoch(self) -> None:
-        if self.batch and self.batch >= len(self.loader):  # saved at an epoch's last batch: the next one starts
-            self.epoch, self.batch = self.epoch + 1, 0
-        _set_epoch(self.loader, self.epoch)
-        skip = self.batch
-        source = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
-        self._iter = iter(source)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[int, dict[str, Any]]:
-        if self._iter is None:
-            self._start_epoch()
-        while True:
-            try:
-                item = next(self._iter)
-            except StopIteration:
-                self.epoch, self.batch = self.epoch + 1, 0
-                self._start_epoch()
-                continue
-            self.batch += 1
-            return self.epoch, item
-
-
-def _set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
-    """Tell the dataset, the sampler and accelerate's wrapper which epoch starts."""
-    if hasattr(loader.dataset, "set_epoch"):
-        loader.dataset.set_epoch(epoch)
-    if hasattr(loader, "set_epoch"):  # accelerate's DataLoaderShard forwards it to its sampler
-        loader.set_epoch(epoch)
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    inner = getattr(getattr(batch_sampler, "batch_sampler", batch_sampler), "sampler", None)
-    if hasattr(inner, "set_epoch"):
-        inner.set_epoch(epoch)
-
-
-class ProgressLog:
-    """A progress bar plus scalar logging to TensorBoard every `log_every` steps (main process only)."""
-
-    def __init__(self, accelerator: Accelerator, total: int, initial: int, desc: str, log_every: int, enabled: bool = True,
-                 history: list[dict[str, float]] | None = None):
-        self.accelerator = accelerator
-        self.log_every = max(1, log_every)
-        self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and accelerator.is_main_process), dynamic_ncols=True)
-        self.plain = not enabled and accelerator.is_main_process  # no bar: print a line per log step instead
-        self.desc, self.total = desc, total
-        self.history: list[dict[str, float]] = list(history or [])  # a resumed run continues the saved log
-
-    def step(self, step: int, scalars: dict[str, torch.Tensor | float]) -> None:
-        """Advance one step; every `log_every` steps sync the scalars to the host and log them."""
-        self.bar.update(1)
-        if step % self.log_every == 0 or step == self.total:
-            values = {k: float(v.detach().float().mean()) if torch.is_tensor(v) else float(v) for k, v in scalars.items()}
-            self.accelerator.log(values, step=step)
-            self.history.append({"step": step, **values})
-            shown = {k: f"{v:.4g}" for k, v in values.items() if "/" not in k or k.endswith("loss")}
-            self.bar.set_postfix(shown)
-            if self.plain:
-                print(f"{self.desc} step {step}/{self.total} " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
-
-    def close(self) -> None:
-        self.bar.close()

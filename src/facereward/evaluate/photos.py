@@ -1,8 +1,8 @@
-"""`facereward evaluate --photos`: whole-photo test sets without GT, scored by the table's no-reference metrics.
+"""`facereward evaluate --photos`: whole-photo test sets without GT, scored by the table's no-reference measures.
 
 Every photo's faces are detected once (on the input); each method's output photo (the input itself as "LQ",
 each `--model` run through `restore_photo`, each `--images` folder of restored photos named like the inputs) is
-cut at those faces into FFHQ-aligned crops of `photo_crop_size` px, and the no-reference metrics of the metric
+cut at those faces into FFHQ-aligned crops of `photo_crop_size` px, and the no-reference measures of the measures
 table (docs/methods.md 3: CLIPIQA, NIQE, the FRM score, your own) score the crops, as real-world BFR tables score
 aligned faces. A row's value is the mean over all faces. Photos with no face count in the header, not in the rows.
 """
@@ -22,11 +22,14 @@ from tqdm.auto import tqdm
 
 from facereward.data.faces import FaceDetector, alignment_affine, warp_face
 from facereward.data.imageio import ImageError, list_images, read_photo, write_image
-from facereward.evaluate import EvaluateConfig, EvaluateResult, _slug, _write_outputs, markdown_table, sampler_options
 from facereward.inference import collect_inputs
-from facereward.metrics.table import MetricContext, PerImageMetric, build_metrics, get_metric
+from facereward.measures import Measure, MeasureEnv, get_measure
 from facereward.models.restorer import Restorer
 from facereward.photos import restore_photo
+
+from .columns import build_columns
+from .config import EvaluateConfig, sampler_options
+from .outputs import EvaluateResult, markdown_table, slug, write_outputs
 
 __all__ = ["evaluate_photos", "face_crops"]
 
@@ -59,18 +62,18 @@ def _thumbnail(image: np.ndarray, side: int = 192) -> np.ndarray:
     return tile
 
 
-def _no_reference_metrics(config: EvaluateConfig, device: torch.device) -> tuple[list[PerImageMetric], dict[str, str]]:
-    # no GT: the default set skips full-reference metrics; fid "none" makes it skip the set metrics too
-    ctx = MetricContext(dataclasses.replace(config, fid="none"), device, has_gt=False, toy=False)
-    for name in config.metrics or []:
-        if get_metric(name).kind != "NR":
-            raise ValueError(f"evaluate --photos has no GT and no reference set: metric {name!r} is {get_metric(name).kind}, "
+def _no_reference_measures(config: EvaluateConfig, device: torch.device) -> tuple[list[Measure], dict[str, str]]:
+    # no GT and no reference set: the default set skips full-reference and set measures
+    env = MeasureEnv(device, toy=False, identity=config.identity, landmarks=config.landmarks, features="none")
+    for name in config.measures or []:
+        if get_measure(name).kind != "NR":
+            raise ValueError(f"evaluate --photos has no GT and no reference set: measure {name!r} is {get_measure(name).kind}, "
                              "pick no-reference ones (--list-metrics, type NR)")
-    built = [m for _, m in build_metrics(config.metrics, ctx)]
+    built = build_columns(config, env, has_gt=False, has_reference=False)
     if not built:
-        raise ValueError("evaluate --photos scores no-reference metrics: give one of --clipiqa PATH, --niqe-model FILE, "
-                         "--frm DIR (or --metrics with your own registered NR metric)")
-    return built, ctx.judges
+        raise ValueError("evaluate --photos scores no-reference measures: give one of --clipiqa PATH, --niqe-model FILE, "
+                         "--frm DIR (or --metrics with your own registered NR measure)")
+    return built, env.used
 
 
 def evaluate_photos(config: EvaluateConfig) -> EvaluateResult:
@@ -78,7 +81,7 @@ def evaluate_photos(config: EvaluateConfig) -> EvaluateResult:
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(config.out_dir)
     files = collect_inputs(config.photos)
-    metrics, judges = _no_reference_metrics(config, device)
+    metrics, judges = _no_reference_measures(config, device)
     detector = FaceDetector(config.photo_detector)
     judges = {"detector": detector.name, **judges}
     restorers = {name: Restorer.from_pretrained(folder).to(device) for name, folder in config.models.items()}
@@ -109,11 +112,11 @@ def evaluate_photos(config: EvaluateConfig) -> EvaluateResult:
                 out = photo
             elif method in restorers:
                 tick = time.perf_counter()
-                out, _ = restore_photo(restorers[method], photo, detector, steps=config.steps, eta=config.eta, seed=config.seed,
+                out, _ = restore_photo(restorers[method], photo, detector, steps=config.sample_steps, eta=config.eta, seed=config.seed,
                                        sampler=sampler_options(config), batch_size=config.batch_size, photo_index=i, faces=faces)
                 seconds[method] += time.perf_counter() - tick
                 if config.save_outputs:
-                    write_image(out_dir / "outputs" / _slug(method) / f"{path.stem}.png", out)
+                    write_image(out_dir / "outputs" / slug(method) / f"{path.stem}.png", out)
             else:
                 if path.stem not in folders[method]:
                     raise FileNotFoundError(f"{config.images[method]}: no output named {path.stem}.* for '{method}'")
@@ -140,6 +143,6 @@ def evaluate_photos(config: EvaluateConfig) -> EvaluateResult:
     header_config = dataclasses.replace(config, testset=config.photos)
     sampling = {name: {"eta": r.config.eta if config.eta is None else config.eta, **sampler_options(config).resolved(r)}
                 for name, r in restorers.items()}
-    _write_outputs(header_config, out_dir, rows, per_image, judges, table, grid_images, names, len(names), sampling)
+    write_outputs(header_config, out_dir, rows, per_image, judges, table, grid_images, names, len(names), sampling)
     return EvaluateResult(rows=rows, per_image={m: dict(v) for m, v in per_image.items()}, table=table, out_dir=out_dir,
                           judges=judges)

@@ -167,7 +167,7 @@ def list_landmark_detectors() -> list[str]:
 
 
 def _toy_factory(**kwargs: Any) -> LandmarkDetector:
-    from facereward.metrics.toy_judges import load_toy_landmark_regressor
+    from facereward.measures.toy_judges import load_toy_landmark_regressor
 
     return load_toy_landmark_regressor(**kwargs)
 

@@ -193,7 +193,7 @@ def luminance(images: Tensor, channel: str = "y", quantize: bool = True) -> Tens
     x = torch.round(x.clamp(0, 1) * 255) if quantize else x * 255
     if x.shape[1] == 3:
         if channel == "y":
-            from facereward.metrics.fullref import rgb_to_y
+            from facereward.measures.fullref import rgb_to_y
 
             x = rgb_to_y(x)
         else:

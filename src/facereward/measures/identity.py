@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from facereward.metrics.landmarks import (
+from facereward.measures.landmarks import (
     detect_face_boxes,
     dlib_model_file,
     images_to_uint8,
@@ -236,7 +236,7 @@ def _arcface_factory(path: str | Path | None = None, **kwargs: Any) -> ArcFaceOn
 
 
 def _toy_factory(**kwargs: Any) -> IdentityEmbedder:
-    from facereward.metrics.toy_judges import load_toy_identity_embedder
+    from facereward.measures.toy_judges import load_toy_identity_embedder
 
     return load_toy_identity_embedder(**kwargs)
 

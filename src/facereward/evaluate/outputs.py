@@ -1,0 +1,124 @@
+"""What evaluate writes and reads back: results.{md,csv,json}, grid.png, the table's cells, existing output folders."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from facereward.data.imageio import image_grid, list_images, read_image, write_image
+
+@dataclass
+class EvaluateResult:
+    rows: dict[str, dict[str, float]]
+    per_image: dict[str, dict[str, list[float]]]
+    table: str
+    out_dir: Path
+    judges: dict[str, str]
+
+
+def format_value(v: float | None) -> str:
+    """A table cell: 4 decimals up to 1, else 2 (PSNR of identical images is inf); None and NaN as "-"."""
+    if v is None or math.isnan(v):
+        return "-"
+    return f"{v:.4f}" if abs(v) <= 1 else f"{v:.2f}"
+
+
+def markdown_table(rows: dict[str, dict[str, float]]) -> str:
+    """{row: {column: value}} as a markdown table; 4 decimals up to 1, else 2; NaN as "-"."""
+    columns = list(dict.fromkeys(c for values in rows.values() for c in values))
+    lines = ["| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for name, values in rows.items():
+        lines.append(f"| {name} | " + " | ".join(format_value(values.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+class OutputFolder:
+    """Existing outputs in a folder, looked up by the LQ file's stem."""
+
+    def __init__(self, name: str, folder: str, names: list[str], size: tuple[int, int]):
+        self.folder = Path(folder)
+        by_stem = {p.stem: p for p in list_images(self.folder)}
+        missing = [n for n in names if n not in by_stem]
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise FileNotFoundError(f"{self.folder}: {len(missing)} outputs for '{name}' are missing ({shown})")
+        self.paths = by_stem
+        self.size = size
+
+    def batch(self, names: list[str]) -> torch.Tensor:
+        images = [read_image(self.paths[n], size=self.size) for n in names]
+        return torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy())
+
+
+def slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name).strip("_")
+
+
+def write_outputs(config, out_dir: Path, rows, per_image, judges, table: str, grid_images, names, n_images: int,
+                   sampling: dict[str, dict] | None = None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sampling = sampling or {}
+    how = "; ".join(f"{m}: eta {s['eta']}, {s['spacing']} spacing, final alpha-bar {s['final_alpha_bar']}"
+                    + (", colour fix" if s["colour_fix"] else "") for m, s in sampling.items())
+    header = (f"{n_images} images from {config.testset}; {config.sample_steps} DDIM steps, seed {config.seed}"
+              + (f" ({how})" if how else "") + "; judges: " + ", ".join(f"{k} = {v}" for k, v in judges.items()) + "\n\n")
+    (out_dir / "results.md").write_text(header + table + "\n")
+    columns = list(dict.fromkeys(c for values in rows.values() for c in values))
+    with open(out_dir / "results.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["method", *columns])
+        for method, values in rows.items():
+            writer.writerow([method, *[values.get(c, "") for c in columns]])
+    payload = {"config": asdict(config), "judges": judges, "sampling": sampling, "rows": rows, "names": names,
+               "per_image": {m: dict(v) for m, v in per_image.items()}}
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=float))
+    grid = evaluation_grid(grid_images)
+    if grid is not None:
+        write_image(out_dir / "grid.png", grid)
+
+
+def evaluation_grid(grid_images: dict[str, list[np.ndarray]]) -> np.ndarray | None:
+    """evaluate's grid.png: a titled column per method (LQ first, GT last), a row per image, 2x for <= 64 px; None if empty."""
+    order = ["LQ"] + [m for m in grid_images if m not in ("LQ", "GT")] + ["GT"]
+    order = [m for m in order if m in grid_images]
+    n_rows = min(len(v) for v in grid_images.values()) if grid_images else 0
+    if not n_rows:
+        return None
+    return image_grid([[grid_images[m][r] for m in order] for r in range(n_rows)], column_titles=order,
+                      scale=2 if grid_images[order[0]][0].shape[0] <= 64 else 1)
+
+
+def redraw_grid(out_dir: str | Path, testset: str | Path | None = None) -> Path:
+    """Draw OUT/grid.png of a finished evaluate run again from its files, restoring nothing; returns its path.
+
+    Reads OUT/results.json (methods, image names, config), the test set's lq/ and hq/ (`testset`, default the
+    one results.json names), OUT/outputs/METHOD/ for restorer rows (so the run must have kept save_outputs) and
+    the `images` folders. The same images and columns as the run's grid, drawn by the current `image_grid`.
+    """
+    out_dir = Path(out_dir)
+    payload = json.loads((out_dir / "results.json").read_text())
+    config = payload["config"]
+    testset = Path(testset or config["testset"])
+    names = payload["names"][: config["grid_rows"]]
+    folders = {m: testset / "lq" if m == "LQ" else Path(config["images"].get(m) or out_dir / "outputs" / slug(m))
+               for m in payload["rows"]}
+    if (testset / "hq").is_dir():
+        folders["GT"] = testset / "hq"
+    size = read_image(list_images(testset / "lq")[0]).shape[:2]
+    grid_images = {m: list(OutputFolder(m, str(f), names, size).batch(names).numpy().transpose(0, 2, 3, 1))
+                   for m, f in folders.items()}
+    grid = evaluation_grid(grid_images)
+    if grid is None:
+        raise ValueError(f"{out_dir}: no images to draw")
+    write_image(out_dir / "grid.png", grid)
+    return out_dir / "grid.png"
+
+
+__all__ = ["EvaluateResult", "OutputFolder", "evaluation_grid", "format_value", "markdown_table", "redraw_grid", "slug",
+           "write_outputs"]
