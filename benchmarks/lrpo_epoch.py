@@ -1,4 +1,4 @@
-"""LRPO epoch time over its bare compute, pixel and latent, interleaved repeats in one process (DESIGN.md "fast").
+"""LRPO epoch time over its bare compute, pixel and latent, interleaved repeats in one process (docs/architecture.md).
 
     python benchmarks/lrpo_epoch.py [--modes pixel latent] [--repeats 5] [--threads 2]
     python benchmarks/lrpo_epoch.py --model latent-real --device cuda --precision bf16 [--compile] \

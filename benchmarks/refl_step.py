@@ -1,4 +1,4 @@
-"""ReFL step time over its bare compute, and graph memory against the number of sampling steps (DESIGN.md "fast").
+"""ReFL step time over its bare compute, and graph memory against the number of sampling steps (docs/architecture.md).
 
     python benchmarks/refl_step.py [--device cuda] [--batch-size 4] [--steps 10] [--repeats 5]
     python benchmarks/refl_step.py --model latent-real --device cuda --precision bf16 [--compile] --batch-size 1 \

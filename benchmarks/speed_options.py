@@ -1,4 +1,4 @@
-"""What `run.speed: auto` sees and picks, and what torch.compile buys (DESIGN.md "fast").
+"""What `run.speed: auto` sees and picks, and what torch.compile buys (docs/architecture.md).
 
     python benchmarks/speed_options.py [--models pixel-toy latent-tiny] [--batch 4] [--threads 2] [--no-drop] [--compile]
     python benchmarks/speed_options.py --models latent-real --device cuda --batch 2 --compile   # SD 2.1 + DiffBIR shapes

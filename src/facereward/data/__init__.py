@@ -1,1 +1,1 @@
-"""Layer 1: degradation, image I/O, datasets and the procedural face world."""
+"""Degradation, image I/O, datasets, the training-data config and the procedural face world."""

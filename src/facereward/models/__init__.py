@@ -1,1 +1,1 @@
-"""Layer 2: the restorer (stage-1 cleaner + conditional diffusion) and the log-prob DDIM sampler."""
+"""The restorer (stage-1 cleaner + conditional diffusion), the log-prob DDIM sampler, the FRM and the importers."""

@@ -1,1 +1,1 @@
-"""Layer 5: trainers and their shared plumbing (accelerate, checkpoints, logging)."""
+"""Trainers (base restorer, FRM, ReFL, LRPO), each a loop with a dataclass config, and the parts they share."""
