@@ -179,7 +179,7 @@ def test_train_base_rejects_bad_step_counts(tmp_path, field, value, message):
     check_config(TrainBaseConfig(stage1_steps=0, stage2_steps=1))
 
 
-@pytest.mark.parametrize(("field", "value"), [("group_size", 1), ("group_size", 0), ("steps", 0), ("epochs", 0),
+@pytest.mark.parametrize(("field", "value"), [("group_size", 1), ("group_size", 0), ("sample_steps", 0), ("epochs", 0),
                                               ("inputs_per_batch", 0), ("batches_per_epoch", -1)])
 def test_lrpo_rejects_values_that_cannot_train(field, value):
     config = LRPOConfig()

@@ -94,7 +94,7 @@ def _buffer(n: int, n_train: int, groups=None, seed: int = 0) -> EpochBuffer:
 
 
 def test_trained_step_tables_all_window_and_random():
-    config = LRPOConfig(init_from="x", steps=8)  # 7 trainable steps
+    config = LRPOConfig(init_from="x", sample_steps=8)  # 7 trainable steps
     rows = torch.tensor([3, 0, 5])
     assert trained_step_table(config, 7, rows, 0).tolist() == [list(range(7))] * 3
     config.trained_steps, config.trained_count, config.window_every = "window", 3, 2
@@ -120,7 +120,7 @@ def test_step_loss_with_a_step_per_row_is_the_per_step_losses_combined():
     buffer.advantages = torch.randn(n, n_train, generator=torch.Generator().manual_seed(5))
     buffer.keep = torch.tensor([True, True, True, False])
     buffer.targets = torch.randn(2, n, 2, 4, 4, generator=torch.Generator().manual_seed(6))
-    config = LRPOConfig(init_from="x", steps=4, reg_steps=2, clip_range=0.2)
+    config = LRPOConfig(init_from="x", sample_steps=4, reg_steps=2, clip_range=0.2)
     stats = zero_stats(torch.device("cpu"))
     ks = torch.tensor([0, 2, 1, 2])  # rows 1 and 2 regularised (steps 1, 2), row 0 not, row 3 not kept
     got = step_loss(FakeRestorer(), None, buffer, torch.arange(n), ks, schedule, config, n_train, 3.0, None, OneProcess(),
@@ -157,7 +157,7 @@ def test_step_loss_is_the_originals_per_step_scale():
     buffer.advantages = torch.randn(n, n_train, generator=torch.Generator().manual_seed(2))
     buffer.keep = torch.tensor([True, True, False, True, True])
     buffer.targets = torch.randn(2, n, 2, 4, 4, generator=torch.Generator().manual_seed(3))  # reg_steps = 2: steps 1, 2
-    config = LRPOConfig(init_from="x", steps=4, reg_steps=2, clip_range=0.2)
+    config = LRPOConfig(init_from="x", sample_steps=4, reg_steps=2, clip_range=0.2)
     k, rows = 2, torch.arange(n)
     stats = zero_stats(torch.device("cpu"))
     got = step_loss(FakeRestorer(), None, buffer, rows, k, schedule, config, n_train, 4.0, None, OneProcess(), stats, True)
@@ -271,7 +271,7 @@ def _config(tmp_path, model_dir, name: str = "run", **fields) -> LRPOConfig:
         run=RunConfig(output_dir=str(tmp_path / name), save_every=1, log_every=1, progress=False),
         data=DataConfig(toy_faces=6, size=32, toy_identities=10),
         init_from=str(model_dir),
-        group_size=3, inputs_per_batch=2, batches_per_epoch=1, epochs=1, steps=4, micro_batch=3, reg_steps=2,
+        group_size=3, inputs_per_batch=2, batches_per_epoch=1, epochs=1, sample_steps=4, micro_batch=3, reg_steps=2,
         lr=1e-4, held_out=HeldOutConfig(every=0),
     )
     config.rewards.weights = {"wavelet": 0.5, "ssim": 0.5}
@@ -370,7 +370,7 @@ def test_latent_run_with_frm_reward_kl_to_a_copy_and_held_out(tmp_path, latent_r
 
     latent_restorer.save_pretrained(tmp_path / "latent")
     config = _config(tmp_path, tmp_path / "latent", kl_beta=0.05, reg_steps=2,
-                     held_out=HeldOutConfig(every=1, toy_faces=2, steps=2, identity="none"))
+                     held_out=HeldOutConfig(every=1, toy_faces=2, sample_steps=2, identity="none"))
     config.rewards.weights = {"frm": 0.1, "wavelet": 0.3}
     config.rewards.options = {"frm": {"path": TOY_FRM}}
     out = train_lrpo(config)
@@ -392,7 +392,7 @@ def test_bad_config_names_the_field(tmp_path, pixel_dir):
                             ({"eta": 0.0}, "eta")):
         with pytest.raises(ValueError, match=message):
             check_config(_config(tmp_path, pixel_dir, **fields))
-    assert check_config(_config(tmp_path, pixel_dir, steps=50)) == 49
+    assert check_config(_config(tmp_path, pixel_dir, sample_steps=50)) == 49
     config = _config(tmp_path, pixel_dir, group_size=3, inputs_per_batch=1)
     with pytest.raises(ValueError, match="kl_reference 'base' needs LoRA"):
         train_lrpo(_config(tmp_path, pixel_dir, kl_beta=0.1, kl_reference="base"))
@@ -405,7 +405,7 @@ def test_cli_lrpo_runs_an_ablation_and_reports_bad_rewards(tmp_path, pixel_dir):
     from facereward.cli import app
 
     tiny = ["--set", "data.size=32", "--set", "data.toy_identities=10", "--set", "group_size=2", "--set", "inputs_per_batch=2",
-            "--set", "batches_per_epoch=1", "--set", "steps=3", "--set", "micro_batch=4", "--set", "held_out.every=0",
+            "--set", "batches_per_epoch=1", "--set", "sample_steps=3", "--set", "micro_batch=4", "--set", "held_out.every=0",
             "--set", "run.progress=false"]
     args = ["lrpo", "--init-from", str(pixel_dir), "--toy-faces", "4", "--epochs", "1", "--output-dir", str(tmp_path / "cli"),
             "--reward", "wavelet=0.7", "--reward", "psnr=0.01", "--no-regulariser", "--uniform-advantages", *tiny]

@@ -10,13 +10,14 @@ import torch
 from facereward.data.training_data import DataConfig
 from facereward.models.frm import FaceRewardModel, FRMConfig
 from facereward.models.restorer import Restorer
-from facereward.rewards import RewardsConfig, register_reward
+from facereward.measures import MeasuresConfig, register_measure
 from facereward.train.accelerator import RunConfig
 from facereward.train.heldout import HeldOutConfig
 from facereward.train.refl import (
     DynamicFRMConfig,
     ReFLConfig,
     ReFLStep,
+    build_losses,
     build_reward_term,
     frm_preference_step,
     residual_regulariser,
@@ -38,12 +39,23 @@ def _batch(size: int = 32, b: int = 2):
     return {"lq": (hq + 0.2 * torch.rand(b, 3, size, size, generator=g)).clamp(0, 1), "hq": hq, "caption": ["a face"] * b}
 
 
+def _losses(wavelet: float = 0.01, clamp: bool = True) -> MeasuresConfig:
+    """The structural terms without LPIPS: the DT-CWT low-pass L1 (the default's options), on the clamped x_hat."""
+    return MeasuresConfig(weights={"wavelet": wavelet} if wavelet else {},
+                          options={"wavelet": {"wavelet": "dtcwt", "levels": 3, "clamp": clamp}} if wavelet else {})
+
+
+def _rewards(frm_dir, **weights) -> MeasuresConfig:
+    """The reward term: the dynamic FRM at `frm_dir` (weight 1 unless given) and any other weighted measures."""
+    return MeasuresConfig(weights={"frm": 1.0, **weights}, options={"frm": {"path": str(frm_dir)}})
+
+
 def _step(restorer, frm, lora_rank=0, **kw):
-    weights = {"reward_weight": 1.0, "reg_weight": 1.0, "structural_weight": 1.0, "lpips_weight": 0.0, "sampling_steps": 4}
+    weights = {"reward_weight": 1.0, "reg_weight": 1.0, "losses": _losses(1.0), "sample_steps": 4}
     cfg = ReFLConfig(lora=LoraSettings(rank=lora_rank), **{**weights, **kw})
     trainable = prepare_trainable(restorer, cfg.lora)
     reference = None if lora_rank else frozen_copy(trainable)
-    return ReFLStep(cfg, restorer, frm, reference), trainable
+    return ReFLStep(cfg, restorer, frm, reference, build_losses(cfg, torch.device("cpu"))), trainable
 
 
 def test_reward_forms_and_regulariser_by_hand():
@@ -71,7 +83,7 @@ def test_gradients_reach_only_the_trainable_network(mode, pixel_restorer, latent
             assert p.grad is None, f"{name} got a gradient"
     assert all(p.grad is None for p in tiny_frm.parameters())  # frozen for the generator step, but differentiable
     assert all(p.requires_grad for p in tiny_frm.parameters())  # ...and its flags are back afterwards
-    assert {"refl/reward_loss", "refl/reg_loss", "refl/structural_loss", "refl/loss", "refl/score"} <= set(out.parts)
+    assert {"refl/reward_loss", "refl/reg_loss", "refl/wavelet_loss", "refl/loss", "refl/score"} <= set(out.parts)
 
 
 def _saved_tensors(step: ReFLStep, batch) -> int:
@@ -90,9 +102,9 @@ def _saved_tensors(step: ReFLStep, batch) -> int:
 def test_no_graph_is_kept_for_the_no_grad_steps(pixel_restorer, tiny_frm):
     """The autograd graph holds step k's forward only: the same size for 3 and 12 sampling steps."""
     batch = _batch()
-    short, _ = _step(pixel_restorer, tiny_frm, sampling_steps=3, grad_window=1)
+    short, _ = _step(pixel_restorer, tiny_frm, sample_steps=3, grad_window=1)
     n_short = _saved_tensors(short, batch)
-    long, _ = _step(pixel_restorer, tiny_frm, sampling_steps=12, grad_window=1)
+    long, _ = _step(pixel_restorer, tiny_frm, sample_steps=12, grad_window=1)
     assert n_short > 0 and _saved_tensors(long, batch) == n_short
 
 
@@ -127,9 +139,9 @@ def test_one_dynamic_frm_update_prefers_the_gt(pixel_restorer, tiny_frm):
 
 def _config(tmp_path, restorer_dir, frm_dir, **kw) -> ReFLConfig:
     run = RunConfig(output_dir=str(tmp_path / "run"), progress=False, save_every=2, log_every=1)
-    defaults = dict(run=run, data=DataConfig(toy_faces=8, size=32), init_from=str(restorer_dir), frm=str(frm_dir), steps=4,
-                    batch_size=2, sampling_steps=3, eta=1.0, lpips_weight=0.0,
-                    held_out=HeldOutConfig(every=2, toy_faces=2, steps=3, identity="none"))
+    defaults = dict(run=run, data=DataConfig(toy_faces=8, size=32), init_from=str(restorer_dir), rewards=_rewards(frm_dir),
+                    train_steps=4, batch_size=2, sample_steps=3, eta=1.0, losses=_losses(),
+                    held_out=HeldOutConfig(every=2, toy_faces=2, sample_steps=3, identity="none"))
     defaults.update(kw)
     return ReFLConfig(**defaults)
 
@@ -142,12 +154,12 @@ def saved(tmp_path, pixel_restorer, tiny_frm):
 
 
 def test_short_run_trains_saves_and_resumes(tmp_path, saved):
-    model = train_refl(_config(tmp_path, *saved, steps=2, lr=1e-3))
+    model = train_refl(_config(tmp_path, *saved, train_steps=2, lr=1e-3))
     restored = Restorer.from_pretrained(model)
     initial = Restorer.from_pretrained(saved[0])
     assert any(not torch.equal(a, b) for a, b in zip(restored.unet.state_dict().values(), initial.unet.state_dict().values()))
     assert FaceRewardModel.from_pretrained(tmp_path / "run" / "frm")
-    train_refl(_config(tmp_path, *saved, steps=4, lr=1e-3, run=RunConfig(output_dir=str(tmp_path / "run"), progress=False,
+    train_refl(_config(tmp_path, *saved, train_steps=4, lr=1e-3, run=RunConfig(output_dir=str(tmp_path / "run"), progress=False,
                                                                           save_every=2, log_every=1, resume="latest")))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [h["step"] for h in metrics["held_out"]] == [0, 2, 4]  # the resumed run carries the history on
@@ -157,7 +169,7 @@ def test_short_run_trains_saves_and_resumes(tmp_path, saved):
 
 
 def test_lora_run_saves_a_plain_restorer(tmp_path, saved):
-    model = train_refl(_config(tmp_path, *saved, steps=2, lr=1e-2, lora=LoraSettings(rank=2), held_out=HeldOutConfig(every=0)))
+    model = train_refl(_config(tmp_path, *saved, train_steps=2, lr=1e-2, lora=LoraSettings(rank=2), held_out=HeldOutConfig(every=0)))
     loaded = Restorer.from_pretrained(model)
     assert not any("lora" in k for k in loaded.unet.state_dict())
     initial = Restorer.from_pretrained(saved[0])
@@ -168,9 +180,9 @@ def test_short_run_on_toy_faces_raises_the_held_out_frm_score(tmp_path):
     """The shipped toy restorer and FRM: a few ReFL steps (fixed FRM, reward only) raise the held-out score."""
     cfg = ReFLConfig(
         run=RunConfig(output_dir=str(tmp_path / "run"), progress=False, save_every=100, log_every=1),
-        data=DataConfig(toy_faces=16, toy_identities=200, size=64), steps=3, batch_size=2, sampling_steps=4, lr=1e-4,
-        reward_weight=0.01, reg_weight=0.0, structural_weight=0.0, lpips_weight=0.0, dynamic_frm=DynamicFRMConfig(every=0),
-        held_out=HeldOutConfig(every=3, toy_faces=4, steps=4, identity="none"),
+        data=DataConfig(toy_faces=16, toy_identities=200, size=64), train_steps=3, batch_size=2, sample_steps=4, lr=1e-4,
+        reward_weight=0.01, reg_weight=0.0, losses=MeasuresConfig(weights={}), dynamic_frm=DynamicFRMConfig(every=0),
+        held_out=HeldOutConfig(every=3, toy_faces=4, sample_steps=4, identity="none"),
     )
     train_refl(cfg)
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["held_out"]
@@ -182,23 +194,25 @@ def test_bad_configs_fail_with_one_line(tmp_path, saved):
         train_refl(_config(tmp_path, *saved, eta="sometimes"))
     with pytest.raises(ValueError, match="data.size 64 differs"):
         train_refl(_config(tmp_path, *saved, data=DataConfig(toy_faces=4, size=64)))
-    for paths in ({}, {"lpips_backbone": "vgg16.pth"}):  # the recipe asks for LPIPS and a weight file is missing
-        with pytest.raises(ValueError, match=r"lpips_weight 0.01 needs LPIPS weights: --lpips-backbone PATH and --lpips-heads PATH"):
-            train_refl(_config(tmp_path, *saved, lpips_weight=0.01, **paths))
-    with pytest.raises(ValueError, match="'psnr_nd' is not differentiable"):
-        train_refl(_config(tmp_path, *saved, rewards=RewardsConfig(weights={"frm": 1.0, "psnr_nd": 0.1})))
-    with pytest.raises(ValueError, match="rewards.options.frm: ReFL's frm reward is its dynamic FRM"):
-        train_refl(_config(tmp_path, *saved, rewards=RewardsConfig(weights={"frm": 1.0}, options={"frm": {"path": "x"}})))
+    for paths in ({}, {"backbone_path": "vgg16.pth"}):  # the recipe asks for LPIPS and a weight file is missing
+        losses = MeasuresConfig(weights={"wavelet": 0.01, "lpips": 0.01}, options={"lpips": {"net": "vgg", **paths}})
+        with pytest.raises(ValueError, match=r"^losses\.weights\.lpips: measure 'lpips' needs (options|both) backbone_path and "
+                                             r"heads_path .*; or --set losses\.weights\.lpips=0"):
+            train_refl(_config(tmp_path, *saved, losses=losses))
+    with pytest.raises(ValueError, match=r"rewards\.weights\.psnr_nd: 'psnr_nd' is not differentiable \(ReFL backpropagates"):
+        train_refl(_config(tmp_path, *saved, rewards=_rewards(saved[1], psnr_nd=0.1)))
+    frm_options = MeasuresConfig(weights={"frm": 1.0}, options={"frm": {"path": str(saved[1]), "scale": 2.0}})
+    with pytest.raises(ValueError, match=r"rewards\.options\.frm\.scale: ReFL's frm is its dynamic FRM, which takes only path"):
+        train_refl(_config(tmp_path, *saved, rewards=frm_options))
+    with pytest.raises(ValueError, match=r"rewards\.options\.frm\.path: no Face Reward Model for your restorer: set --frm PATH"):
+        train_refl(_config(tmp_path, *saved, rewards=MeasuresConfig(weights={"frm": 1.0})))  # never the toy FRM silently
 
 
-class NotDifferentiable(torch.nn.Module):
-    differentiable, needs_gt = False, True
-
-    def forward(self, images, gt=None, captions=None):
-        return -((images - gt) ** 2).flatten(1).mean(1)
+def _negative_mse(images, gt=None, captions=None):
+    return -((images - gt) ** 2).flatten(1).mean(1)
 
 
-register_reward("psnr_nd", NotDifferentiable, overwrite=True)
+register_measure("psnr_nd", fn=_negative_mse, kind="FR", lower_better=False, differentiable=False, overwrite=True)
 
 
 class RangeSpy(torch.nn.Module):
@@ -227,7 +241,7 @@ def test_x_hat_is_clamped_before_the_rewards_and_the_structural_term(clamp, pixe
     monkeypatch.setattr(wavelet, "lowpass_l1", lambda x, gt, *a, **k: seen_by_dwt.append((float(x.detach().min()), float(x.detach().max())))
                         or lowpass_l1(x, gt, *a, **k))
     spy = RangeSpy(tiny_frm)
-    step, _ = _step(pixel_restorer, spy, clamp_x_hat=clamp)
+    step, _ = _step(pixel_restorer, spy, clamp_x_hat=clamp, losses=_losses(1.0, clamp=clamp))  # the wavelet term's own clamp
     out = step(_batch(), torch.Generator().manual_seed(0))
     lo, hi = spy.seen[0]
     assert (0 <= lo and hi <= 1) == clamp and (0 <= seen_by_dwt[0][0] and seen_by_dwt[0][1] <= 1) == clamp
@@ -238,8 +252,8 @@ def test_a_composite_reward_term_by_hand(pixel_restorer, tiny_frm):
     """R = 0.5 s(x_hat) + 0.5 SSIM(x_hat, gt): the reward loss is w_r * mean(1 - R), its parts logged."""
     from facereward.measures.fullref import ssim
 
-    rewards = RewardsConfig(weights={"frm": 0.5, "ssim": 0.5})
-    cfg_kw = dict(rewards=rewards, reg_weight=0.0, structural_weight=0.0)
+    rewards = MeasuresConfig(weights={"frm": 0.5, "ssim": 0.5})
+    cfg_kw = dict(rewards=rewards, reg_weight=0.0, losses=MeasuresConfig(weights={}))
     step, _ = _step(pixel_restorer, tiny_frm, **cfg_kw)
     step.rewards = build_reward_term(step.config, torch.device("cpu"))
     out = step(_batch(), torch.Generator().manual_seed(0))
@@ -257,7 +271,7 @@ def test_accumulate_last_only_keeps_only_the_last_micro_batch(tmp_path, saved):
     from facereward.models.restorer import Restorer
 
     def run(name, **kw):
-        cfg = _config(tmp_path / name, *saved, steps=1, batch_size=1, reg_weight=0.0, structural_weight=0.0, lr=1e-2,
+        cfg = _config(tmp_path / name, *saved, train_steps=1, batch_size=1, reg_weight=0.0, losses=MeasuresConfig(weights={}), lr=1e-2,
                       dynamic_frm=DynamicFRMConfig(every=0), held_out=HeldOutConfig(every=0), **kw)
         cfg.run.gradient_accumulation_steps = 2
         return Restorer.from_pretrained(train_refl(cfg)).unet.state_dict()
@@ -273,8 +287,8 @@ def test_cli_ablation_switches_and_bad_keys(tmp_path, saved):
     from facereward.cli import app
 
     out = tmp_path / "cli"
-    args = ["refl", "--init-from", str(saved[0]), "--frm", str(saved[1]), "--toy-faces", "4", "--steps", "1",
-            "--output-dir", str(out), "--set", "data.size=32", "--set", "sampling_steps=2", "--set", "held_out.every=0",
+    args = ["refl", "--init-from", str(saved[0]), "--frm", str(saved[1]), "--toy-faces", "4", "--train-steps", "1",
+            "--output-dir", str(out), "--set", "data.size=32", "--set", "sample_steps=2", "--set", "held_out.every=0",
             "--set", "batch_size=2", "--set", "run.progress=false"]
     result = CliRunner().invoke(app, [*args, "--no-regulariser", "--no-dynamic-frm", "--no-structural"])
     assert result.exit_code == 0, result.output
@@ -282,7 +296,8 @@ def test_cli_ablation_switches_and_bad_keys(tmp_path, saved):
     assert result.output.startswith("refl: 1 steps at batch 2") and f"tensorboard --logdir {out}" in result.output
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written["reg_weight"] == 0 and written["dynamic_frm"]["every"] == 0
-    assert written["structural_weight"] == 0 and written["lpips_weight"] == 0 and written["reward_weight"] > 0
+    assert written["losses"]["weights"] == {} and written["reward_weight"] > 0  # --no-structural: no wavelet, no LPIPS
+    assert written["train_steps"] == 1 and written["rewards"]["options"]["frm"]["path"] == str(saved[1])  # --frm
     bad = CliRunner().invoke(app, [*args, "--set", "reward_wieght=1"])
     assert bad.exit_code != 0 and "unknown key 'reward_wieght'" in str(bad.exception or bad.output)
 
@@ -311,5 +326,5 @@ def test_dynamic_frm_mixes_in_the_original_pairs_with_gradient_accumulation(tmp_
     monkeypatch.setattr(refl_module, "frm_preference_step", spy)
     run = RunConfig(output_dir=str(tmp_path / "mix"), progress=False, save_every=100, gradient_accumulation_steps=2)
     dyn = refl_module.DynamicFRMConfig(every=1, lr=1e-3, pairs=str(pairs), pairs_per_update=2)
-    train_refl(_config(tmp_path, *saved, steps=2, run=run, dynamic_frm=dyn, held_out=HeldOutConfig(every=0)))
+    train_refl(_config(tmp_path, *saved, train_steps=2, run=run, dynamic_frm=dyn, held_out=HeldOutConfig(every=0)))
     assert seen == [2 + 2, 2 + 2]  # one update per optimizer step (not per micro-batch): the batch's GTs + 2 pairs
