@@ -84,10 +84,10 @@ def make_clip_tokenizer(tmp_path_factory):
 
 
 # the demo's recipes cut to a few seconds on a 32 px model
-TINY_DEMO_REFL = {"steps": 2, "batch_size": 2, "sampling_steps": 2, "data": {"toy_faces": 8},
-                  "dynamic_frm": {"every": 1}, "held_out": {"every": 1, "toy_faces": 2, "steps": 2}}
-TINY_DEMO_LRPO = {"epochs": 2, "group_size": 2, "inputs_per_batch": 2, "steps": 3, "reg_steps": 1, "micro_batch": 2,
-                  "train_batch_size": 2, "data": {"toy_faces": 4}, "held_out": {"every": 1, "toy_faces": 2, "steps": 2}}
+TINY_DEMO_REFL = {"train_steps": 2, "batch_size": 2, "sample_steps": 2, "data": {"toy_faces": 8},
+                  "dynamic_frm": {"every": 1}, "held_out": {"every": 1, "toy_faces": 2, "sample_steps": 2}}
+TINY_DEMO_LRPO = {"epochs": 2, "group_size": 2, "inputs_per_batch": 2, "sample_steps": 3, "reg_steps": 1, "micro_batch": 2,
+                  "train_batch_size": 2, "data": {"toy_faces": 4}, "held_out": {"every": 1, "toy_faces": 2, "sample_steps": 2}}
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""CLIPIQA (metrics.clipiqa): the score against a hand computation, the CLIP processor's resize, gradients, errors,
-the `clipiqa` reward and the `evaluate --clipiqa` column; with a tiny random CLIP saved like a hub folder."""
+"""CLIPIQA (measures.clipiqa): the score against a hand computation, the CLIP processor's resize, gradients, errors,
+the `clipiqa` measure as a reward and the `evaluate --clipiqa` column; with a tiny random CLIP saved like a hub folder."""
 
 from __future__ import annotations
 
@@ -247,18 +247,17 @@ def test_missing_or_broken_weights_are_one_line_errors_naming_path_and_option(ti
 
 
 def test_clipiqa_reward_in_the_registry_and_a_composite(tiny_clip):
-    from facereward.rewards import CompositeReward, RewardsConfig, build_reward
-    from facereward.rewards.base import Reward
+    from facereward.measures import Measure, MeasuresConfig, WeightedSum, create_measure
 
-    reward = build_reward("clipiqa", path=str(tiny_clip))
-    assert isinstance(reward, Reward) and reward.differentiable and not reward.needs_gt
+    reward = create_measure("clipiqa", as_reward=True, path=str(tiny_clip))
+    assert isinstance(reward, Measure) and reward.differentiable and not reward.needs_gt
     images = _images(3, 40, 40, seed=6)
     with torch.no_grad():
         direct = CLIPIQA.from_pretrained(tiny_clip)(images)
         assert torch.allclose(reward(images), direct, atol=1e-6)
-    config = RewardsConfig(weights={"clipiqa": 0.1, "psnr": 0.01},
-                           options={"clipiqa": {"path": str(tiny_clip), "prompts": "paper", "scale": 100.0}})
-    composite = CompositeReward.from_config(config)
+    config = MeasuresConfig(weights={"clipiqa": 0.1, "psnr": 0.01},
+                            options={"clipiqa": {"path": str(tiny_clip), "prompts": "paper", "scale": 100.0}})
+    composite = WeightedSum.from_config(config)
     gt = _images(3, 40, 40, seed=7)
     out = composite(images, gt)
     paper = CLIPIQA.from_pretrained(tiny_clip, prompts="paper", scale=100.0)
@@ -266,15 +265,17 @@ def test_clipiqa_reward_in_the_registry_and_a_composite(tiny_clip):
         assert torch.allclose(out.components["clipiqa"], paper(images), atol=1e-6)
     assert torch.allclose(out.total, 0.1 * out.components["clipiqa"] + 0.01 * out.components["psnr"])
     # no-reference: it alone needs no GT, and ReFL can differentiate through it
-    alone = CompositeReward.from_config(RewardsConfig(weights={"clipiqa": 1.0}, options={"clipiqa": {"path": str(tiny_clip)}}))
+    alone = WeightedSum.from_config(MeasuresConfig(weights={"clipiqa": 1.0}, options={"clipiqa": {"path": str(tiny_clip)}}))
     assert alone.differentiable and not alone.needs_gt
     x = images.clone().requires_grad_(True)
     alone(x).total.sum().backward()
     assert x.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match=r"rewards\.weights\.clipiqa: .*set rewards\.options\.clipiqa\.path"):
-        CompositeReward.from_config(RewardsConfig(weights={"clipiqa": 1.0}))
-    with pytest.raises(ModelFolderError, match=r"no such CLIP folder .*set rewards\.options\.clipiqa\.path"):
-        build_reward("clipiqa", path="/no/such/clip")
+    with pytest.raises(ValueError, match=r"rewards\.weights\.clipiqa: measure 'clipiqa' needs option path"):
+        WeightedSum.from_config(MeasuresConfig(weights={"clipiqa": 1.0}))
+    with pytest.raises(ModelFolderError, match=r"no such CLIP folder .*set options\.clipiqa\.path"):
+        create_measure("clipiqa", as_reward=True, path="/no/such/clip")
+    with pytest.raises(ValueError, match=r"rewards\.weights\.clipiqa: .*no such CLIP folder .*set options\.clipiqa\.path"):
+        WeightedSum.from_config(MeasuresConfig(weights={"clipiqa": 1.0}, options={"clipiqa": {"path": "/no/such/clip"}}))
 
 
 # ---- (f) evaluate -----------------------------------------------------------------------------------------------------
@@ -295,7 +296,7 @@ def test_evaluate_adds_a_clipiqa_column_without_gt(tiny_clip, toy_testset, tmp_p
 
     no_gt = tmp_path / "real"
     shutil.copytree(toy_testset / "lq", no_gt / "lq")
-    result = evaluate(EvaluateConfig(testset=str(no_gt), out_dir=str(tmp_path / "o"), clipiqa=str(tiny_clip),
+    result = evaluate(EvaluateConfig(testset=str(no_gt), out_dir=str(tmp_path / "o"), options={"clipiqa": {"path": str(tiny_clip)}},
                                      images={"gt": str(toy_testset / "hq")}, identity="none", fid="none", batch_size=3,
                                      progress=False))
     column = "CLIPIQA (clip)"
@@ -317,4 +318,4 @@ def test_evaluate_command_clipiqa_flag(tiny_clip, toy_testset, tmp_path):
     assert "| | PSNR | SSIM | PSNR-Y | SSIM-Y | oracle (toy) | CLIPIQA (clip) |" in result.output
     bad = CliRunner().invoke(app, [*base, "--clipiqa", str(tmp_path / "nope")])
     assert bad.exit_code != 0 and isinstance(bad.exception, ModelFolderError)
-    assert "set --clipiqa PATH" in str(bad.exception) and "\n" not in str(bad.exception)
+    assert "set options.clipiqa.path" in str(bad.exception) and "\n" not in str(bad.exception)

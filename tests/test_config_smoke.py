@@ -18,12 +18,14 @@ def test_check_override_accepts_free_form_mappings_and_rejects_bad_leaves():
     check_override(LRPOConfig, "rewards.options.frm.path=x")
     check_override(ReFLConfig, "eta=random")
     check_override(ReFLConfig, "eta=0.5")
-    with pytest.raises(ConfigError, match=r"--set steps=many: expected an integer, got 'many'"):
+    with pytest.raises(ConfigError, match=r"--set train_steps=many: expected an integer, got 'many'"):
+        check_override(ReFLConfig, "train_steps=many")
+    with pytest.raises(ConfigError, match=r"--set steps=many: key steps was renamed: use train_steps"):
         check_override(ReFLConfig, "steps=many")
     with pytest.raises(ConfigError, match=r"--set dynamic_frm.evry=1: unknown key 'evry' in dynamic_frm"):
         check_override(ReFLConfig, "dynamic_frm.evry=1")
     with pytest.raises(ConfigError, match=r"expected KEY=VALUE"):
-        check_override(ReFLConfig, "steps")
+        check_override(ReFLConfig, "train_steps")
 
 
 def test_yaml_11_words_stay_strings_where_a_string_is_expected(tmp_path):
@@ -72,4 +74,4 @@ def test_smoke_keeps_zeros_and_stays_valid(monkeypatch):
     cfg = load_config(ReFLConfig, None, ["dynamic_frm.every=0", "held_out.every=0", "data.toy_faces=0"])
     assert (cfg.dynamic_frm.every, cfg.held_out.every, cfg.data.toy_faces) == (0, 0, 0)  # ablations and sources survive
     check_config(load_config(LRPOConfig, None, ["data.toy_faces=100"]))  # the scaled-down LRPO is a valid run
-    assert load_config(EvaluateConfig, None, []).steps == EvaluateConfig().steps  # no SMOKE: the CLI caps evaluate
+    assert load_config(EvaluateConfig, None, []).sample_steps == EvaluateConfig().sample_steps  # no SMOKE: the CLI caps evaluate

@@ -35,7 +35,7 @@ def test_demo_recipes_are_the_toy_configs_shortened():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    for recipe, path, length in ((DEMO_REFL, "configs/refl_toy.yaml", "steps"), (DEMO_LRPO, "configs/lrpo_toy.yaml", "epochs")):
+    for recipe, path, length in ((DEMO_REFL, "configs/refl_toy.yaml", "train_steps"), (DEMO_LRPO, "configs/lrpo_toy.yaml", "epochs")):
         full = yaml.safe_load((root / path).read_text())
         same = {k: v for k, v in full.items() if k not in ("run", length, "held_out")}
         assert merge(recipe, same) == recipe, path  # every other setting as in the full toy config
@@ -57,7 +57,7 @@ def test_demo_skip_training_only_restores(tmp_path, pixel_restorer):
 
 def test_demo_command_names_what_it_wrote(tmp_path, pixel_restorer, capsys):
     pixel_restorer.save_pretrained(tmp_path / "model")
-    code = cli_run(["demo", "--skip-training", "--out-dir", str(tmp_path / "out"), "--n", "2", "--steps", "2",
+    code = cli_run(["demo", "--skip-training", "--out-dir", str(tmp_path / "out"), "--n", "2", "--sample-steps", "2",
                     "--model", str(tmp_path / "model"), "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0 and "| base |" in out and "report.html" in out

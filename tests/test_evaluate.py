@@ -52,7 +52,7 @@ def test_model_rows_stage1_and_saved_outputs(toy_testset, tmp_path, pixel_config
     pixel_config.size = 64
     Restorer.build(pixel_config).save_pretrained(tmp_path / "m")
     cfg = EvaluateConfig(testset=str(toy_testset), out_dir=str(tmp_path / "o"), models={"tiny": str(tmp_path / "m")},
-                         include_stage1=True, steps=2, identity="none", landmarks="none", fid="none", progress=False)
+                         include_stage1=True, sample_steps=2, identity="none", landmarks="none", fid="none", progress=False)
     result = evaluate(cfg)
     assert list(result.rows) == ["LQ", "tiny (stage 1)", "tiny"]
     # a fresh cleaner is the identity (zero-initialised tail): stage 1 scores equal the LQ's
@@ -74,7 +74,8 @@ def test_fid_against_a_reference_without_gt(toy_testset, tmp_path):
     no_gt = tmp_path / "real"
     shutil.copytree(toy_testset / "lq", no_gt / "lq")
     cfg = EvaluateConfig(testset=str(no_gt), out_dir=str(tmp_path / "o"), images={"same-as-hq": str(toy_testset / "hq")},
-                         identity="dlib", fid_reference=str(toy_testset / "hq"), kid_subsets=5, progress=False)
+                         identity="dlib", fid_reference=str(toy_testset / "hq"), options={"kid": {"subsets": 5}},
+                         progress=False)
     with pytest.warns(UserWarning, match="singular"):
         result = evaluate(cfg)
     assert "PSNR" not in result.rows["LQ"]  # no GT: no full-reference metrics
@@ -89,10 +90,10 @@ def test_missing_outputs_and_bad_options_are_clear(toy_testset, tmp_path):
         write_image(partial / p.name, read_image(p))
     with pytest.raises(FileNotFoundError, match="4 outputs for 'x' are missing"):
         evaluate(EvaluateConfig(testset=str(toy_testset), out_dir=str(tmp_path / "o"), images={"x": str(partial)}, progress=False))
-    with pytest.raises(ValueError, match="fid must be"):
+    with pytest.raises(ValueError, match="features must be auto, identity, inception:PATH or none, got 'bogus'"):
         evaluate(EvaluateConfig(testset=str(toy_testset), out_dir=str(tmp_path / "o"), identity="none", landmarks="none", fid="bogus", progress=False))
-    with pytest.raises(ValueError, match="both lpips_backbone and lpips_heads"):
-        evaluate(EvaluateConfig(testset=str(toy_testset), out_dir=str(tmp_path / "o"), lpips_backbone="x.pth",
+    with pytest.raises(ValueError, match="measure 'lpips' needs both backbone_path and heads_path"):
+        evaluate(EvaluateConfig(testset=str(toy_testset), out_dir=str(tmp_path / "o"), options={"lpips": {"backbone_path": "x.pth"}},
                                 identity="none", landmarks="none", fid="none", progress=False))
 
 
@@ -119,7 +120,7 @@ def test_frm_score_column_without_gt(toy_testset, tmp_path):
     frm.save_pretrained(tmp_path / "myfrm")
     no_gt = tmp_path / "real"
     shutil.copytree(toy_testset / "lq", no_gt / "lq")
-    result = evaluate(EvaluateConfig(testset=str(no_gt), out_dir=str(tmp_path / "o"), frm=str(tmp_path / "myfrm"),
+    result = evaluate(EvaluateConfig(testset=str(no_gt), out_dir=str(tmp_path / "o"), options={"frm": {"path": str(tmp_path / "myfrm")}},
                                      images={"gt": str(toy_testset / "hq")}, identity="none", fid="none", progress=False))
     lq_images = torch.stack([torch.from_numpy(read_image(p).transpose(2, 0, 1)) for p in sorted((no_gt / "lq").glob("*.png"))])
     with torch.no_grad():

@@ -60,8 +60,8 @@ def test_refl_warns_records_and_stops_on_the_alarm(tmp_path, monkeypatch, pixel_
     FaceRewardModel(FRMConfig(backbone="cnn", input_size=32, cnn_widths=[8, 16], cnn_depth=1)).save_pretrained(tmp_path / "frm")
     calls: list = []
     monkeypatch.setattr(refl_module, "new_alarms", _fake_alarm(calls))
-    config = _config(tmp_path, tmp_path / "restorer", tmp_path / "frm", steps=8,
-                     held_out=HeldOutConfig(every=2, toy_faces=2, steps=2, identity="none", stop_on_hacking=True))
+    config = _config(tmp_path, tmp_path / "restorer", tmp_path / "frm", train_steps=8,
+                     held_out=HeldOutConfig(every=2, toy_faces=2, sample_steps=2, identity="none", stop_on_hacking=True))
     with pytest.warns(UserWarning, match="refl: possible reward hacking"):
         refl_module.train_refl(config)
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["held_out"]
@@ -82,7 +82,7 @@ def test_lrpo_warns_records_and_stops_on_the_alarm(tmp_path, monkeypatch, pixel_
     calls: list = []
     monkeypatch.setattr(lrpo_module, "new_alarms", _fake_alarm(calls))
     config = _config(tmp_path, tmp_path / "pixel", epochs=4,
-                     held_out=HeldOutConfig(every=1, toy_faces=2, steps=2, identity="none", stop_on_hacking=True))
+                     held_out=HeldOutConfig(every=1, toy_faces=2, sample_steps=2, identity="none", stop_on_hacking=True))
     config.run.save_every = 10
     with pytest.warns(UserWarning, match="lrpo: possible reward hacking"):
         lrpo_module.train_lrpo(config)

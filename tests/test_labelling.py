@@ -216,7 +216,8 @@ def test_auto_labeller_is_antisymmetric_and_round_trips(graded, tmp_path):
     assert isinstance(labeller.predict_proba(test[0]), float)
     labeller.save(tmp_path / "auto.json")
     saved = json.loads((tmp_path / "auto.json").read_text())
-    assert saved["kind"] == "svm" and saved["features"]["names"] == ["psnr", "ssim", "lowpass_l1", "ids"]
+    assert saved["kind"] == "svm" and saved["features"]["measures"] == ["psnr", "ssim-y", "wavelet", "ids"]
+    assert saved["features"]["options"]["ids"] == {"judge": "toy"}
     loaded = AutoLabeller.load(tmp_path / "auto.json")
     # the model itself round-trips bit for bit: the same features give the same probabilities
     fa, fb = labeller.pair_features(test)
@@ -226,6 +227,19 @@ def test_auto_labeller_is_antisymmetric_and_round_trips(graded, tmp_path):
     # model (a lost coefficient, scaler or Platt scale) moves P by far more than 1e-9 on these confident pairs.
     np.testing.assert_allclose(loaded.predict_proba(test), p, rtol=0, atol=1e-9)
     assert loaded.agreement(test) == labeller.agreement(test)
+
+
+def test_a_labeller_saved_with_the_old_feature_names_still_loads(graded, tmp_path):
+    labeller = AutoLabeller("logreg").fit(graded["pairs"][:60])
+    labeller.save(tmp_path / "auto.json")
+    data = json.loads((tmp_path / "auto.json").read_text())
+    data["features"] = {"names": ["psnr", "ssim", "lowpass_l1", "ids"], "identity": "toy", "lpips": None, "detail": False,
+                        "levels": 3, "wavelet": "dtcwt"}  # what files saved before features were measures hold
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    loaded = AutoLabeller.load(tmp_path / "old.json")
+    assert loaded.features.names == ["psnr", "ssim-y", "wavelet", "ids"]
+    np.testing.assert_allclose(loaded.predict_proba(graded["pairs"][60:80]), labeller.predict_proba(graded["pairs"][60:80]),
+                               rtol=0, atol=1e-9)
 
 
 def test_label_unlabelled_fills_in_the_remaining_pairs(graded, tmp_path):
@@ -250,7 +264,7 @@ def test_features_of_the_gt_itself_and_with_lpips(graded, tmp_path):
     save_file({k: torch.randn(s, generator=g) * 0.05 for k, s in backbone_layout("alex").items()}, str(tmp_path / "alex.safetensors"))
     save_file({k: torch.rand(s, generator=g) for k, s in heads_layout("alex").items()}, str(tmp_path / "heads.safetensors"))
     feats = FullReferenceFeatures(identity="none", lpips=("alex", tmp_path / "alex.safetensors", tmp_path / "heads.safetensors"))
-    assert feats.names == ["psnr", "ssim", "lowpass_l1", "lpips"]
+    assert feats.names == ["psnr", "ssim-y", "wavelet", "lpips"]
     item = load_candidates(graded["cands"])[0]
     from facereward.data.imageio import image_to_tensor, read_image
 

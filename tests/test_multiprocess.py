@@ -58,7 +58,7 @@ def restorer_dir(tmp_path, pixel_restorer):
 def test_lrpo_on_two_processes_matches_one(tmp_path, restorer_dir):
     config = {"run": {"save_every": 2, "log_every": 1, "progress": False, "speed": "off"}, "init_from": str(restorer_dir),
               "data": {"toy_faces": 6, "size": 32, "toy_identities": 10}, "rewards": {"weights": {"wavelet": 0.5, "ssim": 0.5}},
-              "group_size": 4, "inputs_per_batch": 1, "batches_per_epoch": 2, "epochs": 2, "steps": 4, "micro_batch": 2,
+              "group_size": 4, "inputs_per_batch": 1, "batches_per_epoch": 2, "epochs": 2, "sample_steps": 4, "micro_batch": 2,
               "train_batch_size": 0, "reg_steps": 2, "lr": 1e-4, "held_out": {"every": 0}}
     # 1 input x G = 4 per sampling batch: on 2 processes every group is split, 2 rows on each (one degraded input)
     assert cli_run(["lrpo", "--config", str(_write(tmp_path, "one", config, "one"))]) == 0
@@ -85,16 +85,18 @@ def test_refl_on_two_processes_matches_one(tmp_path, restorer_dir):
     torch.manual_seed(1)
     FaceRewardModel(FRMConfig(backbone="cnn", input_size=32, cnn_widths=[8, 16], cnn_depth=1)).save_pretrained(tmp_path / "frm")
     config = {"run": {"save_every": 3, "log_every": 1, "progress": False, "speed": "off"}, "init_from": str(restorer_dir),
-              "frm": str(tmp_path / "frm"), "data": {"toy_faces": 8, "size": 32, "toy_identities": 10},
-              "steps": 3, "batch_size": 4, "sampling_steps": 3, "eta": "random", "lr": 1e-4, "reward_weight": 0.1,
-              "lpips_weight": 0.0, "dynamic_frm": {"every": 1, "lr": 1e-3}, "held_out": {"every": 0}}
+              "rewards": {"weights": {"frm": 1.0}, "options": {"frm": {"path": str(tmp_path / "frm")}}},
+              "data": {"toy_faces": 8, "size": 32, "toy_identities": 10},
+              "train_steps": 3, "batch_size": 4, "sample_steps": 3, "eta": "random", "lr": 1e-4, "reward_weight": 0.1,
+              "losses": {"weights": {"wavelet": 0.01}, "options": {"wavelet": {"wavelet": "dtcwt", "levels": 3, "clamp": True}}},
+              "dynamic_frm": {"every": 1, "lr": 1e-3}, "held_out": {"every": 0}}
     assert cli_run(["refl", "--config", str(_write(tmp_path, "one", config, "one"))]) == 0
     proc = _launch_two(["refl", "--config", str(_write(tmp_path, "two", {**config, "batch_size": 2}, "two"))])
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())["train_log"]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())["train_log"]
     assert one[0]["refl/grad_step"] == two[0]["refl/grad_step"]  # k drawn once for the global batch
-    for key in ("refl/score", "refl/reward", "refl/structural_loss", "frm/loss"):  # logged means over both processes
+    for key in ("refl/score", "refl/reward", "refl/wavelet_loss", "frm/loss"):  # logged means over both processes
         assert two[0][key] == pytest.approx(one[0][key], rel=1e-5, abs=1e-7), key
     _assert_close_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", restorer_dir)
     _assert_close_weights(tmp_path / "one" / "frm", tmp_path / "two" / "frm", tmp_path / "frm")  # the dynamic FRM too

@@ -282,7 +282,8 @@ def test_fit_niqe_command_and_evaluate_column(tmp_path):
     assert "12 images" in result.output and "broken.png" in result.output
     assert load_niqe_model(out).meta["block_size"] == 32
     res = evaluate(EvaluateConfig(testset=str(testset), out_dir=str(tmp_path / "o"), images={"gt": str(testset / "hq")},
-                                  niqe_model=str(out), metrics=["psnr", "niqe"], identity="none", progress=False))
+                                  options={"niqe": {"model": str(out)}}, measures=["psnr", "niqe"], identity="none",
+                                  progress=False))
     column = "NIQE (faces-niqe)"
     assert list(res.rows["LQ"]) == ["PSNR", column] and res.judges["niqe"] == str(out)
     assert res.rows["LQ"][column] > res.rows["gt"][column]

@@ -56,11 +56,20 @@ def test_a_broken_plugin_is_not_left_half_imported(tmp_path):
             import_plugins([str(bad)], option="x")
 
 
-def test_data_imports_register_the_preset_for_training(plugin):
+def test_imports_register_the_preset_for_training(plugin):
     with pytest.raises(ValueError, match=r"data.preset: unknown degradation 'test-mild' \(known: .*diffbir.*--degradation-module"):
         build_dataset(DataConfig(toy_faces=2, size=32, preset="test-mild"))
-    dataset = build_dataset(DataConfig(toy_faces=2, size=32, preset="test-mild", imports=[str(plugin)]))
+    import_plugins([str(plugin)], option="imports")  # what every trainer does with its config's `imports` first
+    dataset = build_dataset(DataConfig(toy_faces=2, size=32, preset="test-mild"))
     assert dataset[0]["lq"].shape == (3, 32, 32)
+
+
+def test_data_imports_names_its_new_key():
+    from facereward.config import ConfigError, load_config
+    from facereward.train.base import TrainBaseConfig
+
+    with pytest.raises(ConfigError, match=r"data.imports was renamed: use imports \(at the top level"):
+        load_config(TrainBaseConfig, None, ["data.imports=[x.py]"])
 
 
 def test_degrade_command_takes_a_degradation_module(tmp_path, plugin):

@@ -90,7 +90,7 @@ def test_train_frm_resumes_bit_identically_after_sigkill(tmp_path):
         write_image(tmp_path / f"img/{i}_b.png", (base + np.roll(base, 1, 0) + np.roll(base, 1, 1)) / 3)
         append_pair(tmp_path / "pairs.jsonl", {"chosen": f"img/{i}_a.png", "rejected": f"img/{i}_b.png", "lq": f"img/{i}_b.png"})
     config = {"run": {"save_every": 2, "log_every": 1, "progress": False}, "pairs": str(tmp_path / "pairs.jsonl"),
-              "held_out_fraction": 0.25, "steps": 7, "batch_size": 6, "lr": 3e-3, "eval_every": 2,
+              "held_out_fraction": 0.25, "train_steps": 7, "batch_size": 6, "lr": 3e-3, "eval_every": 2,
               "model": {"backbone": "cnn", "input_size": 16, "cnn_widths": [8], "cnn_depth": 1}}
     ref, killed = _kill_and_resume(tmp_path, ["train-frm"], config, ["train-frm step 3/", "train-frm step 6/"])
     _assert_same_run(ref, killed)
@@ -104,10 +104,11 @@ def test_refl_resumes_bit_identically_after_sigkill(tmp_path, pixel_restorer):
     torch.manual_seed(1)
     FaceRewardModel(FRMConfig(backbone="cnn", input_size=32, cnn_widths=[8, 16], cnn_depth=1)).save_pretrained(tmp_path / "frm")
     config = {"run": {"save_every": 2, "log_every": 1, "progress": False}, "init_from": str(tmp_path / "restorer"),
-              "frm": str(tmp_path / "frm"), "data": {"toy_faces": 6, "size": 32, "toy_identities": 10},
-              "steps": 6, "batch_size": 4, "sampling_steps": 3, "eta": "random", "lr": 1e-4, "reward_weight": 0.1,
-              "lpips_weight": 0.0, "dynamic_frm": {"every": 1, "lr": 1e-3},
-              "held_out": {"every": 3, "toy_faces": 2, "steps": 2}}
+              "rewards": {"weights": {"frm": 1.0}, "options": {"frm": {"path": str(tmp_path / "frm")}}},
+              "data": {"toy_faces": 6, "size": 32, "toy_identities": 10},
+              "train_steps": 6, "batch_size": 4, "sample_steps": 3, "eta": "random", "lr": 1e-4, "reward_weight": 0.1,
+              "losses": {"weights": {"wavelet": 0.01}, "options": {"wavelet": {"wavelet": "dtcwt", "levels": 3, "clamp": True}}},
+              "dynamic_frm": {"every": 1, "lr": 1e-3}, "held_out": {"every": 3, "toy_faces": 2, "sample_steps": 2}}
     ref, killed = _kill_and_resume(tmp_path, ["refl"], config, ["refl step 3/", 4, "refl step 5/"])
     _assert_same_run(ref, killed)
     _assert_same_run(ref, killed, model="frm")  # the dynamic FRM too
@@ -117,7 +118,7 @@ def test_lrpo_resumes_bit_identically_after_sigkill(tmp_path, pixel_restorer):
     pixel_restorer.save_pretrained(tmp_path / "restorer")
     config = {"run": {"save_every": 1, "log_every": 1, "progress": False}, "init_from": str(tmp_path / "restorer"),
               "data": {"toy_faces": 6, "size": 32, "toy_identities": 10}, "rewards": {"weights": {"wavelet": 0.5, "ssim": 0.5}},
-              "group_size": 3, "inputs_per_batch": 2, "batches_per_epoch": 1, "epochs": 4, "steps": 4, "micro_batch": 3,
-              "train_batch_size": 3, "reg_steps": 2, "lr": 1e-4, "held_out": {"every": 2, "toy_faces": 2, "steps": 2}}
+              "group_size": 3, "inputs_per_batch": 2, "batches_per_epoch": 1, "epochs": 4, "sample_steps": 4, "micro_batch": 3,
+              "train_batch_size": 3, "reg_steps": 2, "lr": 1e-4, "held_out": {"every": 2, "toy_faces": 2, "sample_steps": 2}}
     ref, killed = _kill_and_resume(tmp_path, ["lrpo"], config, ["lrpo step 2/", 3, "lrpo step 3/"])
     _assert_same_run(ref, killed)

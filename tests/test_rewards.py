@@ -1,4 +1,4 @@
-"""Rewards: the registry round trip, the composite's weights, and each built-in against its definition."""
+"""Rewards: the reward forms of the measures table, the weighted sum, and each built-in against its definition."""
 
 from __future__ import annotations
 
@@ -8,19 +8,21 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from facereward.config import ConfigError, load_config
+from facereward.measures import (
+    PAPER_WEIGHTS,
+    Measure,
+    MeasuresConfig,
+    WeightedSum,
+    create_measure,
+    list_measures,
+    register_measure,
+    unregister_measure,
+)
 from facereward.measures.fullref import psnr, ssim
 from facereward.measures.wavelet import lowpass_l1
 from facereward.models.frm import FaceRewardModel
-from facereward.rewards import (
-    PAPER_WEIGHTS,
-    CompositeReward,
-    Reward,
-    RewardsConfig,
-    build_reward,
-    list_rewards,
-    register_reward,
-)
-from facereward.rewards.base import _REGISTRY
+from facereward.plugins import import_plugins
 from facereward.weights import WEIGHTS_DIR
 
 TOY_FRM = str(WEIGHTS_DIR / "toy-frm")
@@ -48,51 +50,80 @@ class Brightness:
 
 @pytest.fixture
 def brightness():
-    register_reward("test-brightness", Brightness)
+    register_measure("test-brightness", lambda env, gain=1.0: Brightness(gain), kind="NR", differentiable=True)
     yield
-    _REGISTRY.unregister("test-brightness")
+    unregister_measure("test-brightness")
+
+
+def _rewards() -> set[str]:
+    return {s.name for s in list_measures() if s.reward is not None}
 
 
 def test_builtins_are_registered():
-    assert {"frm", "lpips", "wavelet", "clipiqa", "identity", "psnr", "ssim"} <= set(list_rewards())
-    assert set(PAPER_WEIGHTS) <= set(list_rewards())  # the paper's composite is all built in (clipiqa: tests/test_clipiqa.py)
+    assert {"frm", "lpips", "wavelet", "clipiqa", "ids", "psnr", "ssim"} <= _rewards()
+    assert set(PAPER_WEIGHTS) <= _rewards()  # the paper's composite is all built in (clipiqa: tests/test_clipiqa.py)
+    with pytest.raises(ValueError, match="measure 'identity' was renamed: use 'ids'"):
+        create_measure("identity", as_reward=True)
 
 
 def test_registry_round_trip_through_a_config(brightness):
-    reward = build_reward("test-brightness", gain=2.0)
-    assert isinstance(reward, Reward)
+    reward = create_measure("test-brightness", as_reward=True, gain=2.0)
+    assert isinstance(reward, Measure) and reward.differentiable and not reward.needs_gt
     x, _ = _images()
     assert torch.allclose(reward(x), 2.0 * x.mean(dim=(1, 2, 3)))
-    composite = CompositeReward.from_config(RewardsConfig(weights={"test-brightness": 0.5}, options={"test-brightness": {"gain": 3.0}}))
+    composite = WeightedSum.from_config(MeasuresConfig(weights={"test-brightness": 0.5}, options={"test-brightness": {"gain": 3.0}}))
     out = composite(x)
     assert torch.allclose(out.total, 0.5 * 3.0 * x.mean(dim=(1, 2, 3)))
     with pytest.raises(ValueError, match="already registered"):
-        register_reward("test-brightness", Brightness)
+        register_measure("test-brightness", fn=Brightness())
+
+
+def test_deprecated_register_reward_still_works_and_warns():
+    from facereward.rewards import CompositeReward, RewardsConfig, build_reward, register_reward
+
+    with pytest.warns(DeprecationWarning, match="register_reward is deprecated"):
+        register_reward("test-old-brightness", Brightness)
+    try:
+        x, _ = _images()
+        reward = build_reward("test-old-brightness", gain=2.0)
+        assert reward.differentiable and not reward.needs_gt  # read from what the factory returns
+        assert torch.allclose(reward(x), 2.0 * x.mean(dim=(1, 2, 3)))
+        composite = CompositeReward.from_config(RewardsConfig(weights={"test-old-brightness": 0.5},
+                                                              options={"test-old-brightness": {"gain": 3.0}}))
+        assert torch.allclose(composite(x).total, 0.5 * 3.0 * x.mean(dim=(1, 2, 3)))
+        with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="already registered"):
+            register_reward("test-old-brightness", Brightness)
+    finally:
+        unregister_measure("test-old-brightness")
 
 
 def test_reward_plugins_are_imported_from_a_file(tmp_path):
     plugin = tmp_path / "my_rewards.py"
     plugin.write_text(
-        "from facereward.rewards import register_reward\n"
-        "class Dark:\n    differentiable = False\n    needs_gt = False\n"
-        "    def __call__(self, images, gt=None, captions=None):\n        return 1 - images.mean(dim=(1, 2, 3))\n"
-        "register_reward('test-dark', Dark, overwrite=True)\n"
+        "from facereward.measures import register_measure\n"
+        "def dark(images, gt=None, captions=None):\n    return 1 - images.mean(dim=(1, 2, 3))\n"
+        "register_measure('test-dark', fn=dark, kind='NR', overwrite=True)\n"
     )
     try:
-        composite = CompositeReward.from_config(RewardsConfig(weights={"test-dark": 1.0}, imports=[str(plugin)]))
+        import_plugins([str(plugin)], option="imports")
+        composite = WeightedSum.from_config(MeasuresConfig(weights={"test-dark": 1.0}))
         x, _ = _images()
         assert torch.allclose(composite(x).total, 1 - x.mean(dim=(1, 2, 3)))
         assert not composite.differentiable
     finally:
-        _REGISTRY.unregister("test-dark")
-    with pytest.raises(FileNotFoundError, match="rewards.imports"):
-        CompositeReward.from_config(RewardsConfig(weights={"ssim": 1.0}, imports=[str(tmp_path / "missing.py")]))
+        unregister_measure("test-dark")
+    with pytest.raises(FileNotFoundError, match="imports: no such file"):
+        import_plugins([str(tmp_path / "missing.py")], option="imports")
+    from facereward.train.lrpo import LRPOConfig
+
+    with pytest.raises(ConfigError, match=r"rewards.imports was renamed: use imports \(at the top level"):
+        load_config(LRPOConfig, None, [f"rewards.imports=[{tmp_path / 'missing.py'}]"])
 
 
 def test_composite_total_is_the_weighted_sum_of_its_components():
     x, gt = _images()
-    config = RewardsConfig(weights={"wavelet": 0.3, "ssim": 0.5, "psnr": 0.01})
-    composite = CompositeReward.from_config(config)
+    config = MeasuresConfig(weights={"wavelet": 0.3, "ssim": 0.5, "psnr": 0.01})
+    composite = WeightedSum.from_config(config)
     out = composite(x, gt)
     assert set(out.components) == {"wavelet", "ssim", "psnr"}
     by_hand = 0.3 * out.components["wavelet"] + 0.5 * out.components["ssim"] + 0.01 * out.components["psnr"]
@@ -107,46 +138,54 @@ def test_composite_total_is_the_weighted_sum_of_its_components():
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ValueError, match="rewards.weights.nosuch.*unknown reward"):
-        CompositeReward.from_config(RewardsConfig(weights={"nosuch": 1.0}))
+    with pytest.raises(ValueError, match="rewards.weights.nosuch: unknown measure 'nosuch'"):
+        WeightedSum.from_config(MeasuresConfig(weights={"nosuch": 1.0}))
+    with pytest.raises(ValueError, match="rewards.weights.identity: measure 'identity' was renamed: use 'ids'"):
+        WeightedSum.from_config(MeasuresConfig(weights={"identity": 1.0}))
     with pytest.raises(ValueError, match="rewards.options.ssim"):
-        CompositeReward.from_config(RewardsConfig(weights={"psnr": 1.0}, options={"ssim": {}}))
-    with pytest.raises(ValueError, match="rewards.weights.frm.*path"):
-        CompositeReward.from_config(RewardsConfig(weights={"frm": 1.0}))
-    with pytest.raises(ValueError, match="rewards.weights.lpips.*backbone_path"):
-        CompositeReward.from_config(RewardsConfig(weights={"lpips": 1.0}))
+        WeightedSum.from_config(MeasuresConfig(weights={"psnr": 1.0}, options={"ssim": {}}))
+    with pytest.raises(ValueError, match="rewards.weights.frm: measure 'frm' needs option path"):
+        WeightedSum.from_config(MeasuresConfig(weights={"frm": 1.0}))
+    with pytest.raises(ValueError, match="rewards.weights.lpips: measure 'lpips' needs options backbone_path and heads_path"):
+        WeightedSum.from_config(MeasuresConfig(weights={"lpips": 1.0}))
     with pytest.raises(ValueError, match="rewards.weights.psnr: expected a finite number"):
-        CompositeReward.from_config(RewardsConfig(weights={"psnr": float("nan")}))
-    with pytest.raises(ValueError, match="rewards.weights.ssim.*bad options"):
-        CompositeReward.from_config(RewardsConfig(weights={"ssim": 1.0}, options={"ssim": {"nosuch": 1}}))
+        WeightedSum.from_config(MeasuresConfig(weights={"psnr": float("nan")}))
+    with pytest.raises(ValueError, match="rewards.weights.ssim: measure 'ssim': bad options"):
+        WeightedSum.from_config(MeasuresConfig(weights={"ssim": 1.0}, options={"ssim": {"nosuch": 1}}))
+    with pytest.raises(ValueError, match="rewards.weights.deg: measure 'deg' has no reward form"):
+        WeightedSum.from_config(MeasuresConfig(weights={"deg": 1.0}))
 
 
 def test_wavelet_reward_is_exp_of_minus_c_times_lowpass_l1():
     x, gt = _images()
-    reward = build_reward("wavelet", c=15.0)  # the original: 3-level DT-CWT low-pass, unnormalised
+    reward = create_measure("wavelet", as_reward=True, c=15.0)  # the original: 3-level DT-CWT low-pass, unnormalised
     expected = torch.exp(-15.0 * lowpass_l1(x, gt, levels=3, normalise=False, wavelet="dtcwt"))
     assert torch.allclose(reward(x, gt), expected)
     assert torch.allclose(reward(gt, gt), torch.ones(3))
     assert (reward(x, gt) < 1).all()
-    haar = build_reward("wavelet", wavelet="haar", normalise=True)
+    haar = create_measure("wavelet", as_reward=True, wavelet="haar", normalise=True)
     assert torch.allclose(haar(x, gt), torch.exp(-15.0 * lowpass_l1(x, gt, normalise=True, wavelet="haar")))
     assert not torch.allclose(haar(x, gt), reward(x, gt))
-    with pytest.raises(ValueError, match="wavelet"):
-        build_reward("wavelet", wavelet="db4")
+    with pytest.raises(ValueError, match="measure 'wavelet': wavelet must be 'haar' or 'dtcwt'"):
+        create_measure("wavelet", as_reward=True, wavelet="db4")
+    with pytest.raises(ValueError, match="option 'c' applies only to its reward form"):
+        create_measure("wavelet", c=15.0)  # the distance itself has no c
 
 
 def test_psnr_and_ssim_rewards_follow_the_metrics():
     x, gt = _images()
-    assert torch.allclose(build_reward("psnr")(x, gt), psnr(x, gt, quantize=False).float())
-    assert torch.allclose(build_reward("psnr", max_db=40.0)(gt, gt), torch.full((3,), 40.0))
-    assert torch.allclose(build_reward("ssim")(gt, gt), torch.ones(3), atol=1e-6)
+    assert torch.allclose(create_measure("psnr", as_reward=True)(x, gt), psnr(x, gt, quantize=False).float())
+    assert torch.allclose(create_measure("psnr", as_reward=True, max_db=40.0)(gt, gt), torch.full((3,), 40.0))
+    assert torch.allclose(create_measure("ssim", as_reward=True)(gt, gt), torch.ones(3), atol=1e-6)
 
 
 def test_identity_reward_is_the_cosine_of_toy_embeddings_and_differentiable():
+    from facereward.measures.identity import get_identity_embedder
+
     x, gt = _images(size=64)
-    reward = build_reward("identity")
+    reward = create_measure("ids", as_reward=True, judge="toy")
     assert reward.differentiable
-    judge = reward.judge
+    judge = get_identity_embedder("toy")
     expected = (judge.embed(x) * judge.embed(gt)).sum(-1)
     assert torch.allclose(reward(x, gt), expected, atol=1e-5)
     assert torch.allclose(reward(gt, gt), torch.ones(3), atol=1e-5)
@@ -157,10 +196,10 @@ def test_identity_reward_is_the_cosine_of_toy_embeddings_and_differentiable():
 
 def test_frm_reward_scores_like_the_model_and_passes_gradients():
     x, _ = _images(size=64)
-    reward = build_reward("frm", path=TOY_FRM, scale=0.5)
+    reward = create_measure("frm", as_reward=True, path=TOY_FRM, scale=0.5)
     model = FaceRewardModel.from_pretrained(TOY_FRM)
     assert torch.allclose(reward(x), 0.5 * model.score(x), atol=1e-5)
-    assert not any(p.requires_grad for p in reward.parameters())
+    assert not any(p.requires_grad for p in reward.fn.parameters())
     x.requires_grad_(True)
     reward(x).sum().backward()
     assert x.grad.abs().sum() > 0
@@ -178,7 +217,8 @@ def test_lpips_reward_is_one_minus_lpips(tmp_path):
     heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for k, c in enumerate([64, 192, 384, 256, 256])}
     save_file(feats, tmp_path / "alex.safetensors")
     save_file(heads, tmp_path / "heads.safetensors")
-    reward = build_reward("lpips", backbone_path=str(tmp_path / "alex.safetensors"), heads_path=str(tmp_path / "heads.safetensors"), net="alex")
+    reward = create_measure("lpips", as_reward=True, backbone_path=str(tmp_path / "alex.safetensors"),
+                            heads_path=str(tmp_path / "heads.safetensors"), net="alex")
     x, gt = _images(size=64)
     lpips = LPIPS("alex", tmp_path / "alex.safetensors", tmp_path / "heads.safetensors")
     assert torch.allclose(reward(x, gt), 1 - lpips(x, gt), atol=1e-6)

@@ -11,7 +11,7 @@ from facereward.train.summary import describe_run, final_figures
 
 
 def test_describe_run_says_length_data_output_and_resume():
-    cfg = load_config(ReFLConfig, None, ["data.toy_faces=64", "steps=200", "run.output_dir=runs/x", "run.resume=latest"])
+    cfg = load_config(ReFLConfig, None, ["data.toy_faces=64", "train_steps=200", "run.output_dir=runs/x", "run.resume=latest"])
     line = describe_run("refl", cfg)
     assert line.startswith("refl: 200 steps at batch 1, 50 DDIM steps, from the shipped toy restorer")
     assert "64 toy faces (diffbir degradation) -> runs/x; resuming from latest" in line and "--resume latest" in line

@@ -36,10 +36,10 @@ def pairs_file(tmp_path):
     return path
 
 
-def _config(tmp_path, pairs_file, steps=40, **kw):
+def _config(tmp_path, pairs_file, train_steps=40, **kw):
     return TrainFRMConfig(
         run=RunConfig(output_dir=str(tmp_path / "run"), save_every=20, log_every=5, progress=False),
-        pairs=str(pairs_file), held_out_fraction=0.25, steps=steps, batch_size=8, lr=3e-3, eval_every=20,
+        pairs=str(pairs_file), held_out_fraction=0.25, train_steps=train_steps, batch_size=8, lr=3e-3, eval_every=20,
         model=FRMConfig(backbone="cnn", input_size=32, cnn_widths=[8, 16], cnn_depth=1), **kw,
     )
 
@@ -54,7 +54,7 @@ def test_train_frm_learns_the_preference_and_resumes(tmp_path, pairs_file):
     blurred = torch.nn.functional.avg_pool2d(sharp, 5, stride=1, padding=2)
     assert (frm.score(sharp) > frm.score(blurred)).all()
     assert find_checkpoint(tmp_path / "run", "latest").name == "step-00000040"
-    cfg = _config(tmp_path, pairs_file, steps=60)
+    cfg = _config(tmp_path, pairs_file, train_steps=60)
     cfg.run.resume = "latest"
     train_frm(cfg)
     assert find_checkpoint(tmp_path / "run", "latest").name == "step-00000060"

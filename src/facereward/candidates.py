@@ -31,7 +31,7 @@ from facereward.data.datasets import PairedFolderDataset
 from facereward.data.degradation import degrade
 from facereward.data.imageio import read_image, write_image
 from facereward.data.toyfaces import TOY_MARKER, is_toy_folder
-from facereward.inference import restore_batch
+from facereward.models.seeded import restore_batch
 from facereward.models.restorer import ModelFolderError, Restorer, SamplerOptions
 
 __all__ = ["CANDIDATES_FILE", "CandidateItem", "load_candidates", "make_candidates"]

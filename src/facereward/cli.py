@@ -17,7 +17,7 @@ app = typer.Typer(
 )
 
 SET_HELP = "Override any config field, e.g. --set run.seed=1 --set model.size=128 (repeatable)."
-DEGRADATION_MODULE_HELP = "Module or .py file that registers degradations with register_degradation (repeatable; sets data.imports)."
+DEGRADATION_MODULE_HELP = "Module or .py file that registers degradations with register_degradation (repeatable; sets imports)."
 
 
 def _fail(message: str) -> None:
@@ -198,7 +198,7 @@ def train_base_cmd(
         overrides.append(f"run.output_dir={output_dir}")
     if resume is not None:
         overrides.append(f"run.resume={resume}")
-    overrides += _module_overrides("data.imports", degradation_module)
+    overrides += _module_overrides("imports", degradation_module)
     cfg = load_config(TrainBaseConfig, config, overrides)
     _announce("train-base", cfg)
     out = train_base(cfg)
@@ -293,7 +293,7 @@ def refl_cmd(
     from facereward.config import load_config
     from facereward.train.refl import ReFLConfig, train_refl
 
-    overrides = list(set_) + _reward_overrides(reward, reward_module) + _module_overrides("data.imports", degradation_module)
+    overrides = list(set_) + _reward_overrides(reward, [*reward_module, *degradation_module])
     for key, value in (("init_from", init_from), ("rewards.options.frm.path", frm), ("data.hq_dir", hq_dir),
                        ("data.toy_faces", toy_faces), ("train_steps", train_steps), ("lora.rank", lora_rank),
                        ("run.output_dir", output_dir), ("run.resume", resume),
@@ -712,7 +712,7 @@ def lrpo_cmd(
     from facereward.config import load_config
     from facereward.train.lrpo import LRPOConfig, train_lrpo
 
-    overrides = list(set_) + _reward_overrides(reward, reward_module) + _module_overrides("data.imports", degradation_module)
+    overrides = list(set_) + _reward_overrides(reward, [*reward_module, *degradation_module])
     for key, value in (("init_from", init_from), ("rewards.options.frm.path", frm), ("data.hq_dir", hq_dir),
                        ("rewards.options.lpips.backbone_path", lpips_backbone), ("rewards.options.lpips.heads_path", lpips_heads),
                        ("data.toy_faces", toy_faces), ("epochs", epochs), ("lora.rank", lora_rank),

@@ -109,6 +109,7 @@ RENAMED: dict[str, dict[str, str]] = {
     "HeldOutConfig": {"steps": "held_out.sample_steps"},
     "TrainFRMConfig": {"steps": "train_steps"},
     "MeasuresConfig": {"imports": "imports (at the top level of the config)"},
+    "DataConfig": {"imports": "imports (at the top level of the config)"},
     "EvaluateConfig": {"steps": "sample_steps", "metrics": "measures", "metric_options": "options",
                        "lpips_net": "options.lpips.net", "lpips_backbone": "options.lpips.backbone_path",
                        "lpips_heads": "options.lpips.heads_path", "frm": "options.frm.path", "clipiqa": "options.clipiqa.path",

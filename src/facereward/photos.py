@@ -27,7 +27,7 @@ from facereward.data.faces import (
     warp_face,
 )
 from facereward.data.imageio import ImageError, image_grid, read_photo, write_image
-from facereward.inference import restore_batch
+from facereward.models.seeded import restore_batch
 from facereward.models.ddim import Eta
 from facereward.models.restorer import Restorer, SamplerOptions
 

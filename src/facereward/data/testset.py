@@ -19,7 +19,14 @@ from facereward.atomic import atomic_write_json
 from .datasets import _image_files
 from .degradation import DegradationFn, DegradationPreset, degrade
 from .imageio import ImageError, read_image, write_image
-from .toyfaces import TOY_MARKER, TOY_WORLD_IDENTITIES, TOY_WORLD_SEED, ToyFaceWorld, read_toy_marker, write_toy_marker
+from .toyfaces import (
+    TOY_MARKER,
+    TOY_WORLD_IDENTITIES,
+    TOY_WORLD_SEED,
+    ToyFaceWorld,
+    read_toy_marker,
+    write_toy_marker,
+)
 
 __all__ = ["write_degraded_testset", "write_toy_testset"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
@@ -18,8 +18,7 @@ class DataConfig:
     toy_seed: int = 0
     toy_identities: int | None = None
     size: int = 64
-    preset: str = "diffbir"  # a built-in preset or one registered by a module of `imports`
-    imports: list[str] = field(default_factory=list)  # modules or .py files imported first (they call register_degradation)
+    preset: str = "diffbir"  # a built-in preset, or one a plugin module of the command's `imports` registers
     seed: int = 0
     random_flip: bool = True
     num_workers: int = 0
@@ -40,11 +39,10 @@ def build_dataset(data: DataConfig) -> Dataset:
 
 
 def resolve_preset(data: DataConfig) -> None:
-    """Import `data.imports` and check `data.preset` names a registered degradation (one line naming it if not)."""
+    """Check `data.preset` names a registered degradation (one line naming it if not); plugin modules are imported
+    before, from the command's `imports`."""
     from facereward.data.degradation import get_degradation, list_degradations
-    from facereward.plugins import import_plugins
 
-    import_plugins(data.imports, option="data.imports")
     try:
         get_degradation(data.preset)
     except (KeyError, ValueError):

@@ -10,7 +10,13 @@ from facereward.plugins import import_plugins
 
 from .columns import DEFAULT_MEASURES, build_columns
 from .config import EvaluateConfig, sampler_options
-from .outputs import EvaluateResult, evaluation_grid, format_value, markdown_table, redraw_grid
+from .outputs import (
+    EvaluateResult,
+    evaluation_grid,
+    format_value,
+    markdown_table,
+    redraw_grid,
+)
 from .paired import evaluate_paired
 from .photos import evaluate_photos, face_crops
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from facereward.measures import Measure, MeasureEnv, MissingNeeds, SetMeasure, create_measure, get_measure, parse_measure_names
+from facereward.measures import (
+    Measure,
+    MeasureEnv,
+    MissingNeeds,
+    SetMeasure,
+    create_measure,
+    get_measure,
+    parse_measure_names,
+)
 
 from .config import EvaluateConfig
 

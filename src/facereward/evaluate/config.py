@@ -7,6 +7,7 @@ from typing import Any
 
 from facereward.measures import MeasuresConfig
 
+
 @dataclass
 class EvaluateConfig:
     """What `facereward evaluate` scores: the test set (or photos), the methods, the sampler, and the measures

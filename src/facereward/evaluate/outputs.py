@@ -13,6 +13,7 @@ import torch
 
 from facereward.data.imageio import image_grid, list_images, read_image, write_image
 
+
 @dataclass
 class EvaluateResult:
     rows: dict[str, dict[str, float]]

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from facereward.data.datasets import PairedFolderDataset, collate_batch
 from facereward.data.imageio import list_images, read_image, write_image
 from facereward.data.toyfaces import TOY_MARKER, is_toy_folder
-from facereward.inference import restore_batch
 from facereward.measures import MeasureEnv, SetMeasure
 from facereward.models.restorer import Restorer
+from facereward.models.seeded import restore_batch
 
 from .columns import build_columns
 from .config import EvaluateConfig, sampler_options

@@ -287,7 +287,8 @@ class AutoLabeller:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: not an auto-labeller file ({err.__class__.__name__}: {err})") from None
         features = features or FullReferenceFeatures.from_config(fcfg)
-        if features.names != fcfg["names"] or len(coef) != len(features.names):
+        saved = fcfg["measures"] if "measures" in fcfg else [_OLD_NAMES.get(n, n) for n in fcfg["names"]]
+        if features.names != saved or len(coef) != len(features.names):
             raise ValueError(f"{path}: saved for features {fcfg['names']}, given {features.names}")
         labeller = cls(kind, C, features)
         labeller.coef_, labeller.scale_, labeller.mean_, labeller.std_ = coef, scale, mean, std

@@ -12,16 +12,14 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from facereward.candidates import load_candidates, make_candidates
-from facereward.data.imageio import image_to_tensor, read_image, write_image
+from facereward.data.imageio import image_to_tensor, read_image
 from facereward.data.preferences import PreferencePair, write_pairs
 from facereward.data.testset import write_toy_testset
 from facereward.measures.toy_quality import toy_quality

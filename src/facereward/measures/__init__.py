@@ -14,7 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 from facereward.measures import builtins as _builtins  # noqa: F401 (registers the built-in rows)
-from facereward.measures.composite import PAPER_WEIGHTS, MeasuresConfig, WeightedOutput, WeightedSum
+from facereward.measures.composite import (
+    PAPER_WEIGHTS,
+    MeasuresConfig,
+    WeightedOutput,
+    WeightedSum,
+)
 from facereward.measures.judges import MeasureEnv
 from facereward.measures.table import (
     Measure,

@@ -127,6 +127,8 @@ def _lmd(env: MeasureEnv, judge: str | None = None):
 
 
 def _toy_quality(env: MeasureEnv, weights: dict[str, float] | None = None):
+    if not env.toy:
+        return None  # the toy oracle means nothing on real faces
     from facereward.measures.toy_quality import toy_quality
 
     env.used["toy-quality"] = "toy oracle (toy-id, toy-lmk)"

@@ -26,7 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facereward.models.frm import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPTowers, clip_resize
+from facereward.models.frm import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    CLIPTowers,
+    clip_resize,
+)
 from facereward.models.restorer import ModelFolderError
 
 # name -> (positive, negative) prompt pairs

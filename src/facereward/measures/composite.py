@@ -15,7 +15,13 @@ import torch
 from torch import Tensor
 
 from facereward.measures.judges import MeasureEnv
-from facereward.measures.table import Captions, Measure, SetMeasure, create_measure, register_measure
+from facereward.measures.table import (
+    Captions,
+    Measure,
+    SetMeasure,
+    create_measure,
+    register_measure,
+)
 
 # docs/methods.md 2.2: the original LRPO composite ("clipiqa" needs options.clipiqa.path, a local CLIP folder)
 PAPER_WEIGHTS: dict[str, float] = {"frm": 0.3, "lpips": 0.3, "clipiqa": 0.1, "wavelet": 0.3}

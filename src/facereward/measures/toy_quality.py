@@ -13,8 +13,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facereward.measures.fullref import rgb_to_y, ssim
-from facereward.measures.identity import IdentityEmbedder, get_identity_embedder, identity_similarity
-from facereward.measures.landmarks import LandmarkDetector, get_landmark_detector, landmark_distance
+from facereward.measures.identity import (
+    IdentityEmbedder,
+    get_identity_embedder,
+    identity_similarity,
+)
+from facereward.measures.landmarks import (
+    LandmarkDetector,
+    get_landmark_detector,
+    landmark_distance,
+)
 
 __all__ = ["LANDMARK_SCALE_PX", "ORACLE_WEIGHTS", "detail_score", "toy_quality"]
 

@@ -14,7 +14,6 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
-
 SPEED_MODES = ("auto", "off")
 
 

@@ -17,10 +17,21 @@ import torch.nn.functional as F
 
 from facereward.data.datasets import collate_batch
 from facereward.data.training_data import DataConfig, build_dataset
-from facereward.models.ddim import make_scheduler, q_sample, scheduler_defaults, training_target
+from facereward.models.ddim import (
+    make_scheduler,
+    q_sample,
+    scheduler_defaults,
+    training_target,
+)
 from facereward.models.restorer import Restorer, RestorerConfig
+from facereward.plugins import import_plugins
 from facereward.train.accelerator import RunConfig, engine_of, make_accelerator
-from facereward.train.checkpoints import checkpoint_run, restore_run, resume_run, write_run_config
+from facereward.train.checkpoints import (
+    checkpoint_run,
+    restore_run,
+    resume_run,
+    write_run_config,
+)
 from facereward.train.data_stream import BatchStream, data_position, resumable_loader
 from facereward.train.progress import ProgressLog
 from facereward.train.speed import Workload, speed_up_cleaner, speed_up_stage2
@@ -34,6 +45,7 @@ class TrainBaseConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: RestorerConfig = field(default_factory=RestorerConfig)
     init_from: str | None = None  # start from an existing restorer folder instead of random weights
+    imports: list[str] = field(default_factory=list)  # plugin modules or .py files imported first (register_degradation, ...)
     # with init_from: take its weights but the noise schedule and prediction type of `model` (e.g. fine-tune an
     # eps model into a v-prediction one); the model's sampling defaults (spacing, final alpha-bar) are kept
     init_schedule: bool = False
@@ -120,6 +132,7 @@ def initial_restorer(config: TrainBaseConfig) -> Restorer:
 
 def train_base(config: TrainBaseConfig) -> Path:
     """Run both stages (resuming if asked) and write OUTPUT/model and OUTPUT/metrics.json; returns the model folder."""
+    import_plugins(config.imports, option="imports")
     check_config(config)
     run = config.run
     accelerator = make_accelerator(run, "train-base")

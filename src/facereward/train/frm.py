@@ -21,7 +21,12 @@ from facereward.data.imageio import read_image
 from facereward.data.preferences import PreferencePair, load_pairs, split_pairs
 from facereward.models.frm import FaceRewardModel, FRMConfig, bradley_terry_loss
 from facereward.train.accelerator import RunConfig, engine_of, make_accelerator
-from facereward.train.checkpoints import checkpoint_run, restore_run, resume_run, write_run_config
+from facereward.train.checkpoints import (
+    checkpoint_run,
+    restore_run,
+    resume_run,
+    write_run_config,
+)
 from facereward.train.data_stream import BatchStream, data_position, resumable_loader
 from facereward.train.progress import ProgressLog
 

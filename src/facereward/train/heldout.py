@@ -18,9 +18,16 @@ from torch import Tensor, nn
 from facereward.data.datasets import PairedFolderDataset, collate_batch
 from facereward.data.degradation import degrade
 from facereward.data.training_data import DataConfig, resolve_preset, toy_world
-from facereward.measures import Measure, MeasureEnv, MissingNeeds, SetMeasure, create_measure
+from facereward.measures import (
+    Measure,
+    MeasureEnv,
+    MissingNeeds,
+    SetMeasure,
+    create_measure,
+)
 from facereward.models.frm import FaceRewardModel
 from facereward.models.restorer import Restorer
+from facereward.models.seeded import restore_batch
 
 Scorer = Callable[[Tensor, Tensor, list[str]], Tensor]
 """(restored [0, 1], hq [0, 1], captions) -> (B,) scores."""
@@ -99,8 +106,6 @@ class HeldOutEvaluator:
     @torch.no_grad()
     def restore(self, restorer: Restorer, net: nn.Module | None = None) -> Tensor:
         """The held-out restorations (CPU, [0, 1]), per-image seeded; `net` replaces the stage-2 network (`Restorer.predict_eps`)."""
-        from facereward.inference import restore_batch
-
         was_training = restorer.training
         restorer.eval()
         out = []

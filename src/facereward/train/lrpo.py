@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 
 from facereward.data.datasets import collate_batch
 from facereward.data.training_data import DataConfig, build_dataset
+from facereward.measures import MeasureEnv, MeasuresConfig, WeightedSum
 from facereward.models.ddim import (
     DDIMSchedule,
     ddim_step_with_logprob,
@@ -49,7 +50,6 @@ from facereward.models.ddim import (
 )
 from facereward.models.restorer import Restorer
 from facereward.plugins import import_plugins
-from facereward.measures import MeasureEnv, MeasuresConfig, WeightedSum
 from facereward.train.accelerator import (
     RunConfig,
     check_engine,
@@ -58,7 +58,12 @@ from facereward.train.accelerator import (
     micro_step,
     set_deepspeed_micro_batch,
 )
-from facereward.train.checkpoints import checkpoint_run, restore_run, resume_run, write_run_config
+from facereward.train.checkpoints import (
+    checkpoint_run,
+    restore_run,
+    resume_run,
+    write_run_config,
+)
 from facereward.train.hacking import new_alarms
 from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator
 from facereward.train.progress import ProgressLog
@@ -677,9 +682,9 @@ def lrpo_workload(config: LRPOConfig, n_train: int) -> Workload:
 
 def train_lrpo(config: LRPOConfig) -> Path:
     """Run LRPO (resuming if asked); writes OUTPUT/model (LoRA merged) and OUTPUT/metrics.json; returns the model folder."""
+    import_plugins(config.imports, option="imports")
     n_train = check_config(config)
     run = config.run
-    import_plugins(config.imports, option="imports")
     accelerator = make_accelerator(run, "lrpo")
     write_run_config(config, run, accelerator)
     restorer = Restorer.from_pretrained(config.init_from or default_restorer_path())

@@ -24,19 +24,34 @@ from torch import Tensor, nn
 
 from facereward.data.datasets import collate_batch
 from facereward.data.training_data import DataConfig, build_dataset
-from facereward.models.ddim import DDIMSchedule, Generators, mix_seed, randn, row_generators, truncated_rollout
+from facereward.measures import MeasureEnv, MeasuresConfig, WeightedSum
+from facereward.models.ddim import (
+    Generators,
+    mix_seed,
+    randn,
+    row_generators,
+    truncated_rollout,
+)
 from facereward.models.frm import FaceRewardModel, bradley_terry_loss
 from facereward.models.restorer import Restorer
-from facereward.measures import MeasureEnv, MeasuresConfig, WeightedSum
 from facereward.plugins import import_plugins
-from facereward.train.accelerator import RunConfig, check_engine, full_network, make_accelerator
-from facereward.train.checkpoints import checkpoint_run, restore_run, resume_run, write_run_config
+from facereward.train.accelerator import (
+    RunConfig,
+    check_engine,
+    full_network,
+    make_accelerator,
+)
+from facereward.train.checkpoints import (
+    checkpoint_run,
+    restore_run,
+    resume_run,
+    write_run_config,
+)
 from facereward.train.data_stream import BatchStream, data_position, resumable_loader
 from facereward.train.hacking import new_alarms
 from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator
 from facereward.train.progress import ProgressLog
 from facereward.train.speed import Workload, speed_up_stage2
-from facereward.weights import default_restorer_path
 from facereward.train.trainable import (
     LoraSettings,
     adapters_disabled,
@@ -46,6 +61,7 @@ from facereward.train.trainable import (
     save_restorer,
     trainable_parameters,
 )
+from facereward.weights import default_restorer_path
 
 REWARD_FORMS = ("one_minus", "negative", "hinge")
 
@@ -322,9 +338,9 @@ def refl_workload(config: ReFLConfig) -> Workload:
 
 def train_refl(config: ReFLConfig) -> Path:
     """Run (or resume) ReFL; writes OUTPUT/model (restorer), OUTPUT/frm (the evolved FRM), OUTPUT/metrics.json."""
+    import_plugins(config.imports, option="imports")
     _validate(config)
     run = config.run
-    import_plugins(config.imports, option="imports")
     restorer_path, frm_path = config.init_from or str(default_restorer_path()), _frm_path(config)
     toy = config.data.toy_faces > 0
     losses = build_losses(config, torch.device("cpu"), MeasureEnv("cpu", toy=toy))  # its errors before anything is loaded

@@ -32,6 +32,7 @@ from torch import nn
 from facereward import smoke
 from facereward.models.restorer import Restorer
 from facereward.train.accelerator import RunConfig, engine_of
+
 Probe = Callable[[bool], torch.Tensor]  # one call of the trained network at the run's shapes; True: with grad
 
 
