@@ -330,8 +330,6 @@ def test_dynamic_frm_mixes_in_the_original_pairs_with_gradient_accumulation(tmp_
     assert seen == [2 + 2, 2 + 2]  # one update per optimizer step (not per micro-batch): the batch's GTs + 2 pairs
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: a nested MeasuresConfig given in part (a --set key, a YAML mapping) gets "
-                   "MeasuresConfig's class defaults, not ReFLConfig's field defaults (config.config_from_dict)")
 def test_setting_one_measure_option_keeps_the_other_defaults():
     from facereward.config import load_config
 

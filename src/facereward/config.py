@@ -122,6 +122,17 @@ def _renamed(cls: type, key: str) -> str | None:
     return RENAMED.get(cls.__name__, {}).get(key)
 
 
+def _over_default(f: dataclasses.Field, value: Any) -> Any:
+    """A mapping given for a nested config fills in from that field's own default (e.g. ReFL's `rewards` weights
+    {frm: 1}), not from the nested class's defaults; anything else is returned as it is."""
+    if not isinstance(value, dict):
+        return value
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if not dataclasses.is_dataclass(default) or isinstance(default, type):
+        return value
+    return {**{g.name: getattr(default, g.name) for g in dataclasses.fields(default)}, **value}
+
+
 def config_from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
@@ -130,7 +141,8 @@ def config_from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
             raise ConfigError(f"{_child(where, key)}: this key was renamed: use {_renamed(cls, key)}")
     if unknown:
         raise ConfigError(f"{where.rstrip(':')}: unknown key {unknown[0]!r} for {cls.__name__} (known: {', '.join(types_)})")
-    kwargs = {k: _coerce(v, types_[k], _child(where, k)) for k, v in data.items()}
+    defaults = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {k: _coerce(_over_default(defaults[k], v), types_[k], _child(where, k)) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
@@ -227,15 +239,19 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         data = loaded
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {k} is not a section")
-        node[keys[-1]] = value
-    return smoke.cap_config(config_from_dict(cls, data, where))
+    config = config_from_dict(cls, data, where)
+    if overrides:  # on the whole config, so `--set losses.weights.lpips=0` keeps the other weights
+        data = config_to_dict(config)
+        for text in overrides:
+            keys, value = parse_override(text)
+            node = data
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {text!r}: {k} is not a section")
+            node[keys[-1]] = value
+        config = config_from_dict(cls, data, where)
+    return smoke.cap_config(config)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -75,6 +75,8 @@ class WeightedSum:
             try:
                 measure = create_measure(name, as_reward=as_reward, device=device, env=env,
                                          **{**(defaults or {}).get(name, {}), **options})
+            except MissingNeeds as err:  # stays MissingNeeds, so a default column (evaluate's reward) can skip it
+                raise MissingNeeds(f"{where}.weights.{name}: {err}") from None
             except ValueError as err:
                 raise ValueError(f"{where}.weights.{name}: {err}") from None
             if isinstance(measure, SetMeasure):

@@ -195,6 +195,8 @@ def train_base(config: TrainBaseConfig) -> Path:
             log.step(step, {f"stage{stage}/loss": loss, f"stage{stage}/lr": sched.get_last_lr()[0]})
             if step % run.save_every == 0 or step == total:
                 checkpoint_run(accelerator, run, step, modules, optimizers, {"data": batches.position(), "train_log": log.history})
+        # drop the autocast forward that prepare gives a bf16 stage: a run resumed into the next stage never had it
+        accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
         module.eval()
         # back to the layout a resume that starts in the next stage loads it in (channels_last changes conv numerics)
         module.to(memory_format=torch.contiguous_format)
