@@ -112,7 +112,7 @@ def main() -> None:
         run_dir = args.out / name.lower().replace(" ", "-").replace(".", "").replace("/", "")
         models[name] = str(train_lrpo(lrpo_config(run_dir, s, fields)))
         run_seconds[name] = time.time() - t0
-        history = json.loads((run_dir / "metrics.json").read_text())["epochs"]
+        history = json.loads((run_dir / "metrics.json").read_text())["train_log"]
         curves[name] = [e["reward"] for e in history if "reward" in e]  # (epoch 0, with held-out on, has none)
         print(f"{name}: {run_seconds[name]:.0f} s, training reward {curves[name][0]:.4f} -> {curves[name][-1]:.4f}", flush=True)
 

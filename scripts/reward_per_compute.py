@@ -37,7 +37,7 @@ def run(mode: str, seed: int, count: int, out: Path, smoke: bool) -> list[dict]:
                "--output-dir", str(folder)]
         print(" ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True)
-    return json.loads(metrics.read_text())["epochs"]
+    return json.loads(metrics.read_text())["train_log"]
 
 
 def reaches(rows: list[dict], target: float) -> float | None:

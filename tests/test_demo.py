@@ -24,7 +24,8 @@ def test_demo_post_trains_with_both_methods_and_evaluates_them_side_by_side(tiny
     refl = json.loads((out / "runs" / "refl" / "metrics.json").read_text())
     assert [r["step"] for r in refl["held_out"]] == [0, 1, 2] and "frm/initial" in refl["held_out"][0]
     lrpo = json.loads((out / "runs" / "lrpo" / "metrics.json").read_text())
-    assert [r["epoch"] for r in lrpo["epochs"]] == [0, 1, 2] and "held_out/psnr" in lrpo["epochs"][-1]
+    assert [r["epoch"] for r in lrpo["held_out"]] == [0, 1, 2] and "psnr" in lrpo["held_out"][-1]
+    assert refl["unit"] == "step" and lrpo["unit"] == "epoch" and "held_out/psnr" in lrpo["train_log"][-1]
     assert (out / "grid.png").is_file() and (out / "report.html").is_file() and result.report == out / "report.html"
     assert set(result.seconds) == {"test set", "ReFL", "LRPO", "evaluate"}
 

@@ -227,14 +227,14 @@ def test_refl_and_lrpo_post_train_an_imported_model(files, imported, tmp_path):
     model = files / "restorer"
     lrpo = {"run": {"output_dir": str(tmp_path / "lrpo"), "progress": False, "save_every": 1}, "init_from": str(model),
             "data": {"toy_faces": 4, "size": SIZE}, "rewards": {"weights": {"wavelet": 0.5, "ssim": 0.5}},
-            "group_size": 2, "inputs_per_batch": 1, "batches_per_epoch": 1, "epochs": 1, "steps": 3, "micro_batch": 2,
+            "group_size": 2, "inputs_per_batch": 1, "batches_per_epoch": 1, "epochs": 1, "sample_steps": 3, "micro_batch": 2,
             "reg_steps": 1, "lr": 1e-3, "held_out": {"every": 0}, "spacing": "leading", "final_alpha_bar": "first"}
     (tmp_path / "lrpo.yaml").write_text(yaml.safe_dump(lrpo))
     assert run(["lrpo", "--config", str(tmp_path / "lrpo.yaml")]) == 0
-    assert run(["refl", "--init-from", str(model), "--frm", str(WEIGHTS_DIR / "toy-frm"), "--toy-faces", "2", "--steps", "1",
-                "--output-dir", str(tmp_path / "refl"), "--set", f"data.size={SIZE}", "--set", "sampling_steps=2",
+    assert run(["refl", "--init-from", str(model), "--frm", str(WEIGHTS_DIR / "toy-frm"), "--toy-faces", "2", "--train-steps", "1",
+                "--output-dir", str(tmp_path / "refl"), "--set", f"data.size={SIZE}", "--set", "sample_steps=2",
                 "--set", "held_out.every=0", "--set", "batch_size=1", "--set", "run.progress=false",
-                "--set", "grad_window=1", "--set", "lpips_weight=0"]) == 0
+                "--set", "grad_window=1", "--set", "losses.weights.lpips=0"]) == 0
     for name in ("lrpo", "refl"):
         trained = Restorer.from_pretrained(tmp_path / name / "model")
         assert trained.config.cleaner == "swinir" and trained.config.colour_fix

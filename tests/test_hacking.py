@@ -53,13 +53,14 @@ def test_refl_warns_records_and_stops_on_the_alarm(tmp_path, monkeypatch, pixel_
     from test_refl import _config
 
     from facereward.models.frm import FaceRewardModel, FRMConfig
+    from facereward.train import heldout as heldout_module
     from facereward.train import refl as refl_module
     from facereward.train.heldout import HeldOutConfig
 
     pixel_restorer.save_pretrained(tmp_path / "restorer")
     FaceRewardModel(FRMConfig(backbone="cnn", input_size=32, cnn_widths=[8, 16], cnn_depth=1)).save_pretrained(tmp_path / "frm")
     calls: list = []
-    monkeypatch.setattr(refl_module, "new_alarms", _fake_alarm(calls))
+    monkeypatch.setattr(heldout_module, "new_alarms", _fake_alarm(calls))
     config = _config(tmp_path, tmp_path / "restorer", tmp_path / "frm", train_steps=8,
                      held_out=HeldOutConfig(every=2, toy_faces=2, sample_steps=2, identity="none", stop_on_hacking=True))
     with pytest.warns(UserWarning, match="refl: possible reward hacking"):
@@ -75,20 +76,23 @@ def test_refl_warns_records_and_stops_on_the_alarm(tmp_path, monkeypatch, pixel_
 def test_lrpo_warns_records_and_stops_on_the_alarm(tmp_path, monkeypatch, pixel_restorer):
     from test_lrpo import _config
 
+    from facereward.train import heldout as heldout_module
     from facereward.train import lrpo as lrpo_module
     from facereward.train.heldout import HeldOutConfig
 
     pixel_restorer.save_pretrained(tmp_path / "pixel")
     calls: list = []
-    monkeypatch.setattr(lrpo_module, "new_alarms", _fake_alarm(calls))
+    monkeypatch.setattr(heldout_module, "new_alarms", _fake_alarm(calls))
     config = _config(tmp_path, tmp_path / "pixel", epochs=4,
                      held_out=HeldOutConfig(every=1, toy_faces=2, sample_steps=2, identity="none", stop_on_hacking=True))
     config.run.save_every = 10
     with pytest.warns(UserWarning, match="lrpo: possible reward hacking"):
         lrpo_module.train_lrpo(config)
-    epochs = json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"]
-    assert [e["epoch"] for e in epochs] == [0, 1, 2] and epochs[-1]["alarms"] == ["psnr"]  # epoch 0: the base's scores
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    epochs, records = metrics["train_log"], metrics["held_out"]
+    assert metrics["unit"] == "epoch" and [e["epoch"] for e in epochs] == [0, 1]  # epoch 0: the base's scores; stopped at 1
+    assert [r["epoch"] for r in records] == [0, 1] and records[-1]["alarms"] == ["psnr"] and "alarms" not in records[0]
     # the alarm's records: one per evaluation, the mean epoch reward since the previous one beside the judges
-    assert [r["epoch"] for r in calls[-1]] == [0, 1, 2] and "train_reward" not in calls[-1][0]
-    assert calls[-1][2]["train_reward"] == pytest.approx(epochs[2]["reward"]) and "psnr" in calls[-1][2]
-    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "state.json").is_file()
+    assert [r["epoch"] for r in calls[-1]] == [0, 1] and "train_reward" not in calls[-1][0]
+    assert calls[-1][1]["train_reward"] == pytest.approx(epochs[1]["reward"]) and "psnr" in calls[-1][1]
+    assert (tmp_path / "run" / "checkpoints" / "step-00000001" / "state.json").is_file()

@@ -287,7 +287,7 @@ def pixel_dir(tmp_path, pixel_restorer):
 
 
 def _history(run_dir) -> list[dict]:
-    return json.loads((run_dir / "metrics.json").read_text())["epochs"]
+    return json.loads((run_dir / "metrics.json").read_text())["train_log"]
 
 
 def test_default_stepping_is_one_step_per_minibatch_and_timestep_and_the_clip_acts(tmp_path, pixel_dir):

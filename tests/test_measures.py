@@ -116,7 +116,7 @@ def test_one_plugin_file_serves_evaluate_held_out_lrpo_and_refl(plugin, tmp_path
                       group_size=2, inputs_per_batch=1, batches_per_epoch=1, epochs=1, sample_steps=3, micro_batch=2,
                       train_batch_size=2, reg_steps=1, held_out=held_out)
     train_lrpo(lrpo)
-    epochs = json.loads((tmp_path / "lrpo" / "metrics.json").read_text())["epochs"]
+    epochs = json.loads((tmp_path / "lrpo" / "metrics.json").read_text())["train_log"]
     assert "reward/plugin-sharpness" in epochs[-1] and "held_out/plugin-sharpness" in epochs[-1]
 
     refl = ReFLConfig(run=run("refl"), data=data, imports=[plugin], init_from=None, train_steps=1, batch_size=1, sample_steps=2,

@@ -64,8 +64,8 @@ def test_lrpo_on_two_processes_matches_one(tmp_path, restorer_dir):
     assert cli_run(["lrpo", "--config", str(_write(tmp_path, "one", config, "one"))]) == 0
     proc = _launch_two(["lrpo", "--config", str(_write(tmp_path, "two", config, "two"))])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = json.loads((tmp_path / "one" / "metrics.json").read_text())["epochs"]
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())["epochs"]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())["train_log"]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())["train_log"]
     for key in ("reward", "reward_std", "reward/wavelet", "reward/ssim"):  # the first epoch's rollouts: before any update
         assert two[0][key] == pytest.approx(one[0][key], rel=1e-6, abs=1e-7), key
     assert two[0]["ppo/optimizer_steps"] == one[0]["ppo/optimizer_steps"] == 3.0

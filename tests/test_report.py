@@ -25,6 +25,7 @@ def _write(folder: Path, name: str, data) -> Path:
 def test_each_command_output_is_recognised(tmp_path):
     assert detect_kind(_write(tmp_path / "e", "results.json", {"rows": {}})) == "evaluate"
     assert detect_kind(_write(tmp_path / "l", "metrics.json", {"epochs": [{"epoch": 1, "reward": 0.1}]})) == "lrpo"
+    assert detect_kind(_write(tmp_path / "n", "metrics.json", {"unit": "epoch", "held_out": [], "train_log": []})) == "lrpo"
     assert detect_kind(_write(tmp_path / "r", "metrics.json", {"held_out": [], "train_log": []})) == "refl"
     assert detect_kind(_write(tmp_path / "b", "metrics.json", {"train_log": [{"step": 1, "stage2/loss": 1.0}]})) == "train-base"
     assert detect_kind(_write(tmp_path / "f", "metrics.json", {"best_held_out_accuracy": 0.7, "history": []})) == "train-frm"

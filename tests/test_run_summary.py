@@ -34,6 +34,7 @@ def test_final_figures_read_every_trainers_metrics(tmp_path):
     assert final_figures(tmp_path / "frm")[0] == "held-out pairwise accuracy: best 0.9000, last 0.8500 at step 200 (840 pairs)"
     (tmp_path / "lrpo").mkdir()
     (tmp_path / "lrpo" / "metrics.json").write_text(json.dumps({
-        "epochs": [{"epoch": 2, "reward": 0.06, "reward/ssim": 0.4, "ppo/kl": 0.0, "held_out/psnr": 14.2}]}))
-    assert final_figures(tmp_path / "lrpo")[:2] == ["epoch 2: reward 0.06, reward/ssim 0.4", "held-out at epoch 2: psnr 14.2"]
+        "unit": "epoch", "held_out": [{"epoch": 0, "psnr": 13.0}, {"epoch": 2, "train_reward": 0.05, "psnr": 14.2}],
+        "train_log": [{"epoch": 2, "reward": 0.06, "reward/ssim": 0.4, "ppo/kl": 0.0, "held_out/psnr": 14.2}]}))
+    assert final_figures(tmp_path / "lrpo")[:2] == ["epoch 2: reward 0.06, reward/ssim 0.4", "held-out at epoch 2: train_reward 0.05, psnr 14.2"]
     assert final_figures(tmp_path / "nothing") == [f"logs: tensorboard --logdir {tmp_path / 'nothing'}"]

@@ -42,6 +42,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def lrpo_epochs(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """An LRPO metrics.json's per-epoch rows (its train_log; "epochs" in files written before the shared shape)."""
+    return metrics.get("train_log", metrics.get("epochs", []))
+
+
 def detect_kind(folder: Path) -> str | None:
     """What wrote `folder` ("evaluate", "refl", "lrpo", "train-base", "train-frm"), or None if none of them did."""
     if (folder / "results.json").is_file():
@@ -50,7 +55,7 @@ def detect_kind(folder: Path) -> str | None:
     if not path.is_file():
         return None
     metrics = _read_json(path)
-    if "epochs" in metrics:
+    if metrics.get("unit") == "epoch" or "epochs" in metrics:  # "epochs": written before metrics.json had one shape
         return "lrpo"
     if "held_out" in metrics or any(k.startswith("refl/") for row in metrics.get("train_log", []) for k in row):
         return "refl"
@@ -161,8 +166,8 @@ def training_plots(source: ReportSource) -> list[tuple[str, str]]:
     m, kind = source.metrics, source.kind
     plots: list[tuple[str, str | None]] = []
     if kind == "lrpo":
-        rows = m.get("epochs", [])
-        alarms = [r["epoch"] for r in rows if r.get("alarms")]
+        rows = lrpo_epochs(m)
+        alarms = [r["epoch"] for r in m.get("held_out", rows) if r.get("alarms")]
         plots.append(("Training reward and its parts per epoch", plot_curves(rows, "epoch", [
             ("reward", ["reward"]), ("reward parts", _keys(rows, lambda k: k.startswith("reward/")))], alarms)))
         counts = ("optimizer_steps", "grad_norm")  # on their own scales
@@ -224,7 +229,7 @@ def reward_per_compute(runs: list[tuple[str, list[dict[str, Any]]]], key: str = 
 
 
 def _comparison(sources: list[ReportSource]) -> str:
-    runs = [(s.title, s.metrics.get("epochs", [])) for s in sources if s.kind == "lrpo"]
+    runs = [(s.title, lrpo_epochs(s.metrics)) for s in sources if s.kind == "lrpo"]
     fig = reward_per_compute(runs) if len(runs) > 1 else None
     if fig is None:
         return ""
@@ -270,7 +275,7 @@ def _config_block(text: str, label: str = "config.yaml") -> str:
 
 
 def _alarm_lines(source: ReportSource) -> list[str]:
-    rows = source.metrics.get("epochs" if source.kind == "lrpo" else "held_out", [])
+    rows = source.metrics.get("held_out", source.metrics.get("epochs", []))
     x_key = "epoch" if source.kind == "lrpo" else "step"
     return [f"{x_key} {r.get(x_key)}: {', '.join(r['alarms'])}" for r in rows if r.get("alarms")]
 

@@ -18,6 +18,7 @@ from facereward.measures.judges import MeasureEnv
 from facereward.measures.table import (
     Captions,
     Measure,
+    MissingNeeds,
     SetMeasure,
     create_measure,
     register_measure,

@@ -31,7 +31,6 @@ from facereward.registry import Registry
 Kind = Literal["FR", "NR", "set"]
 KINDS = ("FR", "NR", "set")
 Captions = str | Sequence[str | None] | None
-COMMON_OPTIONS = ("clamp", "column")  # options every measure takes (create_measure handles them)
 
 
 class MissingNeeds(ValueError):
@@ -162,10 +161,6 @@ def list_measures() -> list[MeasureSpec]:
     return [_REGISTRY.get(n) for n in _REGISTRY.names()]
 
 
-def measure_names() -> list[str]:
-    return _REGISTRY.names()
-
-
 def format_measure_table(specs: Sequence[MeasureSpec] | None = None) -> str:
     """The table as markdown (what `evaluate --list-metrics` prints)."""
     lines = ["| name | type | lower is better | differentiable | reward | needs |", "|---|---|---|---|---|---|"]
@@ -213,6 +208,8 @@ def create_measure(name: str, as_reward: bool = False, device: torch.device | st
         built = spec.build(env, **options)
     except TypeError as err:
         raise ValueError(f"measure {name!r}: bad options {sorted(options)} ({err})") from None
+    except FileNotFoundError as err:  # a weight file an option names: one line naming it, no traceback
+        raise ValueError(f"measure {name!r}: {err}") from None
     if built is None:
         raise MissingNeeds(f"measure {name!r} needs {spec.needs or 'something that was not given'}")
     if isinstance(built, SetMeasure):
@@ -229,7 +226,6 @@ def create_measure(name: str, as_reward: bool = False, device: torch.device | st
 
 
 __all__ = [
-    "COMMON_OPTIONS",
     "KINDS",
     "RENAMED",
     "Measure",
@@ -241,7 +237,6 @@ __all__ = [
     "format_measure_table",
     "get_measure",
     "list_measures",
-    "measure_names",
     "parse_measure_names",
     "register_measure",
     "unregister_measure",

@@ -11,10 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import warnings
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from facereward.atomic import atomic_write_json
 from facereward.data.datasets import PairedFolderDataset, collate_batch
 from facereward.data.degradation import degrade
 from facereward.data.training_data import DataConfig, resolve_preset, toy_world
@@ -28,6 +32,7 @@ from facereward.measures import (
 from facereward.models.frm import FaceRewardModel
 from facereward.models.restorer import Restorer
 from facereward.models.seeded import restore_batch
+from facereward.train.hacking import new_alarms
 
 Scorer = Callable[[Tensor, Tensor, list[str]], Tensor]
 """(restored [0, 1], hq [0, 1], captions) -> (B,) scores."""
@@ -127,3 +132,58 @@ class HeldOutEvaluator:
         for name, fn in self.extra.items():
             scores[name] = float(fn(restored.to(self.device), hq.to(self.device), captions).float().mean())
         return scores
+
+
+class HeldOutMonitor:
+    """Held-out evaluation on its cadence plus the reward-hacking alarm (facereward.train.hacking), as every reward
+    trainer runs them.
+
+    `records` holds one entry per evaluation: {unit: n, "train_reward": the mean training reward since the previous
+    evaluation (absent for the baseline at 0), judge: score, ..., "alarms": [judges] when the alarm fired}. Only the
+    main process evaluates (`evaluator` None elsewhere); `evaluate` returns on every process whether to stop.
+    Checkpoint `state()` and pass it back as `state` to resume with the same records and alarms.
+    """
+
+    def __init__(self, config: HeldOutConfig, evaluator: HeldOutEvaluator | None, accelerator, trainer: str, unit: str,
+                 total: int, state: dict | None = None):
+        self.config, self.evaluator, self.accelerator = config, evaluator, accelerator
+        self.trainer, self.unit, self.total = trainer, unit, total
+        state = state or {}
+        self.records: list[dict[str, Any]] = list(state.get("records", []))
+        self._since = [torch.tensor(v, device=accelerator.device) for v in state.get("reward_since", [])]
+        self.last: dict[str, float] = {}  # the scores of the newest evaluation (empty on other processes)
+
+    def due(self, n: int) -> bool:
+        """Whether `n` (a step or an epoch) is an evaluation point: every `held_out.every`, and the last."""
+        return self.config.every > 0 and (n % self.config.every == 0 or n == self.total)
+
+    def add_reward(self, reward: Tensor | float) -> None:
+        """One training reward (a step's or an epoch's mean); kept on the device until the next evaluation."""
+        self._since.append(torch.as_tensor(reward, device=self.accelerator.device).detach().float().reshape(()))
+
+    def evaluate(self, n: int, restorer: Restorer, net: nn.Module | None = None) -> bool:
+        """Evaluate at `n`, record it and run the alarm (warns, records the judge, and with `stop_on_hacking` asks every
+        process to stop); returns True on every process when training should stop."""
+        self.last = {}
+        if self.evaluator is not None:
+            self.last = self.evaluator(restorer, net=net)
+            train = {"train_reward": float(torch.stack(self._since).mean())} if self._since else {}
+            self.records.append({self.unit: n, **train, **self.last})
+            for alarm in new_alarms(self.records, self.config.hacking_judges, self.config.hacking_patience, n, step_key=self.unit):
+                warnings.warn(f"{self.trainer}: {alarm.message()}", stacklevel=2)
+                self.records[-1].setdefault("alarms", []).append(alarm.judge)
+                if self.config.stop_on_hacking:
+                    self.accelerator.set_trigger()
+        self._since.clear()
+        self.accelerator.wait_for_everyone()
+        return self.accelerator.check_trigger()
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the records and the training rewards since the last evaluation."""
+        return {"records": self.records, "reward_since": [float(r) for r in self._since]}
+
+
+def write_metrics(path: str | Path, unit: str, held_out: list[dict[str, Any]], train_log: list[dict[str, Any]]) -> None:
+    """OUTPUT/metrics.json, the same shape for every trainer: {"unit": "step" | "epoch", "held_out": [records],
+    "train_log": [what was logged, per step or epoch]}; written atomically."""
+    atomic_write_json(path, {"unit": unit, "held_out": held_out, "train_log": train_log})

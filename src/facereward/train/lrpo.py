@@ -22,12 +22,10 @@ adapters) is trained; the restorer stays in eval mode (the networks have no drop
 
 from __future__ import annotations
 
-import json
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -64,8 +62,7 @@ from facereward.train.checkpoints import (
     resume_run,
     write_run_config,
 )
-from facereward.train.hacking import new_alarms
-from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator
+from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator, HeldOutMonitor, write_metrics
 from facereward.train.progress import ProgressLog
 from facereward.train.speed import Workload, speed_up_stage2
 from facereward.train.trainable import (
@@ -637,39 +634,10 @@ def rewards_with_defaults(rewards: MeasuresConfig, init_from: str | None = None)
     return MeasuresConfig(weights=dict(rewards.weights), options=options)
 
 
-def _hacking_alarm(history: list[dict], config: LRPOConfig, accelerator: Accelerator) -> bool:
-    """Warn (and record) when the epoch reward has risen while a held-out judge fell for `hacking_patience` evaluations
-    in a row; True on every process when `held_out.stop_on_hacking` asks to stop. The reward of an evaluation is the
-    mean epoch reward since the previous one."""
-    records, since = [], []
-    for row in history:
-        if "reward" in row:  # the epoch-0 baseline has held-out scores only
-            since.append(float(row["reward"]))
-        judges = {k.removeprefix("held_out/"): v for k, v in row.items() if k.startswith("held_out/")}
-        if judges:
-            train = {"train_reward": sum(since) / len(since)} if since else {}
-            records.append({"epoch": row["epoch"], **train, **judges})
-            since = []
-    if accelerator.is_main_process:
-        for alarm in new_alarms(records, config.held_out.hacking_judges, config.held_out.hacking_patience,
-                                history[-1]["epoch"], step_key="epoch"):
-            warnings.warn(f"lrpo: {alarm.message()}", stacklevel=1)
-            history[-1].setdefault("alarms", []).append(alarm.judge)
-            if config.held_out.stop_on_hacking:
-                accelerator.set_trigger()
-    return accelerator.check_trigger()
-
-
 def _held_out(config: LRPOConfig, reward: WeightedSum, size: int, device: torch.device) -> HeldOutEvaluator | None:
     if config.held_out.every <= 0:
         return None
     return HeldOutEvaluator(config.held_out, config.data, size, device, extra=reward.scorers())
-
-
-def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"epochs": history}, indent=1))
-    tmp.replace(path)
 
 
 def lrpo_workload(config: LRPOConfig, n_train: int) -> Workload:
@@ -706,15 +674,15 @@ def train_lrpo(config: LRPOConfig) -> Path:
     held_out = _held_out(config, reward, restorer.config.size, accelerator.device) if accelerator.is_main_process else None
     state = resume_run(accelerator, run)
     start, history = (int(state["step"]), list(state.get("history", []))) if state else (0, [])
+    monitor = HeldOutMonitor(config.held_out, held_out, accelerator, "lrpo", "epoch", config.epochs, (state or {}).get("held_out"))
     log = ProgressLog(accelerator, config.epochs, start, "lrpo", run.log_every, run.progress)
     metrics_path = Path(run.output_dir) / "metrics.json"
     # every draw of an epoch has its own (seed, epoch, sample) generator; this covers any other
     restore_run(accelerator, state, {"stage2": net}, {"optimizer": optimizer})
-    if start == 0 and not history and config.held_out.every > 0:  # epoch 0: the base, the baseline of every curve
-        full = full_network(accelerator, net, module)
-        if held_out is not None:
-            history.append({"epoch": 0, **{f"held_out/{k}": v for k, v in held_out(restorer, net=full).items()}})
-        accelerator.wait_for_everyone()
+    if start == 0 and not monitor.records and config.held_out.every > 0:  # epoch 0: the base, the baseline of every curve
+        monitor.evaluate(0, restorer, full_network(accelerator, net, module))
+        if monitor.last:
+            history.append({"epoch": 0, **{f"held_out/{k}": v for k, v in monitor.last.items()}})
     trained_s = history[-1].get("time/train_s", 0.0) if history else 0.0  # carried over a resume
     for epoch in range(start, config.epochs):
         epoch_start = time.perf_counter()
@@ -729,19 +697,18 @@ def train_lrpo(config: LRPOConfig) -> Path:
         epoch_s = time.perf_counter() - epoch_start
         trained_s += epoch_s
         scalars.update({"time/epoch_s": epoch_s, "time/train_s": trained_s})
+        monitor.add_reward(scalars["reward"])
         stop = False
-        if config.held_out.every > 0 and ((epoch + 1) % config.held_out.every == 0 or epoch + 1 == config.epochs):
-            full = full_network(accelerator, net, module)
-            if held_out is not None:
-                scalars.update({f"held_out/{k}": v for k, v in held_out(restorer, net=full).items()})
+        if monitor.due(epoch + 1):
+            stop = monitor.evaluate(epoch + 1, restorer, full_network(accelerator, net, module))
+            scalars.update({f"held_out/{k}": v for k, v in monitor.last.items()})
         history.append({"epoch": epoch + 1, **scalars})
-        if config.held_out.every > 0 and ((epoch + 1) % config.held_out.every == 0 or epoch + 1 == config.epochs):
-            stop = _hacking_alarm(history, config, accelerator)
         log.step(epoch + 1, scalars)
         if accelerator.is_main_process:
-            _write_metrics(metrics_path, history)
+            write_metrics(metrics_path, "epoch", monitor.records, history)
         if stop or (epoch + 1) % run.save_every == 0 or epoch + 1 == config.epochs:
-            checkpoint_run(accelerator, run, epoch + 1, {"stage2": net}, {"optimizer": optimizer}, {"history": history})
+            checkpoint_run(accelerator, run, epoch + 1, {"stage2": net}, {"optimizer": optimizer},
+                           {"history": history, "held_out": monitor.state()})
         if stop:
             accelerator.print(f"lrpo: stopped after epoch {epoch + 1} on the reward-hacking alarm (held_out.stop_on_hacking)")
             break
@@ -751,6 +718,6 @@ def train_lrpo(config: LRPOConfig) -> Path:
     full = full_network(accelerator, net, module)
     if accelerator.is_main_process:
         save_restorer(restorer, out, net=full)
-        _write_metrics(metrics_path, history)
+        write_metrics(metrics_path, "epoch", monitor.records, history)
     accelerator.end_training()
     return out

@@ -12,8 +12,6 @@ Setting a weight to 0 (or `dynamic_frm.every: 0`) turns that component off for a
 from __future__ import annotations
 
 import copy
-import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -48,8 +46,7 @@ from facereward.train.checkpoints import (
     write_run_config,
 )
 from facereward.train.data_stream import BatchStream, data_position, resumable_loader
-from facereward.train.hacking import new_alarms
-from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator
+from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator, HeldOutMonitor, write_metrics
 from facereward.train.progress import ProgressLog
 from facereward.train.speed import Workload, speed_up_stage2
 from facereward.train.trainable import (
@@ -367,7 +364,7 @@ def train_refl(config: ReFLConfig) -> Path:
     if dyn.every > 0 and frm_optimizer is None:
         raise ValueError(f"{frm_path}: the FRM has no trainable parameters for dynamic updates (set dynamic_frm.every: 0)")
     state = resume_run(accelerator, run) or {}
-    step, history = state.get("step", 0), list(state.get("history", []))
+    step = state.get("step", 0)
     dataset = build_dataset(config.data)
     loader = resumable_loader(dataset, config.batch_size, run.seed, num_workers=config.data.num_workers, collate_fn=collate_batch,
                               drop_last=len(dataset) >= config.batch_size)
@@ -383,35 +380,23 @@ def train_refl(config: ReFLConfig) -> Path:
     if config.held_out.every > 0 and accelerator.is_main_process:
         frms = {"initial": initial_frm, **({"live": frm} if frm_optimizer else {})}
         evaluator = HeldOutEvaluator(config.held_out, config.data, restorer.config.size, device, frms)
+    monitor = HeldOutMonitor(config.held_out, evaluator, accelerator, "refl", "step", config.train_steps, state.get("held_out"))
     preference_batches = (_preference_batches(dyn, run.seed, restorer.config.size, accelerator, state.get("preference_data"))
                           if frm_optimizer else None)
     batches = BatchStream(loader, accelerator, data_position(state))
     log = ProgressLog(accelerator, config.train_steps, step, "refl", run.log_every, run.progress, history=state.get("train_log"))
     out_dir = Path(run.output_dir)
 
-    # the training reward of each step since the last evaluation (on device; checkpointed, so a resume sees the same)
-    reward_since: list[torch.Tensor] = [torch.tensor(v, device=device) for v in state.get("reward_since", [])]
-
     def held_out(at: int) -> bool:
-        """Evaluate, record, and run the hacking alarm; True when the run should stop on it (on every process)."""
-        full = full_network(accelerator, wrapped, trainable)  # the unwrapped network: no collectives from one process
-        if evaluator is not None:
-            scores = evaluator(restorer, net=full)
-            train = {"train_reward": float(torch.stack(reward_since).mean())} if reward_since else {}
-            history.append({"step": at, **train, **scores})
-            accelerator.log({f"held_out/{k}": v for k, v in scores.items()}, step=at)
+        """Evaluate and run the hacking alarm on the unwrapped network (no collectives from one process); True to stop."""
+        stop = monitor.evaluate(at, restorer, full_network(accelerator, wrapped, trainable))
+        if monitor.last:
+            accelerator.log({f"held_out/{k}": v for k, v in monitor.last.items()}, step=at)
             if not run.progress:
-                print(f"refl held-out step {at}: " + " ".join(f"{k}={v:.4g}" for k, v in scores.items()), flush=True)
-            for alarm in new_alarms(history, config.held_out.hacking_judges, config.held_out.hacking_patience, at):
-                warnings.warn(f"refl: {alarm.message()}", stacklevel=1)
-                history[-1].setdefault("alarms", []).append(alarm.judge)
-                if config.held_out.stop_on_hacking:
-                    accelerator.set_trigger()
-        reward_since.clear()
-        accelerator.wait_for_everyone()
-        return accelerator.check_trigger()
+                print(f"refl held-out step {at}: " + " ".join(f"{k}={v:.4g}" for k, v in monitor.last.items()), flush=True)
+        return stop
 
-    if step == 0 and not history:
+    if step == 0 and not monitor.records:
         held_out(0)
     restore_run(accelerator, state, modules, optimizers)  # last, after every setup that draws random numbers
     # micro-batches since the run's start: each one's draws are seeded by it and its rows (docs/methods.md 4)
@@ -438,16 +423,16 @@ def train_refl(config: ReFLConfig) -> Path:
         if frm_optimizer is not None and step % dyn.every == 0:
             scalars.update(_dynamic_frm_update(frm, frm_optimizer, dyn, batch, result.restored, preference_batches, accelerator))
         scalars = _mean_over_processes(scalars, accelerator)
-        reward_since.append(torch.as_tensor(scalars["refl/reward"], device=device).detach().float())
+        monitor.add_reward(scalars["refl/reward"])
         log.step(step, scalars)
         stop = False
-        if config.held_out.every > 0 and (step % config.held_out.every == 0 or step == config.train_steps):
+        if monitor.due(step):
             stop = held_out(step)
         if stop or step % run.save_every == 0 or step == config.train_steps:
             positions = {"data": batches.position(),
                          **({"preference_data": preference_batches.position()} if preference_batches is not None else {})}
-            checkpoint_run(accelerator, run, step, modules, optimizers, {**positions, "history": history, "train_log": log.history,
-                                                                        "reward_since": [float(r) for r in reward_since]})
+            checkpoint_run(accelerator, run, step, modules, optimizers,
+                           {**positions, "held_out": monitor.state(), "train_log": log.history})
         if stop:
             accelerator.print(f"refl: stopped at step {step} on the reward-hacking alarm (held_out.stop_on_hacking)")
             break
@@ -457,7 +442,7 @@ def train_refl(config: ReFLConfig) -> Path:
     if accelerator.is_main_process:
         save_restorer(restorer, out_dir / "model", net=full)
         frm.save_pretrained(out_dir / "frm")
-        (out_dir / "metrics.json").write_text(json.dumps({"held_out": history, "train_log": log.history}, indent=2))
+        write_metrics(out_dir / "metrics.json", "step", monitor.records, log.history)
     accelerator.end_training()
     return out_dir / "model"
 

@@ -63,17 +63,15 @@ def final_figures(run_dir: str | Path) -> list[str]:
         last = history[-1]
         lines.append(f"held-out pairwise accuracy: best {metrics['best_held_out_accuracy']:.4f}, last "
                      f"{last.get('accuracy', float('nan')):.4f} at step {last.get('step', '-')} ({metrics.get('held_out_pairs', '?')} pairs)")
-    if metrics.get("held_out"):  # refl
-        last = metrics["held_out"][-1]
-        lines.append(f"held-out at step {last.get('step')}: {_fmt(last)}")
-    if metrics.get("epochs"):  # lrpo
-        last = metrics["epochs"][-1]
-        held = {k.removeprefix("held_out/"): v for k, v in last.items() if k.startswith("held_out/")}
+    unit = metrics.get("unit", "step")
+    if unit == "epoch" and metrics.get("train_log"):  # lrpo: the last epoch's reward
+        last = metrics["train_log"][-1]
         rewards = {k: v for k, v in last.items() if k == "reward" or k.startswith("reward/")}
         lines.append(f"epoch {last.get('epoch')}: {_fmt(rewards)}")
-        if held:
-            lines.append(f"held-out at epoch {last.get('epoch')}: {_fmt(held)}")
-    if metrics.get("train_log"):  # train-base, refl
+    if metrics.get("held_out"):  # refl, lrpo
+        last = metrics["held_out"][-1]
+        lines.append(f"held-out at {unit} {last.get(unit)}: {_fmt({k: v for k, v in last.items() if k != unit})}")
+    if unit == "step" and metrics.get("train_log"):  # train-base, refl
         last = metrics["train_log"][-1]
         losses = {k: v for k, v in last.items() if k.endswith("loss")}
         lines.append(f"last logged step {last.get('step')}: {_fmt(losses)}")
