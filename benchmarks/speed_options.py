@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from facereward.models.restorer import LatentConfig, PixelUNetConfig, Restorer, RestorerConfig
+from facereward.models.restorer import LatentConfig, Restorer, RestorerConfig
 from facereward.train.speed import LAYOUTS, Workload, measure, pick, restorer_probe, time_call
 from facereward.train.trainable import LoraSettings, prepare_trainable
 

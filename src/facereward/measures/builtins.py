@@ -27,6 +27,17 @@ def _named(fn, column: str, **attrs):
     return fn
 
 
+class _ModelScorer(nn.Module):
+    """A scorer around a torch model (so moving the measure moves the model): `call(model, x, gt, captions)`."""
+
+    def __init__(self, model: nn.Module, call, column: str):
+        super().__init__()
+        self.model, self.call, self.column = model, call, column
+
+    def forward(self, x: Tensor, gt: Tensor | None = None, captions=None) -> Tensor:
+        return self.call(self.model, x, gt, captions)
+
+
 def _psnr(y_channel: bool):
     def build(env: MeasureEnv, crop_border: int = 0, y_channel: bool = y_channel, quantize: bool = True,
               max_db: float | None = None):
@@ -55,19 +66,9 @@ def _lpips(env: MeasureEnv, net: str = "vgg", backbone_path: str | None = None, 
         return None
     from facereward.measures.lpips import LPIPS
 
-    model = LPIPS(net, backbone_path, heads_path).to(env.device)
     env.used["lpips"] = f"lpips-{net}"
-
-    class _LPIPS(nn.Module):
-        column = f"lpips-{net}"
-
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x, gt, _):
-            return self.model(x, gt.to(x.dtype))
-    return _LPIPS()
+    return _ModelScorer(LPIPS(net, backbone_path, heads_path).to(env.device), lambda m, x, gt, _: m(x, gt.to(x.dtype)),
+                        f"lpips-{net}")
 
 
 def _ids(column: str):
@@ -150,17 +151,7 @@ def _frm(env: MeasureEnv, path: str | None = None, scale: float = 1.0):
     model.freeze_for_reward()
     env.used["frm"] = str(path)
     scale = float(scale)
-
-    class _FRM(nn.Module):
-        column = f"FRM ({Path(path).name})"
-
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x, gt, captions):
-            return self.model.score(x, captions) * scale
-    return _FRM()
+    return _ModelScorer(model, lambda m, x, gt, captions: m.score(x, captions) * scale, f"FRM ({Path(path).name})")
 
 
 def _clipiqa(env: MeasureEnv, path: str | None = None, tokenizer_path: str | None = None, prompts="pyiqa",
@@ -172,17 +163,7 @@ def _clipiqa(env: MeasureEnv, path: str | None = None, tokenizer_path: str | Non
     model = CLIPIQA.from_pretrained(path, tokenizer_path, prompts=prompts, scale=scale, resize=resize, option="options.clipiqa.path",
                                     tokenizer_hint="set options.clipiqa.tokenizer_path to a local folder with the CLIP tokenizer files")
     env.used["clipiqa"] = str(path)
-
-    class _CLIPIQA(nn.Module):
-        column = f"CLIPIQA ({Path(path).name})"
-
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x, gt, _):
-            return self.model(x)
-    return _CLIPIQA()
+    return _ModelScorer(model, lambda m, x, gt, _: m(x), f"CLIPIQA ({Path(path).name})")
 
 
 def _niqe(env: MeasureEnv, model: str | None = None, **options):
