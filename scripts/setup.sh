@@ -18,7 +18,7 @@ pip_install() { "$py" -m pip install -q "$@" 2>&1 | { grep -v "is ignored" || tr
 if [ "${FACEREWARD_UNLOCKED:-0}" = 1 ]; then
   echo "setup: FACEREWARD_UNLOCKED=1: newest releases within pyproject.toml's ranges, not the tested lock" >&2
   pip_install torch==2.13.0  # first, so that nothing else resolves torch to a newer (CUDA) build
-  pip_install -e ".[test]"
+  pip_install -e ".[test,docs]"
 else
   lock=${FACEREWARD_LOCK:-requirements/lock-py$pyver.txt}
   if [ ! -f "$lock" ]; then

@@ -34,7 +34,7 @@ fi
 echo "update-lock: resolving the $mode releases for Python $pyver into $lock"
 rm -f "$lock.new"
 if [ ${#upgrade[@]} = 0 ] && [ -f "$lock" ]; then grep -v '^#' "$lock" > "$lock.new"; fi  # --keep: uv prefers its output file's pins
-"$tools/bin/uv" pip compile pyproject.toml requirements/lock.in --extra test "${resolution[@]}" \
+"$tools/bin/uv" pip compile pyproject.toml requirements/lock.in --extra test --extra docs "${resolution[@]}" \
   --python "$PYTHON" --find-links "${TORCH_FIND_LINKS:-/opt/wheels}" --override requirements/overrides.txt \
   --no-header --quiet -o "$lock.new"
 { echo "# The exact versions the test suite passed with, for CPython $pyver ($mode releases of pyproject.toml's ranges)."

@@ -6,13 +6,13 @@ float tensors BCHW in [0, 1] (torch). Only these helpers touch files.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from facereward.atomic import atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -151,18 +151,9 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 def write_image(path: str | Path, image: np.ndarray) -> None:
     """Write float [0, 1] (or uint8) HWC RGB atomically; the format follows the suffix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arr = image if image.dtype == np.uint8 else to_uint8(image)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=Path(path).suffix) as tmp:  # the suffix picks the format
         Image.fromarray(arr).save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def image_to_tensor(image: np.ndarray):
