@@ -1,6 +1,7 @@
-"""Run every command and snippet of README.md, scaled down (FACEREWARD_SMOKE=1), as a user pasting them would.
+"""Run every command and snippet of README.md and of the manual's pages (docs/), scaled down (FACEREWARD_SMOKE=1),
+as a user pasting them would: README.md first, then each page in mkdocs.yml's nav order, in one copy.
 
-README conventions this runner reads (the README's Development section states them for writers):
+The conventions this runner reads (docs/development.md, "The README and docs test", states them for writers):
 - ```bash blocks hold commands run in order from the repository root, with `.venv/bin` on PATH. A trailing
   comment may carry markers: `-> PATH ...` (files or folders/ the command must write), `needs: WHAT` (files
   or hardware nobody has here: the command must fail with a one-line `error:` instead, or for `accelerate
@@ -9,6 +10,10 @@ README conventions this runner reads (the README's Development section states th
 - ```python blocks run in one fresh namespace each; a first line `# NAME.py` makes the block a file written
   to NAME.py (a plugin module a later command imports); a line `# needs: WHAT` expects a one-line error.
 - ```json blocks hold JSON lines; each must parse.
+- An HTML comment on the line before a block's fence marks the whole block: `<!-- runner: skip repeats -->`
+  (a command that already ran with the same words, earlier on this or an earlier page, is not run again, but
+  its `->` outputs must still exist; a marked block with no such command fails as stale), or
+  `<!-- runner: not run (REASON) -->` (shown only).
 `bash scripts/setup.sh`, `scripts/test.sh` and `scripts/update-lock.sh` are CI's own steps and are not rerun.
 """
 
@@ -27,8 +32,10 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
 SKIPPED = ("scripts/setup.sh", "scripts/test.sh", "scripts/update-lock.sh")
 FENCE = re.compile(r"^(\s*)```(\w*)\s*$")
+MARKER = re.compile(r"^\s*<!--\s*runner:\s*(.*?)\s*-->\s*$")  # a whole block's marker, on the line before its fence
 
 
 @dataclass
@@ -47,6 +54,7 @@ class Block:
     lang: str
     code: str
     line: int  # of the first code line
+    marker: str = ""  # `<!-- runner: MARKER -->` on the line before the fence: "skip repeats", "not run (...)"
 
 
 @dataclass
@@ -66,11 +74,12 @@ def code_blocks(text: str) -> list[Block]:
             i += 1
             continue
         indent, lang, start = m.group(1), m.group(2), i + 1
+        before = MARKER.match(lines[i - 1]) if i > 0 else None
         j = start
         while j < len(lines) and not (lines[j].strip() == "```"):
             j += 1
         body = [ln[len(indent):] if ln.startswith(indent) else ln for ln in lines[start:j]]
-        blocks.append(Block(lang, "\n".join(body), start + 1))
+        blocks.append(Block(lang, "\n".join(body), start + 1, before.group(1) if before else ""))
         i = j + 1
     return blocks
 
@@ -148,7 +157,8 @@ def _environ(values: dict[str, str]):
 
 
 class ReadmeRunner:
-    """Runs README blocks in `root` (a fresh copy of the repository); `facereward` commands run in this process."""
+    """Runs the blocks of markdown pages in `root` (a fresh copy of the repository), one page after another, so a
+    later page finds what an earlier one wrote; `facereward` commands run in this process."""
 
     def __init__(self, root: Path, timeout: float = 600):
         self.root = Path(root)
@@ -156,10 +166,19 @@ class ReadmeRunner:
         self.bin = str(Path(sys.executable).parent)
         self.env = {"FACEREWARD_SMOKE": "1", "HF_HUB_OFFLINE": "1", "PATH": f"{self.bin}:{os.environ.get('PATH', '')}"}
         self.outcomes: list[Outcome] = []
+        self.source = "README.md"  # the page being run, for `where`
+        self.ran: dict[tuple, str] = {}  # a command's words -> where it ran first
+        self.not_run: list[str] = []  # commands skipped as repeats, and blocks marked `not run`: where, and why
 
     # --- bash ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _key(cmd: Command) -> tuple:
+        """What makes two commands the same: their words and environment, not their spacing or comments."""
+        return tuple(sorted(cmd.env.items())), tuple(cmd.argv)
+
     def run_command(self, cmd: Command) -> Outcome:
-        where = f"README.md:{cmd.line}: {cmd.text}"
+        where = f"{self.source}:{cmd.line}: {cmd.text}"
+        self.ran.setdefault(self._key(cmd), where)
         start = time.monotonic()
         if not cmd.argv:
             return Outcome(where, True, 0.0)
@@ -210,7 +229,7 @@ class ReadmeRunner:
             return True, last[0]
         if rc != 0:
             return False, f"exit status {rc}{tail}"
-        missing = [p for p in cmd.outputs if not (self.root / p).exists() or (p.endswith("/") and not any((self.root / p).iterdir()))]
+        missing = self._missing_outputs(cmd)
         if missing:
             return False, f"did not write {', '.join(missing)}{tail}"
         return True, ""
@@ -257,7 +276,7 @@ class ReadmeRunner:
 
     # --- other blocks -------------------------------------------------------------------------------------
     def run_python(self, block: Block) -> Outcome:
-        where = f"README.md:{block.line}: python block"
+        where = f"{self.source}:{block.line}: python block"
         first = block.code.splitlines()[0].strip() if block.code.strip() else ""
         m = re.fullmatch(r"#\s*([\w./-]+\.py)", first)
         if m:
@@ -283,7 +302,7 @@ class ReadmeRunner:
         return Outcome(where, True, time.monotonic() - start)
 
     def check_json(self, block: Block) -> Outcome:
-        where = f"README.md:{block.line}: json block"
+        where = f"{self.source}:{block.line}: json block"
         for k, line in enumerate(block.code.splitlines()):
             if line.strip():
                 try:
@@ -303,7 +322,7 @@ class ReadmeRunner:
             words = line.split()
             if len(words) < 2 or words[0] != "facereward" or words[1].startswith("-"):
                 continue
-            where = f"README.md:{block.line + k}: {line.strip()[:60]}"
+            where = f"{self.source}:{block.line + k}: {line.strip()[:60]}"
             sub = group.commands.get(words[1])
             if sub is None:
                 outcomes.append(Outcome(where, False, 0.0, f"no command {words[1]!r}"))
@@ -314,10 +333,46 @@ class ReadmeRunner:
             outcomes.append(Outcome(where, not unknown, 0.0, f"unknown options {unknown}" if unknown else ""))
         return outcomes
 
-    def run_markdown(self, text: str) -> list[Outcome]:
-        """Every block of `text` in order; returns (and keeps) the outcomes."""
+    def _missing_outputs(self, cmd: Command) -> list[str]:
+        return [p for p in cmd.outputs
+                if not (self.root / p).exists() or (p.endswith("/") and not any((self.root / p).iterdir()))]
+
+    def _run_repeats_once(self, block: Block) -> list[Outcome]:
+        """A `skip repeats` block: what already ran is only checked for its outputs; the rest runs."""
+        outcomes, repeats = [], 0
+        for cmd in parse_commands(block):
+            first = self.ran.get(self._key(cmd))
+            if first is None:
+                outcomes.append(self.run_command(cmd))
+                continue
+            repeats += 1
+            where = f"{self.source}:{cmd.line}: {cmd.text}"
+            self.not_run.append(f"{where}  (repeats {first.split(': ', 1)[0]})")
+            missing = self._missing_outputs(cmd)
+            if missing:
+                outcomes.append(Outcome(where, False, 0.0, f"a repeat of {first.split(': ', 1)[0]}, not run again, "
+                                                            f"but {', '.join(missing)} is not there (any more)"))
+        if not repeats:
+            outcomes.append(Outcome(f"{self.source}:{block.line}: bash block", False, 0.0,
+                                    "marked 'runner: skip repeats' but no command of it ran before: a stale marker"))
+        return outcomes
+
+    def run_markdown(self, text: str, source: str = "README.md") -> list[Outcome]:
+        """Every block of `text` (the page `source`, named in each outcome) in order; returns (and keeps) all outcomes
+        so far. Calls for several pages share the copy, so a page finds what earlier pages wrote."""
+        self.source = source
         for block in code_blocks(text):
-            if block.lang == "bash":
+            if block.marker.startswith("not run"):
+                self.not_run.append(f"{source}:{block.line}: {block.lang} block ({block.marker})")
+                continue
+            if block.marker and (block.marker != "skip repeats" or block.lang != "bash"):
+                self.outcomes.append(Outcome(f"{source}:{block.line}: {block.lang} block", False, 0.0,
+                                             f"unknown marker 'runner: {block.marker}' (known: 'skip repeats' on a "
+                                             "bash block, 'not run (REASON)')"))
+                continue
+            if block.lang == "bash" and block.marker == "skip repeats":
+                self.outcomes += self._run_repeats_once(block)
+            elif block.lang == "bash":
                 for cmd in parse_commands(block):
                     self.outcomes.append(self.run_command(cmd))
             elif block.lang == "python":
@@ -327,6 +382,33 @@ class ReadmeRunner:
             elif block.lang == "text":
                 self.outcomes += self.check_synopsis(block)
         return self.outcomes
+
+
+def nav_pages(repo: Path = REPO) -> list[str]:
+    """The manual's pages in mkdocs.yml's nav order, as paths from the repository root (docs/NAME.md)."""
+    import yaml
+
+    mk = yaml.safe_load((repo / "mkdocs.yml").read_text())
+    pages: list[str] = []
+
+    def walk(entry):
+        if isinstance(entry, str):
+            pages.append(entry)
+        elif isinstance(entry, list):
+            for item in entry:
+                walk(item)
+        elif isinstance(entry, dict):
+            for value in entry.values():
+                walk(value)
+
+    walk(mk["nav"])
+    docs = mk.get("docs_dir", "docs")
+    return [f"{docs}/{p}" for p in pages if not p.startswith(("http://", "https://"))]
+
+
+def documented_pages(repo: Path = REPO) -> list[str]:
+    """Every page whose blocks are run, in order: README.md, then the manual in nav order."""
+    return ["README.md", *nav_pages(repo)]
 
 
 def fresh_copy(repo: Path, dest: Path) -> Path:

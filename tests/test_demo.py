@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from facereward.cli import run as cli_run
-from facereward.demo import DEMO_LRPO, DEMO_REFL, merge, run_demo
+from facereward.demo import DEMO_CHANGES, DEMO_LRPO, DEMO_REFL, merge, run_demo
 from facereward.models.restorer import Restorer
 from facereward.weights import default_restorer_path
 
@@ -36,10 +36,12 @@ def test_demo_recipes_are_the_toy_configs_shortened():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    for recipe, path, length in ((DEMO_REFL, "configs/refl_toy.yaml", "train_steps"), (DEMO_LRPO, "configs/lrpo_toy.yaml", "epochs")):
-        full = yaml.safe_load((root / path).read_text())
-        same = {k: v for k, v in full.items() if k not in ("run", length, "held_out")}
-        assert merge(recipe, same) == recipe, path  # every other setting as in the full toy config
+    for kind, recipe, length in (("refl", DEMO_REFL, "train_steps"), ("lrpo", DEMO_LRPO, "epochs")):
+        full = yaml.safe_load((root / f"configs/{kind}_toy.yaml").read_text())
+        changed = DEMO_CHANGES[kind]
+        same = {k: v for k, v in full.items() if k not in ("run", length, "held_out", *changed)}
+        assert merge(recipe, same) == recipe, kind  # every other setting as in the full toy config
+        assert all(recipe[k] != full[k] for k in changed), kind  # the listed changes are real
         assert recipe[length] <= full[length]
 
 

@@ -733,12 +733,12 @@ def lrpo_cmd(
 @app.command()
 def demo(
     out_dir: Path = typer.Option(Path("demo_out"), help="Output folder (a rerun resumes its training runs)."),
-    quick: bool = typer.Option(False, "--quick", help="A first look in about 2 minutes: 8 faces, 20 DDIM steps, very short runs."),
+    quick: bool = typer.Option(False, "--quick", help="A first look in a fraction of the time: 8 faces and very short runs."),
     skip_training: bool = typer.Option(False, "--skip-training", help="Only restore with the base (no ReFL, no LRPO)."),
     n: int | None = typer.Option(None, help="Held-out toy faces to restore (default 16; 8 with --quick)."),
     model: Path | None = typer.Option(None, help="Base restorer folder (default: the shipped toy restorer)."),
     frm: Path | None = typer.Option(None, help="Face Reward Model folder (default: the shipped toy FRM)."),
-    steps: int | None = typer.Option(None, "--sample-steps", "--steps", help="DDIM steps of the evaluation (default 50; 20 with --quick)."),
+    steps: int | None = typer.Option(None, "--sample-steps", "--steps", help="DDIM steps of the evaluation (default 6, as the demo's training rollouts)."),
     seed: int = typer.Option(0, help="Degradation, training and sampling seed."),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
@@ -748,7 +748,7 @@ def demo(
     from facereward.demo import run_demo
 
     result = run_demo(out_dir, n=n, model=model, frm=frm, steps=steps, seed=seed, device=device, progress=progress,
-                      train=not skip_training, quick=quick)
+                      train=not skip_training, quick=quick, announce=typer.echo)
     typer.echo(result.evaluation.table)
     runs = "".join(f", the {name} run in {path}" for name, path in result.runs.items())
     _done(f"\nwrote {result.report}, {out_dir / 'results.md'} (also .csv, .json), {out_dir / 'grid.png'}, the "

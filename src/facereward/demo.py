@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from facereward.data.testset import write_toy_testset
 from facereward.data.toyfaces import TOY_WORLD_IDENTITIES
@@ -21,27 +21,32 @@ from facereward.weights import default_frm_path, default_restorer_path
 
 DEMO_PRESET = "diffbir"
 
-# The demo's post-training recipes: configs/refl_toy.yaml (all 60 steps) and configs/lrpo_toy.yaml (12 of its 20
-# epochs), evaluated less often; both trainers' full toy experiments are in the README. QUICK_* shorten them for `--quick`.
+# The demo's post-training recipes: configs/refl_toy.yaml and configs/lrpo_toy.yaml made fast enough for minutes on
+# any 2-core machine (DEMO_CHANGES: fewer DDIM steps, ReFL at batch 2, LRPO 4 epochs at a higher lr; docs/results.md
+# has what each cost), evaluated less often, without the speed measurement (run.speed off: fp32, contiguous, the same
+# numbers on every machine). The full toy experiments keep the configs. QUICK_* shorten them for `--quick`.
+DEMO_SAMPLE_STEPS = 6  # DDIM steps of the training rollouts, the held-out evaluations and the demo's table
 DEMO_REFL: dict[str, Any] = {
-    "run": {"log_every": 2, "save_every": 10},
+    "run": {"log_every": 4, "save_every": 20, "speed": "off"},
     "data": {"toy_faces": 800, "toy_identities": TOY_WORLD_IDENTITIES, "size": 64, "seed": 1},
-    "train_steps": 60, "batch_size": 4, "lr": 5.0e-5, "sample_steps": 10, "grad_window": 2, "eta": "random",
+    "train_steps": 60, "batch_size": 2, "lr": 5.0e-5, "sample_steps": DEMO_SAMPLE_STEPS, "grad_window": 2, "eta": "random",
     "reward_weight": 1.0e-4, "reg_weight": 1.0e-4, "losses": {"weights": {"wavelet": 0.01}},
     "dynamic_frm": {"every": 2, "lr": 3.0e-4},
-    "held_out": {"every": 15, "toy_faces": 8, "sample_steps": 10},
+    "held_out": {"every": 30, "toy_faces": 8, "sample_steps": DEMO_SAMPLE_STEPS},
 }
 DEMO_LRPO: dict[str, Any] = {
-    "run": {"log_every": 1, "save_every": 4},
+    "run": {"log_every": 1, "save_every": 2, "speed": "off"},
     "data": {"toy_faces": 96, "toy_identities": TOY_WORLD_IDENTITIES, "size": 64, "random_flip": False},
-    "group_size": 4, "inputs_per_batch": 2, "batches_per_epoch": 1, "epochs": 12, "sample_steps": 8,
-    "micro_batch": 4, "train_batch_size": 4, "lr": 1.0e-5,
+    "group_size": 4, "inputs_per_batch": 2, "batches_per_epoch": 1, "epochs": 4, "sample_steps": DEMO_SAMPLE_STEPS,
+    "micro_batch": 4, "train_batch_size": 4, "lr": 3.0e-5,
     "rewards": {"weights": {"frm": 0.3, "wavelet": 0.3, "ids": 0.2, "ssim": 0.2}, "options": {"frm": {"scale": 0.1}}},
-    "held_out": {"every": 4, "toy_faces": 8, "sample_steps": 8},
+    "held_out": {"every": 2, "toy_faces": 8, "sample_steps": DEMO_SAMPLE_STEPS},
 }
-QUICK_REFL: dict[str, Any] = {"train_steps": 6, "held_out": {"every": 3}}
-QUICK_LRPO: dict[str, Any] = {"epochs": 3, "held_out": {"every": 3}}
-QUICK_FACES, QUICK_STEPS = 8, 20
+# where the demo recipes differ from configs/*_toy.yaml beyond the run length, `run` and `held_out`
+DEMO_CHANGES = {"refl": ("batch_size", "sample_steps"), "lrpo": ("sample_steps", "lr")}
+QUICK_REFL: dict[str, Any] = {"train_steps": 10, "held_out": {"every": 5}}
+QUICK_LRPO: dict[str, Any] = {"epochs": 2, "held_out": {"every": 1}}
+QUICK_FACES = 8
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -78,19 +83,91 @@ def _train(kind: str, recipe: dict[str, Any], out_dir: Path, progress: bool) -> 
     return train_lrpo(cap_config(config_from_dict(LRPOConfig, recipe, "demo lrpo")))
 
 
+@dataclass
+class CallTimes:
+    """Seconds of one no-grad noise prediction of a restorer at a few batch sizes, and of one forward + backward."""
+
+    no_grad: dict[int, float]
+    grad: dict[int, float]
+
+    def at(self, batch: int, grad: bool = False) -> float:
+        """Linear in the batch between (and beyond) the measured sizes."""
+        points = sorted((self.grad if grad else self.no_grad).items())
+        if len(points) == 1:
+            return points[0][1] * batch / points[0][0]
+        (b0, t0), (b1, t1) = next(((a, b) for a, b in zip(points, points[1:]) if batch <= b[0]), points[-2:])
+        return max(0.0, t0 + (t1 - t0) * (batch - b0) / (b1 - b0))
+
+
+def time_calls(restorer, batches: tuple[int, ...] = (4, 8, 16), grad_batches: tuple[int, ...] = (2, 4)) -> CallTimes:
+    """Time the restorer's network: the best of two calls after a warm-up, per batch size (a few seconds)."""
+    from facereward.train.speed import restorer_probe, time_call
+
+    net = restorer.stage2_trainable()
+
+    def best(batch: int, grad: bool) -> float:
+        probe = restorer_probe(restorer, net, batch)
+        time_call(probe, grad, net, restorer.device)  # warm-up: kernel choice, allocations
+        return min(time_call(probe, grad, net, restorer.device) for _ in range(2))
+    return CallTimes({b: best(b, False) for b in batches}, {b: best(b, True) for b in grad_batches})
+
+
+# measured time over network-call time per phase (the rest: stage 1, decoding, the FRM, judges, glue); from the demo
+# on a 2-core Xeon (AVX-512, and with ATEN_CPU_CAPABILITY=avx2), see docs/results.md
+OVERHEAD = {"ReFL": 1.0, "LRPO": 1.0, "evaluate": 1.0}
+
+
+def _held_out_calls(held_out: dict[str, Any], length: int) -> tuple[int, int]:
+    """(network calls, batch) of a run's held-out evaluations: at 0, every `every` and at the end."""
+    every = held_out.get("every", 50)
+    if every <= 0:
+        return 0, 1
+    evaluations = 1 + length // every + (1 if length % every else 0)
+    faces, batch = held_out.get("toy_faces", 16), held_out.get("batch_size", 16)
+    return evaluations * -(-faces // batch) * held_out.get("sample_steps", 10), min(faces, batch)
+
+
+def estimate_seconds(times: CallTimes, refl: dict[str, Any] | None, lrpo: dict[str, Any] | None, n: int, steps: int,
+                     models: int) -> dict[str, float]:
+    """The demo's phases in seconds on this machine: its network calls (counted from the recipes) at `times`, times
+    the measured overhead of each phase."""
+    from facereward.config import config_from_dict
+    from facereward.train.lrpo import LRPOConfig, check_config, lrpo_workload
+    from facereward.train.refl import ReFLConfig, refl_workload
+
+    out: dict[str, float] = {}
+    if refl is not None:
+        cfg = config_from_dict(ReFLConfig, refl, "demo refl")
+        w = refl_workload(cfg)
+        calls, batch = _held_out_calls(refl.get("held_out", {}), cfg.train_steps)
+        out["ReFL"] = (cfg.train_steps * (w.no_grad * times.at(w.batch) + w.grad * times.at(w.batch, True))
+                       + calls * times.at(batch))
+    if lrpo is not None:
+        cfg = config_from_dict(LRPOConfig, lrpo, "demo lrpo")
+        w = lrpo_workload(cfg, check_config(cfg))
+        micro_batches = cfg.group_size * cfg.inputs_per_batch * cfg.batches_per_epoch / cfg.micro_batch
+        calls, batch = _held_out_calls(lrpo.get("held_out", {}), cfg.epochs)
+        out["LRPO"] = (cfg.epochs * micro_batches * (w.no_grad * times.at(w.batch) + w.grad * times.at(w.batch, True))
+                       + calls * times.at(batch))
+    out["evaluate"] = models * -(-n // 16) * steps * times.at(min(n, 16))
+    return {k: v * OVERHEAD[k] for k, v in out.items()}
+
+
 def run_demo(out_dir: str | Path, n: int | None = None, model: str | Path | None = None, frm: str | Path | None = None,
              steps: int | None = None, seed: int = 0, device: str | None = None, identity: str = "auto",
              landmarks: str = "auto", progress: bool = True, train: bool = True, quick: bool = False,
-             refl: dict[str, Any] | None = None, lrpo: dict[str, Any] | None = None, report: bool = True) -> DemoResult:
+             refl: dict[str, Any] | None = None, lrpo: dict[str, Any] | None = None, report: bool = True,
+             announce: Callable[[str], None] | None = None) -> DemoResult:
     """The demo: test set -> (ReFL and LRPO post-training of `model`) -> evaluate LQ, stage 1, base, ReFL, LRPO -> report.
 
-    `n` held-out faces (default 16, 8 with `quick`) restored with `steps` DDIM steps (default 50, 20 with `quick`);
+    `n` held-out faces (default 16, 8 with `quick`) restored with `steps` DDIM steps (default DEMO_SAMPLE_STEPS);
     `refl` / `lrpo` are merged into the demo recipes (DEMO_REFL, DEMO_LRPO). A rerun resumes finished or stopped
-    training runs from their checkpoints instead of starting over.
+    training runs from their checkpoints instead of starting over. `announce` receives the time estimate (one line)
+    before the work starts.
     """
     out_dir = Path(out_dir)
     n = n if n is not None else (QUICK_FACES if quick else 16)
-    steps = steps if steps is not None else (QUICK_STEPS if quick else 50)
+    steps = steps if steps is not None else DEMO_SAMPLE_STEPS
     model_path = Path(model or default_restorer_path())
     frm_path = Path(frm or default_frm_path())
     seconds: dict[str, float] = {}
@@ -106,6 +183,18 @@ def run_demo(out_dir: str | Path, n: int | None = None, model: str | Path | None
     refl_recipe, lrpo_recipe = merge(refl_recipe, refl or {}), merge(lrpo_recipe, lrpo or {})
     models = {"base": str(model_path)}
     runs: dict[str, Path] = {}
+    estimate = {}
+    if announce is not None:
+        from facereward.models.restorer import Restorer
+
+        t0 = time.monotonic()
+        times = time_calls(Restorer.from_pretrained(model_path))
+        estimate = estimate_seconds(times, refl_recipe if train else None, lrpo_recipe if train else None, n, steps,
+                                    3 if train else 1)
+        total = sum(estimate.values()) + time.monotonic() - start
+        announce(f"demo: about {_duration(total)} on this machine (" + ", ".join(f"{k} {_duration(v)}" for k, v in estimate.items())
+                 + f"; from {len(times.no_grad) + len(times.grad)} timed network calls)")
+        seconds["estimate"] = time.monotonic() - t0
     if train:
         for name, kind, recipe in (("ReFL", "refl", refl_recipe), ("LRPO", "lrpo", lrpo_recipe)):
             t0 = time.monotonic()
@@ -130,9 +219,13 @@ def run_demo(out_dir: str | Path, n: int | None = None, model: str | Path | None
         intro = (f"{n} held-out toy faces ({DEMO_PRESET} degradation, seed {seed}), {what}; "
                  f"evaluated with {steps} DDIM steps. Timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
         result.report = build_report([out_dir], out_dir / "report.html", title="facereward demo", intro=intro)
-    (out_dir / "demo.json").write_text(json.dumps({"seconds": seconds, "runs": {k: str(v) for k, v in runs.items()},
-                                                   "models": models}, indent=1))
+    (out_dir / "demo.json").write_text(json.dumps({"seconds": seconds, "estimated_seconds": estimate,
+                                                   "runs": {k: str(v) for k, v in runs.items()}, "models": models}, indent=1))
     return result
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def _model_size(model: str | Path) -> int:
