@@ -85,3 +85,23 @@ def test_shipped_toy_base_beats_its_input_and_its_stage_1(tmp_path):
 def test_shipped_weights_are_small():
     size = sum(f.stat().st_size for f in default_restorer_path().rglob("*") if f.is_file())
     assert size <= 20 * 2**20
+
+
+def test_the_time_estimate_counts_the_recipes_network_calls(monkeypatch):
+    """estimate_seconds against a hand count: ReFL 2 steps at batch 4, 10 DDIM steps, grad window 2, regulariser on:
+    10 - 1.5 + 1 = 9.5 no-grad calls and 1 forward+backward a step; held-out at 0, 1 and 2 (8 faces, 10 steps each)."""
+    from facereward import demo
+
+    monkeypatch.setattr(demo, "OVERHEAD", {"ReFL": 1.0, "LRPO": 1.0, "evaluate": 1.0})
+    monkeypatch.setattr(demo, "FIXED", {"ReFL": 2.0, "LRPO": 0.0, "evaluate": 0.0, "report": 1.0})
+    times = demo.CallTimes({4: 1.0, 16: 4.0}, {4: 3.0})
+    assert times.at(8) == 2.0 and times.at(2) == 0.5 and times.at(4, grad=True) == 3.0
+    refl = merge(DEMO_REFL, {"train_steps": 2, "batch_size": 4, "sample_steps": 10, "grad_window": 2, "reg_weight": 1e-4,
+                             "held_out": {"every": 1, "toy_faces": 8, "sample_steps": 10}})
+    lrpo = merge(DEMO_LRPO, {"epochs": 1, "group_size": 4, "inputs_per_batch": 2, "sample_steps": 6, "micro_batch": 4,
+                             "held_out": {"every": 0}})
+    out = demo.estimate_seconds(times, refl, lrpo, n=16, steps=6, models=3)
+    assert out["ReFL"] == 2 * (9.5 * 1.0 + 1 * 3.0) + 3 * 10 * 2.0 + 2.0 * 4.0  # + the fixed part, 2 batch-16 calls
+    # LRPO: 8 samples in 2 micro-batches of 4; per micro-batch 6 rollout calls and 5 trained steps (int(0.99 * 6))
+    assert out["LRPO"] == 2 * (6 * 1.0 + 5 * 3.0)
+    assert out["evaluate"] == 3 * 1 * 6 * 4.0 and out["report"] == 4.0

@@ -22,30 +22,30 @@ from facereward.weights import default_frm_path, default_restorer_path
 DEMO_PRESET = "diffbir"
 
 # The demo's post-training recipes: configs/refl_toy.yaml and configs/lrpo_toy.yaml made fast enough for minutes on
-# any 2-core machine (DEMO_CHANGES: fewer DDIM steps, ReFL at batch 2, LRPO 4 epochs at a higher lr; docs/results.md
+# any 2-core machine (DEMO_CHANGES: fewer DDIM steps, ReFL at batch 2, LRPO 3 epochs at a higher lr; docs/results.md
 # has what each cost), evaluated less often, without the speed measurement (run.speed off: fp32, contiguous, the same
 # numbers on every machine). The full toy experiments keep the configs. QUICK_* shorten them for `--quick`.
-DEMO_SAMPLE_STEPS = 6  # DDIM steps of the training rollouts, the held-out evaluations and the demo's table
+DEMO_SAMPLE_STEPS = 6  # DDIM steps of LRPO's rollouts and of the demo's table (ReFL's rollouts take 4)
 DEMO_REFL: dict[str, Any] = {
     "run": {"log_every": 4, "save_every": 20, "speed": "off"},
     "data": {"toy_faces": 800, "toy_identities": TOY_WORLD_IDENTITIES, "size": 64, "seed": 1},
-    "train_steps": 60, "batch_size": 2, "lr": 5.0e-5, "sample_steps": DEMO_SAMPLE_STEPS, "grad_window": 2, "eta": "random",
+    "train_steps": 60, "batch_size": 2, "lr": 5.0e-5, "sample_steps": 4, "grad_window": 2, "eta": "random",
     "reward_weight": 1.0e-4, "reg_weight": 1.0e-4, "losses": {"weights": {"wavelet": 0.01}},
     "dynamic_frm": {"every": 2, "lr": 3.0e-4},
-    "held_out": {"every": 30, "toy_faces": 8, "sample_steps": DEMO_SAMPLE_STEPS},
+    "held_out": {"every": 30, "toy_faces": 8, "sample_steps": 4},
 }
 DEMO_LRPO: dict[str, Any] = {
     "run": {"log_every": 1, "save_every": 2, "speed": "off"},
     "data": {"toy_faces": 96, "toy_identities": TOY_WORLD_IDENTITIES, "size": 64, "random_flip": False},
-    "group_size": 4, "inputs_per_batch": 2, "batches_per_epoch": 1, "epochs": 4, "sample_steps": DEMO_SAMPLE_STEPS,
+    "group_size": 4, "inputs_per_batch": 2, "batches_per_epoch": 1, "epochs": 3, "sample_steps": DEMO_SAMPLE_STEPS,
     "micro_batch": 4, "train_batch_size": 4, "lr": 3.0e-5,
     "rewards": {"weights": {"frm": 0.3, "wavelet": 0.3, "ids": 0.2, "ssim": 0.2}, "options": {"frm": {"scale": 0.1}}},
-    "held_out": {"every": 2, "toy_faces": 8, "sample_steps": DEMO_SAMPLE_STEPS},
+    "held_out": {"every": 3, "toy_faces": 8, "sample_steps": DEMO_SAMPLE_STEPS},
 }
 # where the demo recipes differ from configs/*_toy.yaml beyond the run length, `run` and `held_out`
 DEMO_CHANGES = {"refl": ("batch_size", "sample_steps"), "lrpo": ("sample_steps", "lr")}
 QUICK_REFL: dict[str, Any] = {"train_steps": 10, "held_out": {"every": 5}}
-QUICK_LRPO: dict[str, Any] = {"epochs": 2, "held_out": {"every": 1}}
+QUICK_LRPO: dict[str, Any] = {"epochs": 1, "held_out": {"every": 1}}
 QUICK_FACES = 8
 
 
@@ -99,8 +99,8 @@ class CallTimes:
         return max(0.0, t0 + (t1 - t0) * (batch - b0) / (b1 - b0))
 
 
-def time_calls(restorer, batches: tuple[int, ...] = (4, 8, 16), grad_batches: tuple[int, ...] = (2, 4)) -> CallTimes:
-    """Time the restorer's network: the best of two calls after a warm-up, per batch size (a few seconds)."""
+def time_calls(restorer, batches: tuple[int, ...] = (2, 16), grad_batches: tuple[int, ...] = (2, 4)) -> CallTimes:
+    """Time the restorer's network: one call after a warm-up call, per batch size (a second or two)."""
     from facereward.train.speed import restorer_probe, time_call
 
     net = restorer.stage2_trainable()
@@ -108,13 +108,15 @@ def time_calls(restorer, batches: tuple[int, ...] = (4, 8, 16), grad_batches: tu
     def best(batch: int, grad: bool) -> float:
         probe = restorer_probe(restorer, net, batch)
         time_call(probe, grad, net, restorer.device)  # warm-up: kernel choice, allocations
-        return min(time_call(probe, grad, net, restorer.device) for _ in range(2))
+        return time_call(probe, grad, net, restorer.device)
     return CallTimes({b: best(b, False) for b in batches}, {b: best(b, True) for b in grad_batches})
 
 
-# measured time over network-call time per phase (the rest: stage 1, decoding, the FRM, judges, glue); from the demo
-# on a 2-core Xeon (AVX-512, and with ATEN_CPU_CAPABILITY=avx2), see docs/results.md
-OVERHEAD = {"ReFL": 1.0, "LRPO": 1.0, "evaluate": 1.0}
+# Each phase: OVERHEAD x its network calls' time (the rest of a step: stage 1, decoding, the FRM and its updates,
+# judges, glue) + FIXED batch-16 calls' time (building ReFL's 800 training faces; the report). Fitted to the full
+# and the quick demo on a 2-core Xeon (AVX-512); docs/results.md compares estimate and time.
+OVERHEAD = {"ReFL": 1.23, "LRPO": 1.21, "evaluate": 1.28}
+FIXED = {"ReFL": 17.0, "LRPO": 0.0, "evaluate": 0.0, "report": 17.0}
 
 
 def _held_out_calls(held_out: dict[str, Any], length: int) -> tuple[int, int]:
@@ -130,7 +132,7 @@ def _held_out_calls(held_out: dict[str, Any], length: int) -> tuple[int, int]:
 def estimate_seconds(times: CallTimes, refl: dict[str, Any] | None, lrpo: dict[str, Any] | None, n: int, steps: int,
                      models: int) -> dict[str, float]:
     """The demo's phases in seconds on this machine: its network calls (counted from the recipes) at `times`, times
-    the measured overhead of each phase."""
+    each phase's measured overhead, plus its fixed part (in units of a batch-16 call)."""
     from facereward.config import config_from_dict
     from facereward.train.lrpo import LRPOConfig, check_config, lrpo_workload
     from facereward.train.refl import ReFLConfig, refl_workload
@@ -150,7 +152,8 @@ def estimate_seconds(times: CallTimes, refl: dict[str, Any] | None, lrpo: dict[s
         out["LRPO"] = (cfg.epochs * micro_batches * (w.no_grad * times.at(w.batch) + w.grad * times.at(w.batch, True))
                        + calls * times.at(batch))
     out["evaluate"] = models * -(-n // 16) * steps * times.at(min(n, 16))
-    return {k: v * OVERHEAD[k] for k, v in out.items()}
+    out = {k: v * OVERHEAD[k] + FIXED[k] * times.at(16) for k, v in out.items()}
+    return {**out, "report": FIXED["report"] * times.at(16)}
 
 
 def run_demo(out_dir: str | Path, n: int | None = None, model: str | Path | None = None, frm: str | Path | None = None,
@@ -218,7 +221,9 @@ def run_demo(out_dir: str | Path, n: int | None = None, model: str | Path | None
         what = "restored by the shipped base" + (", then post-trained by short ReFL and LRPO runs" if train else "")
         intro = (f"{n} held-out toy faces ({DEMO_PRESET} degradation, seed {seed}), {what}; "
                  f"evaluated with {steps} DDIM steps. Timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+        t0 = time.monotonic()
         result.report = build_report([out_dir], out_dir / "report.html", title="facereward demo", intro=intro)
+        seconds["report"] = time.monotonic() - t0
     (out_dir / "demo.json").write_text(json.dumps({"seconds": seconds, "estimated_seconds": estimate,
                                                    "runs": {k: str(v) for k, v in runs.items()}, "models": models}, indent=1))
     return result
