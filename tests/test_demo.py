@@ -27,7 +27,7 @@ def test_demo_post_trains_with_both_methods_and_evaluates_them_side_by_side(tiny
     assert [r["epoch"] for r in lrpo["held_out"]] == [0, 1, 2] and "psnr" in lrpo["held_out"][-1]
     assert refl["unit"] == "step" and lrpo["unit"] == "epoch" and "held_out/psnr" in lrpo["train_log"][-1]
     assert (out / "grid.png").is_file() and (out / "report.html").is_file() and result.report == out / "report.html"
-    assert set(result.seconds) == {"test set", "ReFL", "LRPO", "evaluate"}
+    assert set(result.seconds) == {"test set", "ReFL", "LRPO", "evaluate", "report"}
 
 
 def test_demo_recipes_are_the_toy_configs_shortened():
