@@ -5,21 +5,25 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from facereward.data.degradation import degrade
 from facereward.data.toyfaces import ToyFaceWorld
 
 GOLDEN = Path(__file__).with_name("golden_measures.json")
+GOLDEN_LQ = Path(__file__).with_name("golden_lq.png")  # the 4 faces' LQ side by side: degrade(face, "diffbir", seed=7, index=i)
 
 
 def golden_batch() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(images, gt, captions): 4 held-out toy faces at 64 px and restorations of two qualities (LQ, LQ/GT mix)."""
     faces = ToyFaceWorld(seed=0, n_identities=200).sample(4, size=64, split="test", seed=7)
     hq = np.stack([f.image for f in faces])
-    lq = np.stack([degrade(f.image, "diffbir", seed=7, index=i)[0] for i, f in enumerate(faces)])
+    # the LQ as the degradation made it when the values were recorded, frozen in a PNG (8-bit, so exact): later changes
+    # to the degradation (issue 29's JPEG range and sizes) do not move the measures' inputs
+    tiled = cv2.cvtColor(cv2.imread(str(GOLDEN_LQ), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+    lq = np.stack(np.split(tiled, len(faces), axis=1))
     to_t = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy()).float()  # noqa: E731
     gt, images = to_t(hq), to_t(lq)
     images[2:] = 0.5 * images[2:] + 0.5 * gt[2:]

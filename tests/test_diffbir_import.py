@@ -95,6 +95,8 @@ def test_vae_prompt_and_swinir_match_the_reference(imported, reference, files):
               torch.load(files / "face_swinir.ckpt", weights_only=True)["state_dict"].items()}
         lq = torch.rand(1, 3, SIZE, SIZE, generator=g)
         _close(imported.cleaner(lq), reference_swinir(lq, sd))
+        # DiffBIR conditions on SwinIR's raw output (not clamped): so does the import
+        assert imported.config.clamp_clean is False and torch.equal(imported.clean(lq), imported.cleaner(lq))
 
 
 def test_four_step_sample_matches_the_reference(imported, reference):

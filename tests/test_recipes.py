@@ -34,11 +34,16 @@ def test_lrpo_original_recipe():
     assert (c.group_size, c.inputs_per_batch, c.batches_per_epoch, c.epochs, c.sample_steps) == (9, 2, 12, 160, 50)
     assert (c.reg_weight, c.reg_steps, c.reg_temperature, c.reg_noising, c.gt_latent) == (0.001, 5, 40.0, "compounding", "sample")
     assert (c.clip_range, c.adv_clip, c.zero_advantage, c.kl_beta) == (1e-4, 5.0, "pad", 0.0)
+    assert (c.group_inputs, c.data_order, c.data.quantize_lq) == ("own_noise", "sequential", False)
     assert c.rewards.weights == {"frm": 0.3, "lpips": 0.3, "clipiqa": 0.1, "wavelet": 0.3}
-    assert c.rewards.options["wavelet"] == {"c": 15.0, "levels": 3, "wavelet": "dtcwt", "normalise": False}
-    assert c.rewards.options["lpips"] == {"net": "vgg", "backbone_path": None, "heads_path": None}
-    assert c.rewards.options["frm"] == {"path": None} and c.rewards.options["clipiqa"] == {"prompts": "pyiqa"}
-    assert (c.held_out.eta, c.held_out.sample_steps) == (0.8, 50)
+    # the reward server clamps every term's input but LPIPS's (RI:144-166)
+    assert c.clamp_x_hat is False
+    assert c.rewards.options["wavelet"] == {"c": 15.0, "levels": 3, "wavelet": "dtcwt", "normalise": False, "clamp": True}
+    assert c.rewards.options["lpips"] == {"net": "vgg", "backbone_path": None, "heads_path": None, "clamp": False}
+    assert c.rewards.options["frm"] == {"path": None, "resize": "bilinear", "clamp": True}
+    assert c.rewards.options["clipiqa"] == {"prompts": "pyiqa", "clamp": True}
+    h = c.held_out
+    assert (h.eta, h.sample_steps, h.spacing, h.final_alpha_bar) == (0.8, 50, "leading", "first")
     with pytest.raises(ValueError, match="set --frm PATH"):  # a real restorer never silently gets the toy FRM
         rewards_with_defaults(c.rewards, init_from="DIFFBIR_RESTORER")
 
@@ -49,11 +54,14 @@ def test_refl_original_recipe():
     assert (c.reward_weight, c.reg_weight, c.losses.weights) == (0.005, 1e-4, {"wavelet": 0.01, "lpips": 0.01})
     assert c.losses.options["wavelet"] == {"wavelet": "dtcwt", "levels": 3, "clamp": True}  # the DWT term on the clamped x_hat
     assert c.losses.options["lpips"] == {"net": "vgg", "backbone_path": None, "heads_path": None, "clamp": False}  # LPIPS unclamped
-    assert c.rewards == MeasuresConfig(weights={"frm": 1.0}, options={"frm": {"path": None}})
+    assert c.rewards == MeasuresConfig(weights={"frm": 1.0}, options={"frm": {"path": None, "resize": "bilinear"}})
     assert (c.eta, c.grad_window, c.sample_steps, c.clamp_x_hat, c.grad_clip, c.run.seed) == ("random", 2, 50, True, 0.0, 231)
-    assert (c.held_out.eta, c.held_out.sample_steps) == (1.0, 50)
+    assert c.data.quantize_lq is False
+    h = c.held_out
+    assert (h.eta, h.sample_steps, h.spacing, h.final_alpha_bar) == (1.0, 50, "leading", "first")
     d = c.dynamic_frm
     assert (d.every, d.lr, d.weight_decay, d.loss_weight, d.vision_unlocked_groups, d.text_unlocked_layers) == (10, 2e-6, 0.35, 0.1, 20, 11)
+    assert (d.offset, d.max_logit_scale, d.reduction, d.divide_by_accumulation) == (1, None, "sum", True)
     _validate(c)
     with pytest.raises(ValueError, match=r"losses\.weights\.lpips: measure 'lpips' needs options backbone_path and heads_path"):
         build_losses(c, torch.device("cpu"))  # the recipe asks for LPIPS: without its weight files, one line (never dropped)
@@ -94,7 +102,8 @@ def test_both_original_recipes_name_the_lpips_files_the_frm_and_the_wavelet_with
         assert {"net", "backbone_path", "heads_path"} <= set(options["lpips"]), name  # options.lpips.{net,backbone_path,heads_path}
         assert (options["lpips"]["net"], options["lpips"]["backbone_path"], options["lpips"]["heads_path"]) == ("vgg", None, None)
         assert (options["wavelet"]["wavelet"], options["wavelet"]["levels"]) == ("dtcwt", 3), name  # options.wavelet.{wavelet,levels}
-    assert refl.rewards.options["frm"] == lrpo.rewards.options["frm"] == {"path": None}  # options.frm.path
+    assert refl.rewards.options["frm"]["path"] is None and lrpo.rewards.options["frm"]["path"] is None  # options.frm.path
+    assert refl.rewards.options["frm"]["resize"] == lrpo.rewards.options["frm"]["resize"] == "bilinear"  # both: no antialias
     for name in ("refl_original.yaml", "lrpo_original.yaml"):  # both headers give the files by the same flags
         header = (CONFIGS / name).read_text()
         assert "--frm " in header and "--lpips-backbone vgg16.pth --lpips-heads vgg.pth" in header, name
@@ -104,7 +113,7 @@ def test_both_original_recipes_name_the_lpips_files_the_frm_and_the_wavelet_with
                                              f"{section}.options.lpips.heads_path=vgg.pth", "rewards.options.frm.path=FRM"])
         lpips = getattr(c, section).options["lpips"]
         assert (lpips["net"], lpips["backbone_path"], lpips["heads_path"]) == ("vgg", "vgg16.pth", "vgg.pth"), name
-        assert c.rewards.options["frm"] == {"path": "FRM"}, name
+        assert c.rewards.options["frm"]["path"] == "FRM", name
         assert getattr(c, section).weights["lpips"] > 0 and getattr(c, section).weights["wavelet"] > 0, name
 
 

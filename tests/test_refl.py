@@ -245,7 +245,8 @@ def test_x_hat_is_clamped_before_the_rewards_and_the_structural_term(clamp, pixe
     out = step(_batch(), torch.Generator().manual_seed(0))
     lo, hi = spy.seen[0]
     assert (0 <= lo and hi <= 1) == clamp and (0 <= seen_by_dwt[0][0] and seen_by_dwt[0][1] <= 1) == clamp
-    assert out.restored.min() < 0 or out.restored.max() > 1  # the restoration itself is not clamped (LPIPS sees it as is)
+    # the FRM update's rejected image is the one the reward scored: clamped when clamp_x_hat, as the original (RT:296)
+    assert (out.restored.min() >= 0 and out.restored.max() <= 1) == clamp
 
 
 def test_a_composite_reward_term_by_hand(pixel_restorer, tiny_frm):
@@ -318,7 +319,7 @@ def test_dynamic_frm_mixes_in_the_original_pairs_with_gradient_accumulation(tmp_
     seen = []
     real_step = refl_module.frm_preference_step
 
-    def spy(frm, optimizer, chosen, rejected, captions, grad_clip, reduce=None, loss_weight=1.0):
+    def spy(frm, optimizer, chosen, rejected, captions, grad_clip, reduce=None, loss_weight=1.0, *args):
         seen.append(chosen.shape[0])
         assert loss_weight == 0.1  # the original scales the FRM's Bradley-Terry loss by 0.1
         return real_step(frm, optimizer, chosen, rejected, captions, grad_clip, reduce, loss_weight)

@@ -57,7 +57,7 @@ class DegradedHQDataset(Dataset):
     Item i of epoch e uses `degrade(hq, preset, seed, index=e * len(self) + i)`: fresh degradations
     every epoch, yet reproducible. Call `set_epoch` before each epoch (with DataLoader workers,
     not persistent ones, so that workers see it). `random_flip` flips HQ (and so LQ) horizontally
-    with p=0.5, drawn from the same (seed, index).
+    with p=0.5, drawn from the same (seed, index). `quantize`: the LQ rounded to 8-bit levels (presets).
     """
 
     def __init__(
@@ -65,10 +65,12 @@ class DegradedHQDataset(Dataset):
         preset: str | DegradationPreset | DegradationFn = "diffbir",
         seed: int = 0,
         random_flip: bool = False,
+        quantize: bool = True,
     ) -> None:
         self.preset = preset
         self.seed = seed
         self.random_flip = random_flip
+        self.quantize = quantize
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -85,13 +87,17 @@ class DegradedHQDataset(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.item(i)
+
+    def item(self, i: int, noise_variant: int = 0) -> dict[str, Any]:
+        """Item i; `noise_variant` > 0: the same degradation parameters (and flip) with its own noise draw (`degrade`)."""
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} images")
         hq, caption, name = self.load_hq(i)
         index = self.epoch * len(self) + i
         if self.random_flip and np.random.default_rng([self.seed, index, _FLIP_STREAM]).random() < 0.5:
             hq = np.ascontiguousarray(hq[:, ::-1])
-        lq, _ = degrade(hq, self.preset, seed=self.seed, index=index)
+        lq, _ = degrade(hq, self.preset, seed=self.seed, index=index, noise_variant=noise_variant, quantize=self.quantize)
         return {"hq": _to_tensor(hq), "lq": _to_tensor(lq), "caption": caption, "name": name}
 
 
@@ -107,8 +113,9 @@ class HQFolderDataset(DegradedHQDataset):
         captions: bool = True,
         convert: bool = False,
         random_flip: bool = False,
+        quantize: bool = True,
     ) -> None:
-        super().__init__(preset, seed, random_flip)
+        super().__init__(preset, seed, random_flip, quantize)
         self.folder = Path(folder)
         self.files = _image_files(self.folder)
         self.size = size
@@ -136,8 +143,9 @@ class InMemoryHQDataset(DegradedHQDataset):
         preset: str | DegradationPreset | DegradationFn = "diffbir",
         seed: int = 0,
         random_flip: bool = False,
+        quantize: bool = True,
     ) -> None:
-        super().__init__(preset, seed, random_flip)
+        super().__init__(preset, seed, random_flip, quantize)
         if not images:
             raise ValueError("InMemoryHQDataset: no images")
         self.images = images

@@ -2,19 +2,21 @@
 
 Images are float32 HWC RGB in [0, 1]. The pipeline, in this order:
 
-    blur (Gaussian kernel, isotropic or anisotropic) -> bilinear downsample -> Gaussian noise
-    -> JPEG -> bilinear resize back to the HQ size -> [colour jitter] -> [gray] -> round to 8 bit
+    blur (Gaussian kernel, isotropic or anisotropic) -> bilinear downsample to int(w // f) -> Gaussian noise
+    -> JPEG -> bilinear resize back to the HQ size -> [colour jitter] -> [gray] -> [round to 8 bit]
 
 Presets (docs/methods.md section 0; noise sigma on the 0..255 scale):
 
     preset      blur sigma   downsample   noise     JPEG       colour jitter  gray
-    diffbir     [0.1, 12]    [1, 12]      [0, 15]   [30, 100]  -              -
-    codeformer  [1, 15]      [4, 30]      [0, 20]   [30, 80]   -              -
-    gfpgan      [0.1, 10]    [0.8, 8]     [0, 20]   [60, 100]  p=0.3          p=0.01
-    difface     [0.1, 15]    [0.8, 32]    [0, 20]   [30, 100]  -              p=0.01
+    diffbir     [0.1, 12]    [1, 12]      [0, 15]   [30, 100)  -              -
+    codeformer  [1, 15]      [4, 30]      [0, 20]   [30, 80)   -              -
+    gfpgan      [0.1, 10]    [0.8, 8]     [0, 20]   [60, 100)  p=0.3          p=0.01
+    difface     [0.1, 15]    [0.8, 32]    [0, 20]   [30, 100)  -              p=0.01
 
 All use a 41x41 kernel, isotropic with p=0.5, else anisotropic (two sigmas from the range and a
-rotation in U[-pi, pi]). Every LQ is a pure function of (image, preset, seed, index).
+rotation in U[-pi, pi]). JPEG quality is an integer from [lo, hi), as numpy's randint (DiffBIR's and both
+seeds' datasets) and BasicSR's int(uniform(lo, hi)) draw it. Every LQ is a pure function of (image, preset,
+seed, index[, noise variant]).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ __all__ = [
 ]
 
 Range = tuple[float, float]
+_NOISE_STREAM = 2  # third seed word of a noise variant's own stream
 DegradationFn = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, dict]]
 
 
@@ -60,7 +63,7 @@ class DegradationPreset:
     p_isotropic: float = 0.5
     downsample: Range = (1.0, 12.0)
     noise_sigma: Range = (0.0, 15.0)
-    jpeg_quality: tuple[int, int] = (30, 100)
+    jpeg_quality: tuple[int, int] = (30, 100)  # integers from [lo, hi) (lo when lo == hi)
     color_jitter_p: float = 0.0
     color_jitter_shift: float = 20.0
     gray_p: float = 0.0
@@ -134,7 +137,7 @@ def sample_degradation_params(
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         sigma = _at(preset.blur_sigma, strength)
-        q_lo, q_hi = preset.jpeg_quality
+        q_lo, q_hi = preset.jpeg_quality  # a fixed ladder from hi (strength 0) to lo, not a draw
         return {
             "preset": preset.name,
             "strength": float(strength),
@@ -169,7 +172,7 @@ def sample_degradation_params(
         "rotation": rotation,
         "downsample": float(rng.uniform(*preset.downsample)),
         "noise_sigma": float(rng.uniform(*preset.noise_sigma)),
-        "jpeg_quality": int(rng.integers(preset.jpeg_quality[0], preset.jpeg_quality[1], endpoint=True)),
+        "jpeg_quality": int(rng.integers(preset.jpeg_quality[0], max(preset.jpeg_quality[1], preset.jpeg_quality[0] + 1))),
         "color_jitter": None,
         "gray": False,
     }
@@ -190,17 +193,18 @@ def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
 
 
-def apply_degradation(image: np.ndarray, params: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
+def apply_degradation(image: np.ndarray, params: dict[str, Any], rng: np.random.Generator, quantize: bool = True) -> np.ndarray:
     """Run the pipeline with fixed `params` (from `sample_degradation_params`); `rng` draws the noise.
 
-    Returns float32 HWC in [0, 1], same shape as `image`, rounded to 8-bit levels (as GFPGAN does).
+    Returns float32 HWC in [0, 1], same shape as `image`, rounded to 8-bit levels when `quantize` (as GFPGAN does and
+    as an LQ file is; both seeds' training data is not rounded).
     """
     h, w = image.shape[:2]
     kernel = make_blur_kernel(params["kernel_size"], params["sigma_x"], params["sigma_y"], params["rotation"])
     out = cv2.filter2D(image, -1, kernel, borderType=cv2.BORDER_REFLECT_101)
 
     factor = params["downsample"]
-    lq_w, lq_h = max(1, int(round(w / factor))), max(1, int(round(h / factor)))
+    lq_w, lq_h = max(1, int(w // factor)), max(1, int(h // factor))  # int(w // f), as the seeds' and DiffBIR's datasets
     out = cv2.resize(out, (lq_w, lq_h), interpolation=cv2.INTER_LINEAR)
 
     if params["noise_sigma"] > 0:
@@ -214,6 +218,8 @@ def apply_degradation(image: np.ndarray, params: dict[str, Any], rng: np.random.
         out = np.clip(out + np.asarray(params["color_jitter"], dtype=np.float32), 0.0, 1.0)
     if params.get("gray"):
         out = np.repeat(cv2.cvtColor(np.clip(out, 0.0, 1.0), cv2.COLOR_RGB2GRAY)[:, :, None], 3, axis=2)
+    if not quantize:
+        return np.clip(out, 0.0, 1.0).astype(np.float32)
     return (np.clip(np.round(out * 255.0), 0, 255) / 255.0).astype(np.float32)
 
 
@@ -272,15 +278,20 @@ def degrade(
     seed: int = 0,
     index: int = 0,
     strength: float | None = None,
+    noise_variant: int = 0,
+    quantize: bool = True,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Degrade one HQ image; returns (lq float32 HWC in [0, 1], JSON-serialisable params).
 
     Deterministic per (seed, index), whatever the call order: the generator is
     `np.random.default_rng([seed, index])`. `strength` in [0, 1] replaces sampling with a fixed,
-    monotone severity (presets only; see `sample_degradation_params`).
+    monotone severity (presets only; see `sample_degradation_params`). `noise_variant` > 0 keeps the
+    parameters of (seed, index) but draws the Gaussian noise from its own stream (presets only): copies of one
+    image that differ only in their noise, as the LRPO original's groups. `quantize`: round to 8-bit levels.
     """
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
+    if seed < 0 or index < 0 or noise_variant < 0:
+        raise ValueError(f"seed, index and noise_variant must be non-negative, got seed={seed}, index={index}, "
+                         f"noise_variant={noise_variant}")
     image = _check_image(image)
     spec = get_degradation(preset) if isinstance(preset, str) else preset
     name = preset if isinstance(preset, str) else getattr(spec, "name", getattr(spec, "__name__", type(spec).__name__))
@@ -288,8 +299,11 @@ def degrade(
 
     if isinstance(spec, DegradationPreset):
         params = sample_degradation_params(spec, rng, strength)
-        return apply_degradation(image, params, rng), params
+        noise_rng = rng if noise_variant == 0 else np.random.default_rng([int(seed), int(index), _NOISE_STREAM, int(noise_variant)])
+        return apply_degradation(image, params, noise_rng, quantize), params
 
+    if noise_variant:
+        raise ValueError(f"degradation {name!r} is a callable; per-copy noise (noise_variant) needs a DegradationPreset")
     if strength is not None:
         raise ValueError(f"degradation {name!r} is a callable; strength works only with a DegradationPreset")
     if not callable(spec):

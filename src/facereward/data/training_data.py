@@ -21,6 +21,7 @@ class DataConfig:
     preset: str = "diffbir"  # a built-in preset, or one a plugin module of the command's `imports` registers
     seed: int = 0
     random_flip: bool = True
+    quantize_lq: bool = True  # the LQ rounded to 8-bit levels, as an LQ file is (the seeds' data is not: false)
     num_workers: int = 0
 
 
@@ -30,11 +31,12 @@ def build_dataset(data: DataConfig) -> Dataset:
         raise ValueError("data: set exactly one of data.hq_dir (a folder of HQ faces) or data.toy_faces (a count)")
     resolve_preset(data)
     if data.hq_dir is not None:
-        return HQFolderDataset(data.hq_dir, size=data.size, preset=data.preset, seed=data.seed, random_flip=data.random_flip)
+        return HQFolderDataset(data.hq_dir, size=data.size, preset=data.preset, seed=data.seed, random_flip=data.random_flip,
+                               quantize=data.quantize_lq)
     faces = toy_world(data).sample(data.toy_faces, size=data.size, split="train", seed=data.seed)
     return InMemoryHQDataset(
         [f.image for f in faces], [f.caption for f in faces], [f"toy{i:06d}" for i in range(len(faces))],
-        preset=data.preset, seed=data.seed, random_flip=data.random_flip,
+        preset=data.preset, seed=data.seed, random_flip=data.random_flip, quantize=data.quantize_lq,
     )
 
 

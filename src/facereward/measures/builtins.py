@@ -142,12 +142,12 @@ def _detail(env: MeasureEnv):
     return _named(lambda x, gt, _: detail_score(x, gt), "detail")
 
 
-def _frm(env: MeasureEnv, path: str | None = None, scale: float = 1.0):
+def _frm(env: MeasureEnv, path: str | None = None, scale: float = 1.0, resize: str | None = None):
     if not path:
         return None
     from facereward.models.frm import FaceRewardModel
 
-    model = FaceRewardModel.from_pretrained(path)
+    model = FaceRewardModel.from_pretrained(path, resize=resize)
     model.freeze_for_reward()
     env.used["frm"] = str(path)
     scale = float(scale)
@@ -193,6 +193,35 @@ def _wavelet_reward(distance: Tensor, c: float = 15.0) -> Tensor:
     if c <= 0:
         raise ValueError(f"measure 'wavelet': c must be > 0, got {c}")
     return torch.exp(-float(c) * distance.float())  # docs/methods.md 2.2
+
+
+def _mse(env: MeasureEnv, range: str = "unit"):  # noqa: A002 (the option's name)
+    """Per-image mean squared error over channels and pixels, float64. `range`: "unit", the images as given (on
+    [0, 1]); "signed", both mapped to [-1, 1] first (2 x - 1), i.e. 4x the unit MSE, as the LRPO server's l2 term."""
+    if range not in ("unit", "signed"):
+        raise ValueError(f"measure 'mse': range must be 'unit' or 'signed', got {range!r}")
+    signed = range == "signed"
+
+    def fn(x, gt, _):
+        if x.shape != gt.shape:
+            raise ValueError(f"measure 'mse': shape mismatch, images {tuple(x.shape)} vs gt {tuple(gt.shape)}")
+        x, gt = x.to(torch.float64), gt.to(device=x.device, dtype=torch.float64)
+        if signed:
+            x, gt = 2 * x - 1, 2 * gt - 1
+        return (x - gt).pow(2).flatten(1).mean(dim=1)
+    return _named(fn, "MSE (signed)" if signed else "MSE")
+
+
+def _mse_reward(mse: Tensor, c: float = 15.0) -> Tensor:
+    if c <= 0:
+        raise ValueError(f"measure 'mse': c must be > 0, got {c}")
+    return torch.exp(-float(c) * mse).float()  # the LRPO server's l2: exp(-15 MSE) on [-1, 1] images
+
+
+def _ms_ssim(env: MeasureEnv):
+    from facereward.measures.msssim import ms_ssim
+
+    return _named(lambda x, gt, _: ms_ssim(x, gt), "MS-SSIM")
 
 
 def _fid(env: MeasureEnv, features: str | None = None):
@@ -251,13 +280,19 @@ for name, build, kind, lower, diff, needs, description, extra in (
     ("toy-quality", _toy_quality, "FR", False, False, "toy-world faces",
      "the toy world's hidden quality (measures.toy_quality): its stand-in for a person", {}),
     ("detail", _detail, "FR", False, False, "", "min(r, 1/r), r the Laplacian energy of the luma over the GT's", {}),
-    ("frm", _frm, "NR", False, True, "option path (a Face Reward Model folder; --frm)", "Face Reward Model score (x scale)", {}),
+    ("frm", _frm, "NR", False, True, "option path (a Face Reward Model folder; --frm)",
+     "Face Reward Model score (x scale); resize: the folder's (None), antialias, bilinear or hpsv2", {}),
     ("clipiqa", _clipiqa, "NR", False, True, "option path (a local CLIP folder or OpenCLIP checkpoint; --clipiqa)",
      "CLIPIQA in [0, 1]", {}),
     ("niqe", _niqe, "NR", True, False, "option model (the MATLAB release's modelparameters.mat, or `facereward fit-niqe`; --niqe-model)",
      "NIQE (MATLAB release)", {}),
     ("wavelet", _wavelet, "FR", True, True, "", "DWT_L1: low-pass L1 of a wavelet transform (dtcwt or haar, levels); "
      "as a reward exp(-c DWT_L1), c = 15", {"reward": _wavelet_reward, "reward_params": ("c",)}),
+    ("mse", _mse, "FR", True, True, "", "mean squared error (range: unit, images on [0, 1], or signed, on [-1, 1]); "
+     "as a reward exp(-c MSE), c = 15, range signed (the LRPO server's l2)",
+     {"reward": _mse_reward, "reward_params": ("c",), "reward_defaults": {"range": "signed"}}),
+    ("ms-ssim", _ms_ssim, "FR", False, True, "", "multi-scale SSIM as pyiqa's ms_ssim (Y of YIQ, 8-bit levels, 5 scales); "
+     "sides >= 161 px", {"reward": _float, "reward_defaults": {"clamp": True}}),
     ("fid", _fid, "set", True, False, _FEATURES, "Frechet distance of the features to the reference set's", {}),
     ("kid", _kid, "set", True, False, _FEATURES, "kernel inception distance (unbiased MMD^2, polynomial kernel)", {}),
 ):

@@ -332,7 +332,8 @@ def import_diffbir(out: str | Path, sd: str | Path, controlnet: str | Path, swin
         cleaner, cleaner_config = load_face_swinir(swinir)
         bar.update()
         config = RestorerConfig(mode="latent", size=size, cleaner="swinir", cleaner_kwargs=cleaner_config,
-                                beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, eta=1.0, colour_fix=True)
+                                beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, eta=1.0, colour_fix=True,
+                                clamp_clean=False)  # DiffBIR conditions on the raw SwinIR output
         scheduler = make_scheduler(config.beta_schedule, config.beta_start, config.beta_end, spacing="linspace",
                                    final_alpha_bar="one")
         restorer = Restorer(config, cleaner, scheduler, unet, vae, control, prompt).eval()

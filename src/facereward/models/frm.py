@@ -74,18 +74,25 @@ def bradley_terry_loss(
     s_rejected: torch.Tensor,
     logit_scale: torch.Tensor | float,
     tie: torch.Tensor | None = None,
+    max_logit_scale: float | None = MAX_LOGIT_SCALE,
+    reduction: Literal["mean", "sum"] = "mean",
 ) -> torch.Tensor:
-    """Mean pairwise Bradley-Terry loss; ties (bool per pair) use target 1/2.
+    """Pairwise Bradley-Terry loss, the mean (or sum) over pairs; ties (bool per pair) use target 1/2.
 
-    docs/methods.md 1.1: -log sigmoid(tau * (s(x_w) - s(x_l))), tau = exp(logit_scale) clamped to <= 100; written as binary
-    cross-entropy with logits tau * (s_w - s_l) against target 1 (or 0.5 for a tie), which is the same for target 1.
+    docs/methods.md 1.1: -log sigmoid(tau * (s(x_w) - s(x_l))), tau = exp(logit_scale), logit_scale clamped to
+    <= `max_logit_scale` (None: unclamped, as the original dynamic-FRM step); written as binary cross-entropy with
+    logits tau * (s_w - s_l) against target 1 (or 0.5 for a tie), which is the same for target 1.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=s_chosen.device)
-    logits = scale.clamp(max=MAX_LOGIT_SCALE).exp() * (s_chosen.float() - s_rejected.float())
+    if max_logit_scale is not None:
+        scale = scale.clamp(max=max_logit_scale)
+    logits = scale.exp() * (s_chosen.float() - s_rejected.float())
     target = torch.ones_like(logits)
     if tie is not None:
         target = torch.where(tie.to(device=logits.device, dtype=torch.bool), 0.5, 1.0).to(logits.dtype)
-    return F.binary_cross_entropy_with_logits(logits, target)
+    return F.binary_cross_entropy_with_logits(logits, target, reduction=reduction)
 
 
 # ---- backbones ---------------------------------------------------------------------------------
@@ -521,8 +528,9 @@ class FaceRewardModel(nn.Module):
         swap_in_folder(tmp, folder)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> FaceRewardModel:
-        """Load a folder written by `save_pretrained`, from a local path only; returned in eval mode."""
+    def from_pretrained(cls, folder: str | Path, resize: str | None = None) -> FaceRewardModel:
+        """Load a folder written by `save_pretrained`, from a local path only; returned in eval mode. `resize` overrides
+        the folder's `config.resize` (a run's choice, e.g. the original recipes' "bilinear")."""
         from facereward.config import ConfigError, config_from_dict
 
         folder = Path(folder)
@@ -538,6 +546,10 @@ class FaceRewardModel(nn.Module):
             raise ModelFolderError(f"{meta_path}: unreadable FRM config ({err})") from None
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise ModelFolderError(f"{meta_path}: format version {meta['format_version']} is newer than this facereward supports")
+        if resize is not None:
+            if resize not in ("antialias", "bilinear", "hpsv2"):
+                raise ValueError(f"FRM resize must be antialias, bilinear or hpsv2, got {resize!r}")
+            config.resize = resize
         missing = [WEIGHTS_NAME] if not (folder / WEIGHTS_NAME).is_file() else []
         if config.use_text and not (folder / TOKENIZER_DIR).is_dir():
             missing.append(TOKENIZER_DIR)

@@ -90,6 +90,7 @@ class RestorerConfig:
     latent: LatentConfig = field(default_factory=LatentConfig)
     eta: float = 0.0  # the default DDIM eta of `restore` (1.0 for DiffBIR: its spaced sampler is DDPM's)
     colour_fix: bool = False  # DiffBIR's wavelet colour fix on the output by default (on for imported DiffBIR)
+    clamp_clean: bool = True  # stage-1 output clamped to [0, 1] before conditioning; False for imported DiffBIR, which does not
     prediction_type: PredictionType = "epsilon"  # what stage 2 outputs: epsilon, v_prediction or sample (x0)
 
 
@@ -286,8 +287,10 @@ class Restorer(nn.Module):
 
     # ---- the two stages -----------------------------------------------------------------
     def clean(self, lq: torch.Tensor) -> torch.Tensor:
-        """Stage 1: C(lq), clamped to [0, 1] as DiffBIR does before conditioning on it (stage-1 training uses `cleaner`)."""
-        return self.cleaner(lq).clamp(0, 1)
+        """Stage 1: C(lq), the image stage 2 is conditioned on: clamped to [0, 1] when `config.clamp_clean` (the toy
+        bases), as it is for imported DiffBIR, which conditions on SwinIR's raw output (stage-1 training uses `cleaner`)."""
+        clean = self.cleaner(lq)
+        return clean.clamp(0, 1) if self.config.clamp_clean else clean
 
     def condition(self, clean: torch.Tensor) -> torch.Tensor:
         """Stage-2 condition from the cleaned image: pixels in [-1, 1] or the VAE latent of C(lq)."""
@@ -372,7 +375,7 @@ class Restorer(nn.Module):
         restored = self.decode(z0)
         if self.config.colour_fix if sampler.colour_fix is None else sampler.colour_fix:
             restored = wavelet_colour_fix(restored, clean)
-        return {"clean": clean, "restored": restored.clamp(0, 1)}
+        return {"clean": clean.clamp(0, 1), "restored": restored.clamp(0, 1)}
 
     # ---- save / load ---------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path, stage2: nn.Module | None = None, source: dict | None = None) -> None:

@@ -30,7 +30,7 @@ from facereward.measures import (
     create_measure,
 )
 from facereward.models.frm import FaceRewardModel
-from facereward.models.restorer import Restorer
+from facereward.models.restorer import Restorer, SamplerOptions
 from facereward.models.seeded import restore_batch
 from facereward.train.hacking import new_alarms
 
@@ -48,6 +48,8 @@ class HeldOutConfig:
     max_images: int = 16  # at most this many pairs of `testset`
     sample_steps: int = 10  # DDIM steps for the held-out restorations
     eta: float | str | None = 0.0  # None: the restorer's default
+    spacing: str | None = None  # timestep spacing leading | linspace | trailing; None: the restorer's
+    final_alpha_bar: str | None = None  # one | first; None: the restorer's
     batch_size: int = 16
     seed: int = 1234
     # the judges: measures of facereward.measures (full-reference or not; a plugin's too), options per measure
@@ -84,6 +86,7 @@ class HeldOutEvaluator:
     def __init__(self, config: HeldOutConfig, data: DataConfig, size: int, device: torch.device | str,
                  frms: dict[str, FaceRewardModel] | None = None, extra: dict[str, Scorer] | None = None):
         self.config, self.device = config, torch.device(device)
+        self.sampler = SamplerOptions(spacing=config.spacing, final_alpha_bar=config.final_alpha_bar)
         self.batch = load_heldout_batch(config, data, size)
         self.frms = frms or {}
         self.extra = extra or {}
@@ -118,7 +121,8 @@ class HeldOutEvaluator:
         for start in range(0, n, bs):
             idx = list(range(start, min(n, start + bs)))
             lq = self.batch["lq"][idx].to(self.device)
-            res = restore_batch(restorer, lq, idx, steps=self.config.sample_steps, eta=self.config.eta, seed=self.config.seed, net=net)
+            res = restore_batch(restorer, lq, idx, steps=self.config.sample_steps, eta=self.config.eta, seed=self.config.seed,
+                                net=net, sampler=self.sampler)
             out.append(res["restored"].float().cpu())
         restorer.train(was_training)
         return torch.cat(out)

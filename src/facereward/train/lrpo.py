@@ -93,7 +93,16 @@ class LRPOConfig:
     imports: list[str] = field(default_factory=list)  # plugin modules or .py files imported first (register_measure, ...)
     lora: LoraSettings = field(default_factory=LoraSettings)
     rewards: MeasuresConfig = field(default_factory=MeasuresConfig)  # frm without options.frm.path: the shipped toy FRM
+    # the decoded samples clamped to [0, 1] before the rewards; false: each reward sees the raw decoder output unless its
+    # own `clamp` option is set (the original: LPIPS unclamped, the other terms clamped)
+    clamp_x_hat: bool = True
     group_size: int = 9  # G candidates per LQ input
+    # identical: a group's G rows are one degraded image; own_noise: they share the degradation's parameters but each
+    # draws its own Gaussian noise (the original's groups)
+    group_inputs: Literal["identical", "own_noise"] = "identical"
+    # shuffle: each epoch's inputs a seeded permutation of the data; sequential: the data in file order, continuing
+    # across epochs (the original's sampler)
+    data_order: Literal["shuffle", "sequential"] = "shuffle"
     inputs_per_batch: int = 2  # LQ inputs per sampling batch, over all processes
     batches_per_epoch: int = 12
     epochs: int = 160
@@ -122,7 +131,9 @@ class LRPOConfig:
     micro_batch: int = 6  # samples per network call, in rollouts and updates
     train_batch_size: int = 6  # samples per minibatch per process (0: all of the process's samples of the epoch)
     stepping: Literal["per_timestep", "per_minibatch"] = "per_timestep"  # one optimizer step per (minibatch, step) or per minibatch
-    zero_advantage: Literal["drop", "pad"] = "drop"  # pad: re-admit zero-advantage samples as the original does
+    # drop: zero-advantage samples carry no loss, their rows stay in the minibatches; pad: the original's, some re-admitted
+    # (the kept count padded to a multiple of batches_per_epoch), the rest removed before minibatching (fewer steps)
+    zero_advantage: Literal["drop", "pad"] = "drop"
     gt_latent: Literal["mean", "sample"] = "mean"  # the GT latent for the regulariser: VAE posterior mean or a sample (original)
     lr: float = 1e-6
     weight_decay: float = 0.01  # AdamW's default, which the original keeps
@@ -151,7 +162,8 @@ def check_config(config: LRPOConfig) -> int:
         raise ValueError(f"eta must be > 0 (the policy needs noise), got {config.eta}")
     choices = {"adv_std": ("global", "group"), "adv_weighting": ("noise_level", "uniform"),
                "kl_reference": ("auto", "copy", "base"), "reg_noising": ("closed_form", "compounding"),
-               "stepping": ("per_timestep", "per_minibatch"), "zero_advantage": ("drop", "pad"), "gt_latent": ("mean", "sample")}
+               "stepping": ("per_timestep", "per_minibatch"), "zero_advantage": ("drop", "pad"), "gt_latent": ("mean", "sample"),
+               "group_inputs": ("identical", "own_noise"), "data_order": ("shuffle", "sequential")}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
@@ -278,8 +290,11 @@ def noised_gt_targets(z_gt: Tensor, schedule: DDIMSchedule, reg_steps: list[int]
 # ---- group batches ------------------------------------------------------------------------------
 
 
-def epoch_input_indices(n_data: int, n_needed: int, seed: int, epoch: int) -> np.ndarray:
-    """The dataset indices of an epoch's LQ inputs: shuffled without repeats until the data runs out; same on every process."""
+def epoch_input_indices(n_data: int, n_needed: int, seed: int, epoch: int, order: str = "shuffle") -> np.ndarray:
+    """The dataset indices of an epoch's LQ inputs, the same on every process: shuffled without repeats until the data
+    runs out, or (`order` "sequential") the next `n_needed` in file order, continuing from the previous epoch."""
+    if order == "sequential":
+        return (epoch * n_needed + np.arange(n_needed)) % n_data
     rng = np.random.default_rng([seed, epoch])
     rounds = -(-n_needed // n_data)
     return np.concatenate([rng.permutation(n_data) for _ in range(rounds)])[:n_needed]
@@ -295,11 +310,12 @@ class GroupBatch:
 
 
 def group_batch(dataset: Dataset, input_indices: list[int], group_size: int, group_offset: int,
-                rank: int, world_size: int) -> GroupBatch:
+                rank: int, world_size: int, own_noise: bool = False) -> GroupBatch:
     """This process's share of `len(input_indices) * group_size` rows (input j on rows j*G .. j*G+G-1).
 
     Every row of a group holds the same degraded image, on whichever process: it comes from
-    `dataset[index]` (the degradation is fixed by the dataset's seed and the index, never the rank).
+    `dataset[index]` (the degradation is fixed by the dataset's seed and the index, never the rank). With `own_noise`,
+    copy c of a group is `dataset.item(index, noise_variant=c)`: the same parameters, its own noise.
     """
     total = len(input_indices) * group_size
     if total % world_size:
@@ -307,11 +323,18 @@ def group_batch(dataset: Dataset, input_indices: list[int], group_size: int, gro
     per = total // world_size
     rows = np.arange(rank * per, (rank + 1) * per)
     inputs = rows // group_size
+    group_ids, row_ids = torch.from_numpy(inputs + group_offset).long(), torch.from_numpy(rows).long()
+    if own_noise:
+        if not hasattr(dataset, "item"):
+            raise ValueError("group_inputs: own_noise needs LQ degraded on the fly (data.hq_dir or data.toy_faces)")
+        items = collate_batch([dataset.item(int(input_indices[j]), noise_variant=int(r % group_size))
+                               for j, r in zip(inputs, rows)])
+        return GroupBatch(lq=items["lq"], hq=items["hq"], captions=list(items["caption"]), group_ids=group_ids, rows=row_ids)
     unique, inverse = np.unique(inputs, return_inverse=True)
     items = collate_batch([dataset[int(input_indices[j])] for j in unique])
     inv = torch.from_numpy(inverse)
     return GroupBatch(lq=items["lq"][inv], hq=items["hq"][inv], captions=[items["caption"][i] for i in inverse],
-                      group_ids=torch.from_numpy(inputs + group_offset).long(), rows=torch.from_numpy(rows).long())
+                      group_ids=group_ids, rows=row_ids)
 
 
 # ---- rollouts -----------------------------------------------------------------------------------
@@ -353,12 +376,14 @@ def sample_epoch(restorer: Restorer, dataset: Dataset, schedule: DDIMSchedule, c
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
-    indices = epoch_input_indices(len(dataset), config.batches_per_epoch * config.inputs_per_batch, config.run.seed, epoch)
+    indices = epoch_input_indices(len(dataset), config.batches_per_epoch * config.inputs_per_batch, config.run.seed, epoch,
+                                  config.data_order)
     parts: dict[str, list] = {"cond": [], "z_gt": [], "hq": [], "x_T": [], "groups": [], "rows": [], "captions": []}
     per_batch = config.inputs_per_batch * config.group_size
     for b in range(config.batches_per_epoch):
         inputs = indices[b * config.inputs_per_batch: (b + 1) * config.inputs_per_batch].tolist()
-        batch = group_batch(dataset, inputs, config.group_size, b * config.inputs_per_batch, rank, world)
+        batch = group_batch(dataset, inputs, config.group_size, b * config.inputs_per_batch, rank, world,
+                            own_noise=config.group_inputs == "own_noise")
         rows = b * per_batch + batch.rows  # seeds per sample, not per process (docs/methods.md 4)
         generators = row_generators(device, *(mix_seed(config.run.seed, epoch, r, 1) for r in rows.tolist()))
         lq, hq = batch.lq.to(device), batch.hq.to(device)
@@ -381,7 +406,8 @@ def sample_epoch(restorer: Restorer, dataset: Dataset, schedule: DDIMSchedule, c
         with accelerator.autocast():
             # x_T stays fp32 under bf16 autocast: only the network runs in bf16, the chain and its log-probs do not
             traj = rollout(restorer.eps_fn(cond[sl], net), x_T[sl], schedule, eta=config.eta, generator=generators)
-            images = restorer.decode(traj.final).clamp(0, 1)
+            images = restorer.decode(traj.final)
+            images = images.clamp(0, 1) if config.clamp_x_hat else images
         out = reward(images.float(), hq[sl], captions[sl])
         for name, value in {"reward": out.total, **{f"reward/{k}": v for k, v in out.components.items()}}.items():
             scores.setdefault(name, []).append(value.float())
@@ -397,11 +423,12 @@ def sample_epoch(restorer: Restorer, dataset: Dataset, schedule: DDIMSchedule, c
 
 
 def pad_zero_advantage(keep: Tensor, multiple: int, generator: np.random.Generator) -> Tensor:
-    """The original's re-padding: re-admit random zero-advantage samples until the kept count is a multiple of `multiple`."""
+    """The original's re-padding (T:399-409): re-admit random zero-advantage samples until the kept count is a multiple of
+    `multiple`; when there are too few to reach it, none."""
     keep = keep.clone()
     missing = (-int(keep.sum())) % multiple
     dropped = torch.nonzero(~keep).flatten().cpu().numpy()
-    if missing and len(dropped):
+    if missing and len(dropped) >= missing:
         keep[torch.from_numpy(generator.permutation(dropped)[:missing]).to(keep.device)] = True
     return keep
 
@@ -466,6 +493,15 @@ def _zero_stats(device: torch.device) -> dict[str, Tensor]:
     stats["ratio_dev_max"] = torch.zeros((), device=device)
     stats["ratio_dev_first"] = torch.zeros((), device=device)  # before the epoch's first optimizer step
     return stats
+
+
+def kept_rows_first(order: Tensor, keep: Tensor, accelerator: Accelerator) -> Tensor:
+    """`zero_advantage: pad`: `order` with the rows that carry no loss removed, as the original removes them before
+    minibatching; processes with fewer kept rows than the most add their own dropped rows at the end (zero weight), so
+    that every process makes the same number of calls."""
+    kept = keep[order.to(keep.device)].cpu()
+    most = int(accelerator.reduce(torch.tensor(int(kept.sum()), device=accelerator.device), "max"))
+    return torch.cat([order[kept], order[~kept]])[:most]
 
 
 def minibatches(n: int, train_batch_size: int, order: Tensor) -> list[Tensor]:
@@ -544,7 +580,9 @@ def update_epoch(restorer: Restorer, net: nn.Module, optimizer: torch.optim.Opti
         # the rollout order already is the first inner epoch's shuffle; later passes reshuffle
         order = torch.arange(n) if inner == 0 else torch.from_numpy(
             np.random.default_rng([config.run.seed, epoch, inner, accelerator.process_index, 7]).permutation(n))
-        batches = minibatches(n, config.train_batch_size, order)
+        if config.zero_advantage == "pad":
+            order = kept_rows_first(order, buffer.keep, accelerator)
+        batches = minibatches(len(order), config.train_batch_size, order)
         counts = torch.stack([buffer.keep[mb.to(buffer.keep.device)].sum() for mb in batches]).float()
         counts = accelerator.reduce(counts, "sum")  # the global number of kept samples of each minibatch
         stats = _zero_stats(accelerator.device)

@@ -30,7 +30,7 @@ from facereward.models.ddim import (
     row_generators,
     truncated_rollout,
 )
-from facereward.models.frm import FaceRewardModel, bradley_terry_loss
+from facereward.models.frm import MAX_LOGIT_SCALE, FaceRewardModel, bradley_terry_loss
 from facereward.models.restorer import Restorer
 from facereward.plugins import import_plugins
 from facereward.train.accelerator import (
@@ -77,6 +77,12 @@ class DynamicFRMConfig:
     pairs: str | None = None  # the original preference JSONL, mixed in so the FRM does not forget it
     pairs_per_update: int = 0  # preference pairs added to each update (0: none)
     use_captions: bool = True
+    # the original's details (docs/methods.md section 4, "ReFL's FRM step"); configs/refl_original.yaml sets them
+    offset: int = 0  # the FRM steps after generator steps offset, offset + every, ... (0: every, 2 every, ...; the original: 1)
+    max_logit_scale: float | None = MAX_LOGIT_SCALE  # log tau clamped to at most this (log 100); None: unclamped (the original)
+    reduction: str = "mean"  # the Bradley-Terry loss over the batch's pairs: mean, or sum (the original)
+    divide_by_accumulation: bool = False  # the loss divided by run.gradient_accumulation_steps before the clip (the original,
+    # through accelerate's backward)
 
 
 @dataclass
@@ -150,17 +156,21 @@ def frm_param_groups(frm: nn.Module, weight_decay: float) -> list[dict[str, Any]
 
 
 def frm_preference_step(frm: FaceRewardModel, optimizer: torch.optim.Optimizer, chosen: Tensor, rejected: Tensor,
-                        captions: list[str] | None, grad_clip: float, reduce=None, loss_weight: float = 1.0) -> dict[str, Tensor]:
+                        captions: list[str] | None, grad_clip: float, reduce=None, loss_weight: float = 1.0,
+                        max_logit_scale: float | None = MAX_LOGIT_SCALE, reduction: str = "mean",
+                        divisor: float = 1.0) -> dict[str, Tensor]:
     """One Bradley-Terry step of the FRM preferring `chosen` over `rejected` (docs/methods.md 1.1, 1.2 step 6).
 
-    `reduce` (e.g. accelerator.reduce) averages the gradients over processes before the step.
+    The loss is `loss_weight` x the pairs' mean (or sum) Bradley-Terry loss; its gradient is divided by `divisor`
+    before the clip (the original's accelerate backward divides by the accumulation steps). `reduce` (e.g.
+    accelerator.reduce) averages the gradients over processes before the step.
     """
     frm.train()
     scores = frm(torch.cat([chosen, rejected]), captions * 2 if captions else None)
     s_w, s_l = scores.chunk(2)
-    loss = bradley_terry_loss(s_w, s_l, frm.logit_scale) * loss_weight
+    loss = bradley_terry_loss(s_w, s_l, frm.logit_scale, max_logit_scale=max_logit_scale, reduction=reduction) * loss_weight
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss / divisor).backward()
     params = [p for p in frm.parameters() if p.requires_grad and p.grad is not None]
     if reduce is not None:
         for p in params:
@@ -174,7 +184,8 @@ def frm_preference_step(frm: FaceRewardModel, optimizer: torch.optim.Optimizer, 
 
 @dataclass
 class ReFLOutput:
-    """One generator micro-step: the total loss (with grad), its logged parts, the detached restoration."""
+    """One generator micro-step: the total loss (with grad), its logged parts, the detached restoration as the reward saw
+    it (clamped to [0, 1] when `clamp_x_hat`)."""
 
     loss: Tensor
     parts: dict[str, Tensor]
@@ -259,18 +270,20 @@ class ReFLStep:
                 loss = loss + self.losses.weights[name] * parts[f"refl/{name}_loss"]
         parts["refl/loss"] = loss.detach()
         parts["refl/grad_step"] = torch.tensor(float(k))
-        return ReFLOutput(loss=loss, parts={k_: v.detach() for k_, v in parts.items()}, restored=x_hat.detach())
+        # the FRM update's rejected image is the one the reward scored (clamped as the original, RT:296)
+        return ReFLOutput(loss=loss, parts={k_: v.detach() for k_, v in parts.items()}, restored=x_r.detach())
 
 
-def _frm_path(config: ReFLConfig) -> str:
-    """The dynamic FRM's folder: rewards.options.frm.path, or the shipped toy FRM beside the shipped toy restorer."""
+def _frm_options(config: ReFLConfig) -> tuple[str, str | None]:
+    """The dynamic FRM's folder (rewards.options.frm.path, or the shipped toy FRM beside the shipped toy restorer) and
+    its resize override (rewards.options.frm.resize; None: the folder's own)."""
     from facereward.weights import frm_path_or_default
 
     options = dict(config.rewards.options.get("frm") or {})
-    extra = sorted(set(options) - {"path"})
+    extra = sorted(set(options) - {"path", "resize"})
     if extra:
-        raise ValueError(f"rewards.options.frm.{extra[0]}: ReFL's frm is its dynamic FRM, which takes only path")
-    return frm_path_or_default(options.get("path"), config.init_from)
+        raise ValueError(f"rewards.options.frm.{extra[0]}: ReFL's frm is its dynamic FRM, which takes only path and resize")
+    return frm_path_or_default(options.get("path"), config.init_from), options.get("resize")
 
 
 def build_losses(config: ReFLConfig, device: torch.device, env: MeasureEnv | None = None) -> WeightedSum | None:
@@ -322,8 +335,18 @@ def _validate(config: ReFLConfig) -> None:
         raise ValueError("train_steps and batch_size must be >= 1")
     if isinstance(config.eta, str) and config.eta != "random":
         raise ValueError(f"eta must be a number or 'random', got {config.eta!r}")
-    if config.dynamic_frm.every < 0:
+    dyn = config.dynamic_frm
+    if dyn.every < 0:
         raise ValueError("dynamic_frm.every must be >= 0 (0: a fixed FRM)")
+    if dyn.offset < 0:
+        raise ValueError(f"dynamic_frm.offset must be >= 0, got {dyn.offset}")
+    if dyn.reduction not in ("mean", "sum"):
+        raise ValueError(f"dynamic_frm.reduction must be mean or sum, got {dyn.reduction!r}")
+
+
+def frm_update_due(step: int, dyn: DynamicFRMConfig) -> bool:
+    """Whether the dynamic FRM steps after generator step `step` (1-based): steps offset, offset + every, ... (>= 1)."""
+    return dyn.every > 0 and step >= max(dyn.offset, 1) and (step - dyn.offset) % dyn.every == 0
 
 
 def refl_workload(config: ReFLConfig) -> Workload:
@@ -338,7 +361,8 @@ def train_refl(config: ReFLConfig) -> Path:
     import_plugins(config.imports, option="imports")
     _validate(config)
     run = config.run
-    restorer_path, frm_path = config.init_from or str(default_restorer_path()), _frm_path(config)
+    restorer_path = config.init_from or str(default_restorer_path())
+    frm_path, frm_resize = _frm_options(config)
     toy = config.data.toy_faces > 0
     losses = build_losses(config, torch.device("cpu"), MeasureEnv("cpu", toy=toy))  # its errors before anything is loaded
     accelerator = make_accelerator(run, "refl")
@@ -347,7 +371,7 @@ def train_refl(config: ReFLConfig) -> Path:
     restorer = Restorer.from_pretrained(restorer_path).to(device)
     if config.data.size != restorer.config.size:
         raise ValueError(f"data.size {config.data.size} differs from the restorer's size {restorer.config.size} ({restorer_path})")
-    frm = FaceRewardModel.from_pretrained(frm_path).to(device)
+    frm = FaceRewardModel.from_pretrained(frm_path, resize=frm_resize).to(device)
     initial_frm = copy.deepcopy(frm).requires_grad_(False).eval()  # frozen: held-out scores on a fixed scale
     trainable = prepare_trainable(restorer, config.lora, gradient_checkpointing=run.gradient_checkpointing)
     check_engine(accelerator, trainable)
@@ -420,8 +444,9 @@ def train_refl(config: ReFLConfig) -> Path:
             continue
         step += 1
         scalars = dict(result.parts)
-        if frm_optimizer is not None and step % dyn.every == 0:
-            scalars.update(_dynamic_frm_update(frm, frm_optimizer, dyn, batch, result.restored, preference_batches, accelerator))
+        if frm_optimizer is not None and frm_update_due(step, dyn):
+            scalars.update(_dynamic_frm_update(frm, frm_optimizer, dyn, batch, result.restored, preference_batches, accelerator,
+                                               run.gradient_accumulation_steps))
         scalars = _mean_over_processes(scalars, accelerator)
         monitor.add_reward(scalars["refl/reward"])
         log.step(step, scalars)
@@ -465,8 +490,9 @@ def _mean_over_processes(parts: dict[str, Tensor], accelerator) -> dict[str, Ten
 
 
 def _dynamic_frm_update(frm: FaceRewardModel, optimizer: torch.optim.Optimizer, dyn: DynamicFRMConfig, batch: dict[str, Any],
-                        restored: Tensor, preference_batches, accelerator) -> dict[str, Tensor]:
-    """GT preferred over the detached restoration as the generator saw it, plus original preference pairs if configured (docs/methods.md 1.2 step 6)."""
+                        restored: Tensor, preference_batches, accelerator, accumulation: int = 1) -> dict[str, Tensor]:
+    """GT preferred over the detached restoration as the reward scored it, plus original preference pairs if configured
+    (docs/methods.md 1.2 step 6)."""
     chosen, rejected = batch["hq"], restored.to(batch["hq"].dtype)
     captions = list(batch["caption"]) if dyn.use_captions else None
     if preference_batches is not None:
@@ -476,4 +502,6 @@ def _dynamic_frm_update(frm: FaceRewardModel, optimizer: torch.optim.Optimizer, 
         if captions is not None:
             captions = captions + list(pref["caption"])
     reduce = accelerator.reduce if accelerator.num_processes > 1 else None
-    return frm_preference_step(frm, optimizer, chosen, rejected, captions, dyn.grad_clip, reduce, dyn.loss_weight)
+    divisor = float(accumulation) if dyn.divide_by_accumulation else 1.0
+    return frm_preference_step(frm, optimizer, chosen, rejected, captions, dyn.grad_clip, reduce, dyn.loss_weight,
+                               dyn.max_logit_scale, dyn.reduction, divisor)
