@@ -112,7 +112,10 @@ def test_noisy_oracle_agreement_falls_as_noise_grows(faces):
     pairs = list(itertools.combinations(levels, 2))  # every pair ordered from better to worse
     q_first = torch.cat([q[a] for a, _ in pairs])
     q_second = torch.cat([q[b] for _, b in pairs])
-    assert bradley_terry_first_wins(q_first, q_second).all()
+    # the oracle orders graded degradations of one face, nearly always: 1 of these 120 pairs (strength 0.3 against
+    # 0.6 of one face, 0.478 against 0.487) is not: the oracle is not exactly monotone in strength
+    assert bradley_terry_first_wins(q_first, q_second).double().mean() >= 0.99
+    assert (q["gt"] > q[0.1]).all() and (q[0.1] > q[0.6]).all()
     rates = []
     for nz in (0.01, 0.1, 0.3, 3.0):
         wins = bradley_terry_first_wins(q_first, q_second, nz, torch.Generator().manual_seed(1))
@@ -223,9 +226,9 @@ def test_auto_labeller_is_antisymmetric_and_round_trips(graded, tmp_path):
     fa, fb = labeller.pair_features(test)
     assert np.array_equal(loaded.proba_from_features(fa, fb), labeller.proba_from_features(fa, fb))
     # end to end the loaded labeller recomputes the features, batched by GT in other groups than during fit; a
-    # conv's last bits depend on the batch (seen: 2.5e-9 in IDS, 3e-13 in P with numpy 2.4 / torch 2.13). A wrong
+    # conv's last bits depend on the batch (seen: 2.5e-9 in IDS, up to 3.3e-9 in P with numpy 2.4 / torch 2.13). A wrong
     # model (a lost coefficient, scaler or Platt scale) moves P by far more than 1e-9 on these confident pairs.
-    np.testing.assert_allclose(loaded.predict_proba(test), p, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(loaded.predict_proba(test), p, rtol=0, atol=1e-7)  # seen: 3.3e-9 at P = 0.988
     assert loaded.agreement(test) == labeller.agreement(test)
 
 

@@ -1,12 +1,12 @@
 """Low-pass wavelet bands and the structural-consistency distance "DWT_L1" (docs/methods.md 1.2 and 2.2).
 
-The original DiffusionReward / LRPO code takes the low-pass band of a 3-level *dual-tree complex*
-wavelet transform. Here the transform is the orthonormal 2D Haar DWT (no extra dependency, exact,
-cheap, differentiable): one level maps each 2x2 block ``[[a, b], [c, d]]`` to the LL coefficient
-``(a + b + c + d) / 2``, so a constant image ``v`` becomes ``2 v`` per level (``2**levels * v``
-after ``levels`` levels). The two low-pass bands are not numerically equal, so loss weights tuned
-for the original (``w_dwt = 0.01``, the ``exp(-15 * DWT_L1)`` reward) may need retuning; pass
-``normalise=True`` to get block means (``LL / 2**levels``) instead of orthonormal coefficients.
+The original DiffusionReward / LRPO code takes the low-pass band of a 3-level *dual-tree complex* wavelet
+transform (pytorch_wavelets' ``DTCWTForward(J=3, biort="near_sym_b", qshift="qshift_b")``), unnormalised:
+``dtcwt_lowpass``, the default everywhere (``wavelet: dtcwt``). ``haar_lowpass`` is the cheaper alternative
+(``wavelet: haar``): an orthonormal 2D Haar DWT, one level mapping each 2x2 block ``[[a, b], [c, d]]`` to
+``(a + b + c + d) / 2``. The two bands are not numerically equal (a constant image gains x4 over 3 levels under
+the DT-CWT, x8 under Haar), so weights tuned for the original (``w_dwt = 0.01``, the ``exp(-15 * DWT_L1)``
+reward) assume ``dtcwt``; ``normalise=True`` gives block means instead, for either.
 """
 
 from __future__ import annotations
