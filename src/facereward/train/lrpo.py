@@ -1,7 +1,8 @@
 """`facereward lrpo`: Likelihood-Regularized Policy Optimization, online RL for the restorer (docs/methods.md 2).
 
 One epoch: sample `batches_per_epoch` group batches (each LQ input repeated G times, the same degraded
-image on every process that holds part of its group), roll out DDIM with eta = 1 recording every step,
+image on every process that holds part of its group, or with `group_inputs: own_noise` the same degradation
+parameters and each copy its own noise), roll out DDIM with eta = 1 recording every step,
 score the results with the composite reward, compute group advantages, then `inner_epochs` PPO-clip
 passes with the GT-guided likelihood regulariser on the last K trained steps.
 
@@ -16,7 +17,8 @@ and an update computes its forwards in the same micro-batches: a network's outpu
 in the last bits with the batch's make-up, and with a clip range of 1e-4 such noise would clip. So before
 the epoch's first optimizer step (the first minibatch's first timestep, when `train_batch_size` is a
 multiple of `micro_batch`) the ratio is exactly 1. Samples with zero advantage carry no loss (or, with
-`zero_advantage: pad`, some are re-admitted as the original does). Only the stage-2 network (or its LoRA
+`zero_advantage: pad`, some are re-admitted and the rest removed before minibatching, as the original does; the
+minibatches then differ from the rollout micro-batches, so the first ratio is 1 only to the last bits). Only the stage-2 network (or its LoRA
 adapters) is trained; the restorer stays in eval mode (the networks have no dropout or batch statistics).
 """
 
