@@ -17,7 +17,8 @@ from facereward.data.degradation import DegradationPreset, degrade, sample_degra
 from facereward.measures import create_measure, register_measure, unregister_measure
 from facereward.models.frm import FaceRewardModel, FRMConfig, bradley_terry_loss
 from facereward.models.restorer import Restorer
-from facereward.train.lrpo import epoch_input_indices, group_batch, kept_rows_first, pad_zero_advantage
+from facereward.train.groups import epoch_input_indices, group_batch
+from facereward.train.lrpo import kept_rows_first, pad_zero_advantage
 from facereward.train.refl import DynamicFRMConfig, frm_preference_step, frm_update_due
 from facereward.weights import default_frm_path
 

@@ -18,8 +18,6 @@ from facereward.train.lrpo import (
     LRPOConfig,
     assign_advantages,
     check_config,
-    group_advantages,
-    group_batch,
     likelihood_regulariser,
     minibatches,
     noise_level_weights,
@@ -32,6 +30,7 @@ from facereward.train.lrpo import (
     trained_step_table,
 )
 from facereward.train.lrpo import _zero_stats as zero_stats
+from facereward.train.groups import group_advantages, group_batch
 from facereward.weights import WEIGHTS_DIR
 
 TOY_FRM = str(WEIGHTS_DIR / "toy-frm")

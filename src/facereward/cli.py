@@ -730,6 +730,83 @@ def lrpo_cmd(
     _finish(f"saved the LRPO restorer to {model} (reward curve: {model.parent / 'metrics.json'})", model.parent)
 
 
+def _trainer_overrides(init_from: Path | None, hq_dir: Path | None, toy_faces: int | None, frm: Path | None,
+                       epochs: int | None, lora_rank: int | None, output_dir: Path | None, resume: str | None) -> list[str]:
+    """The --set lines of the options the online trainers (nft, dpo) share."""
+    pairs = (("init_from", init_from), ("data.hq_dir", hq_dir), ("data.toy_faces", toy_faces),
+             ("rewards.options.frm.path", frm), ("epochs", epochs), ("lora.rank", lora_rank),
+             ("run.output_dir", output_dir), ("run.resume", resume))
+    return [f"{key}={value}" for key, value in pairs if value is not None]
+
+
+RESUME_HELP = ("'latest' (the newest valid checkpoint), 'auto' (the same, or a fresh start if there is none) or a checkpoint "
+               "folder (sets run.resume).")
+
+
+@app.command("nft")
+def nft_cmd(
+    config: Path | None = typer.Option(None, "--config", help="YAML config (fields of NFTConfig)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    init_from: Path | None = typer.Option(None, help="Restorer folder to fine-tune (default: the shipped toy restorer)."),
+    hq_dir: Path | None = typer.Option(None, help="Folder of HQ faces (sets data.hq_dir)."),
+    toy_faces: int | None = typer.Option(None, help="Train on N procedural toy faces instead (sets data.toy_faces)."),
+    reward: list[str] = typer.Option([], "--reward", help="NAME=WEIGHT: the composite reward's terms (repeatable; replaces the default)."),
+    frm: Path | None = typer.Option(None, help="Face Reward Model folder for the frm reward (default: the shipped toy FRM)."),
+    reward_module: list[str] = typer.Option([], "--reward-module", help="Module or .py file that registers custom measures (repeatable; sets imports)."),
+    epochs: int | None = typer.Option(None, help="Epochs (sets epochs)."),
+    lora_rank: int | None = typer.Option(None, help="Train LoRA adapters of this rank instead of the full network."),
+    output_dir: Path | None = typer.Option(None, help="Run folder (sets run.output_dir)."),
+    resume: str | None = typer.Option(None, help=RESUME_HELP),
+    degradation_module: list[str] = typer.Option([], "--degradation-module", help=DEGRADATION_MODULE_HELP),
+) -> None:
+    """DiffusionNFT: sample groups, score them, and train on the forward process against implicit positive and
+    negative policies (docs/methods.md 5.1)."""
+    from facereward.config import load_config
+    from facereward.train.nft import NFTConfig, train_nft
+
+    overrides = list(set_) + _reward_overrides(reward, [*reward_module, *degradation_module])
+    overrides += _trainer_overrides(init_from, hq_dir, toy_faces, frm, epochs, lora_rank, output_dir, resume)
+    cfg = load_config(NFTConfig, config, overrides)
+    _announce("nft", cfg)
+    model = train_nft(cfg)
+    _finish(f"saved the NFT restorer to {model} (reward curve: {model.parent / 'metrics.json'})", model.parent)
+
+
+@app.command("dpo")
+def dpo_cmd(
+    config: Path | None = typer.Option(None, "--config", help="YAML config (fields of DPOConfig)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    init_from: Path | None = typer.Option(None, help="Restorer folder to fine-tune (default: the shipped toy restorer)."),
+    pairs: Path | None = typer.Option(None, help="Preference JSONL (annotate, auto-label, toy-preferences): offline pairs "
+                                      "(sets pairs; without it, pairs come online from the model's own ranked samples)."),
+    hq_dir: Path | None = typer.Option(None, help="Folder of HQ faces for online pairs (sets data.hq_dir)."),
+    toy_faces: int | None = typer.Option(None, help="Online pairs on N procedural toy faces (sets data.toy_faces)."),
+    reward: list[str] = typer.Option([], "--reward", help="NAME=WEIGHT: the reward that ranks online pairs (repeatable)."),
+    frm: Path | None = typer.Option(None, help="Face Reward Model folder for the frm reward (default: the shipped toy FRM)."),
+    reward_module: list[str] = typer.Option([], "--reward-module", help="Module or .py file that registers custom measures (repeatable; sets imports)."),
+    epochs: int | None = typer.Option(None, help="Epochs (sets epochs)."),
+    beta: float | None = typer.Option(None, help="The DPO beta (sets beta)."),
+    lora_rank: int | None = typer.Option(None, help="Train LoRA adapters of this rank instead of the full network."),
+    output_dir: Path | None = typer.Option(None, help="Run folder (sets run.output_dir)."),
+    resume: str | None = typer.Option(None, help=RESUME_HELP),
+    degradation_module: list[str] = typer.Option([], "--degradation-module", help=DEGRADATION_MODULE_HELP),
+) -> None:
+    """Diffusion-DPO: learn from preference pairs against the initial network, offline (a JSONL) or online (the
+    model's own samples ranked by the reward) (docs/methods.md 5.2)."""
+    from facereward.config import load_config
+    from facereward.train.dpo import DPOConfig, train_dpo
+
+    overrides = list(set_) + _reward_overrides(reward, [*reward_module, *degradation_module])
+    overrides += _trainer_overrides(init_from, hq_dir, toy_faces, frm, epochs, lora_rank, output_dir, resume)
+    for key, value in (("pairs", pairs), ("beta", beta)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(DPOConfig, config, overrides)
+    _announce("dpo", cfg)
+    model = train_dpo(cfg)
+    _finish(f"saved the DPO restorer to {model} (loss curve: {model.parent / 'metrics.json'})", model.parent)
+
+
 @app.command()
 def demo(
     out_dir: Path = typer.Option(Path("demo_out"), help="Output folder (a rerun resumes its training runs)."),
@@ -785,6 +862,8 @@ HELP_GROUPS: dict[str, tuple[str, str]] = {
     "train-frm": ("Training", "facereward train-frm --pairs prefs/pairs.jsonl --output-dir runs/frm"),
     "refl": ("Training", "facereward refl --config configs/refl_toy.yaml --train-steps 200 --resume latest"),
     "lrpo": ("Training", "facereward lrpo --config configs/lrpo_toy.yaml --epochs 20"),
+    "nft": ("Training", "facereward nft --config configs/nft_toy.yaml"),
+    "dpo": ("Training", "facereward dpo --config configs/dpo_toy.yaml"),
     "restore": ("Restoring and evaluating", "facereward restore --sample-steps 50 toy-test/lq restored"),
     "evaluate": ("Restoring and evaluating", "facereward evaluate --testset toy-test --model base=runs/base/model --out-dir eval"),
     "demo": ("Restoring and evaluating", "facereward demo --out-dir demo_out"),

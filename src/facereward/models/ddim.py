@@ -388,3 +388,18 @@ def q_sample(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cump
     """Closed-form forward noising q(x_t | x_0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, t per sample."""
     abar = alphas_cumprod.to(x0.device)[t].to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+def output_to_x0(output: torch.Tensor, x_t: torch.Tensor, abar_t: torch.Tensor, prediction_type: PredictionType) -> torch.Tensor:
+    """The x0 a network output implies at x_t, affine in the output (docs/methods.md 5.1); abar_t per sample.
+
+    eps: (x_t - sqrt(1 - abar) eps) / sqrt(abar);  v: sqrt(abar) x_t - sqrt(1 - abar) v;  x0: the output.
+    """
+    abar = _per_sample(abar_t, x_t)
+    if prediction_type == "epsilon":
+        return (x_t - (1 - abar).sqrt() * output) / abar.sqrt()
+    if prediction_type == "v_prediction":
+        return abar.sqrt() * x_t - (1 - abar).sqrt() * output
+    if prediction_type == "sample":
+        return output
+    raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {prediction_type!r}")

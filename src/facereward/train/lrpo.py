@@ -35,7 +35,6 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from facereward.data.datasets import collate_batch
 from facereward.data.training_data import DataConfig, build_dataset
 from facereward.measures import MeasureEnv, MeasuresConfig, WeightedSum
 from facereward.models.ddim import (
@@ -64,14 +63,17 @@ from facereward.train.checkpoints import (
     resume_run,
     write_run_config,
 )
+from facereward.train.groups import (
+    epoch_input_indices,
+    group_advantages,
+    group_batch,
+)
 from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator, HeldOutMonitor, write_metrics
 from facereward.train.progress import ProgressLog
 from facereward.train.speed import Workload, speed_up_stage2
 from facereward.train.trainable import (
     LoraSettings,
-    adapters_disabled,
-    frozen_copy,
-    has_lora,
+    Reference,
     prepare_trainable,
     save_restorer,
     trainable_parameters,
@@ -207,23 +209,6 @@ def trained_step_table(config: LRPOConfig, n_train: int, rows: Tensor, epoch: in
 # ---- advantages ---------------------------------------------------------------------------------
 
 
-def group_advantages(rewards: Tensor, group_ids: Tensor, std: str = "global", eps: float = 1e-4) -> Tensor:
-    """A_i = (R_i - mean_group(i) R) / (std R + eps), std over all samples or within the group (docs/methods.md 2.3)."""
-    if std not in ("global", "group"):
-        raise ValueError(f"adv_std must be 'global' or 'group', got {std!r}")
-    rewards = rewards.double()
-    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    sums = torch.zeros(len(counts), dtype=rewards.dtype, device=rewards.device).index_add_(0, inverse, rewards)
-    centred = rewards - (sums / counts)[inverse]
-    if std == "global":
-        scale = rewards.std(unbiased=False) if rewards.numel() > 1 else torch.zeros((), dtype=rewards.dtype)
-        scale = scale.expand_as(rewards)
-    else:
-        sq = torch.zeros(len(counts), dtype=rewards.dtype, device=rewards.device).index_add_(0, inverse, centred**2)
-        scale = (sq / counts).sqrt()[inverse]
-    return (centred / (scale + eps)).float()
-
-
 def noise_level_weights(sigmas: Tensor) -> Tensor:
     """w_k = sigma_k / mean_k' sigma_k' over the sampling steps, per sample: (B, T) -> (B, T) (docs/methods.md 2.3)."""
     return sigmas / sigmas.mean(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -287,56 +272,6 @@ def noised_gt_targets(z_gt: Tensor, schedule: DDIMSchedule, reg_steps: list[int]
         z = q_sample(z, noise[j], schedule.timesteps[j].expand(z_gt.shape[0]), schedule.alphas_cumprod)
         out[j] = z
     return torch.stack([out[j] for j in levels])
-
-
-# ---- group batches ------------------------------------------------------------------------------
-
-
-def epoch_input_indices(n_data: int, n_needed: int, seed: int, epoch: int, order: str = "shuffle") -> np.ndarray:
-    """The dataset indices of an epoch's LQ inputs, the same on every process: shuffled without repeats until the data
-    runs out, or (`order` "sequential") the next `n_needed` in file order, continuing from the previous epoch."""
-    if order == "sequential":
-        return (epoch * n_needed + np.arange(n_needed)) % n_data
-    rng = np.random.default_rng([seed, epoch])
-    rounds = -(-n_needed // n_data)
-    return np.concatenate([rng.permutation(n_data) for _ in range(rounds)])[:n_needed]
-
-
-@dataclass
-class GroupBatch:
-    lq: Tensor  # (n, 3, H, W): this process's rows, each row its input's one degraded image
-    hq: Tensor
-    captions: list[str]
-    group_ids: Tensor  # (n,) long: the input's position in the epoch (the group)
-    rows: Tensor  # (n,) long: the rows' positions in the sampling batch (the same on 1 or N processes)
-
-
-def group_batch(dataset: Dataset, input_indices: list[int], group_size: int, group_offset: int,
-                rank: int, world_size: int, own_noise: bool = False) -> GroupBatch:
-    """This process's share of `len(input_indices) * group_size` rows (input j on rows j*G .. j*G+G-1).
-
-    Every row of a group holds the same degraded image, on whichever process: it comes from
-    `dataset[index]` (the degradation is fixed by the dataset's seed and the index, never the rank). With `own_noise`,
-    copy c of a group is `dataset.item(index, noise_variant=c)`: the same parameters, its own noise.
-    """
-    total = len(input_indices) * group_size
-    if total % world_size:
-        raise ValueError(f"inputs_per_batch * group_size = {total} must divide among {world_size} processes")
-    per = total // world_size
-    rows = np.arange(rank * per, (rank + 1) * per)
-    inputs = rows // group_size
-    group_ids, row_ids = torch.from_numpy(inputs + group_offset).long(), torch.from_numpy(rows).long()
-    if own_noise:
-        if not hasattr(dataset, "item"):
-            raise ValueError("group_inputs: own_noise needs LQ degraded on the fly (data.hq_dir or data.toy_faces)")
-        items = collate_batch([dataset.item(int(input_indices[j]), noise_variant=int(r % group_size))
-                               for j, r in zip(inputs, rows)])
-        return GroupBatch(lq=items["lq"], hq=items["hq"], captions=list(items["caption"]), group_ids=group_ids, rows=row_ids)
-    unique, inverse = np.unique(inputs, return_inverse=True)
-    items = collate_batch([dataset[int(input_indices[j])] for j in unique])
-    inv = torch.from_numpy(inverse)
-    return GroupBatch(lq=items["lq"][inv], hq=items["hq"][inv], captions=[items["caption"][i] for i in inverse],
-                      group_ids=group_ids, rows=row_ids)
 
 
 # ---- rollouts -----------------------------------------------------------------------------------
@@ -466,27 +401,6 @@ def set_regulariser_targets(buffer: EpochBuffer, schedule: DDIMSchedule, config:
 
 
 # ---- the update ---------------------------------------------------------------------------------
-
-
-class Reference:
-    """The reference policy's noise prediction for the KL term: the LoRA-free base, or a frozen copy."""
-
-    def __init__(self, restorer: Restorer, module: nn.Module, kind: str):
-        self.restorer, self.module = restorer, module
-        lora = has_lora(module)
-        if kind == "auto":
-            kind = "base" if lora else "copy"
-        if kind == "base" and not lora:
-            raise ValueError("kl_reference 'base' needs LoRA training (lora.rank > 0); use 'copy'")
-        self.kind = kind
-        self.copy = frozen_copy(module) if kind == "copy" else None
-
-    @torch.no_grad()
-    def eps(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        if self.copy is None:  # the restorer's own (unwrapped) network with its adapters off: no collectives, no grad
-            with adapters_disabled(self.module):
-                return self.restorer.predict_eps(x_t, t, cond, net=self.module)
-        return self.restorer.predict_eps(x_t, t, cond, net=self.copy)
 
 
 def _zero_stats(device: torch.device) -> dict[str, Tensor]:

@@ -36,6 +36,17 @@ def describe_run(kind: str, config: Any) -> str:
         what = (f"{config.epochs:,} epochs of {config.batches_per_epoch} x {config.inputs_per_batch} inputs x G={config.group_size}, "
                 f"{config.sample_steps} DDIM steps, from {config.init_from or 'the shipped toy restorer'}, on {_data(config.data)}")
         unit = "epochs"
+    elif kind == "nft":
+        what = (f"{config.epochs:,} epochs of {config.batches_per_epoch} x {config.inputs_per_batch} inputs x G={config.group_size}, "
+                f"{config.sample_steps} DDIM steps (eta {config.eta}), beta {config.beta}, from "
+                f"{config.init_from or 'the shipped toy restorer'}, on {_data(config.data)}")
+        unit = "epochs"
+    elif kind == "dpo":
+        source = (f"the pairs of {config.pairs}" if config.pairs else
+                  f"online pairs (G={config.group_size}, ranked by the reward) on {_data(config.data)}")
+        what = (f"{config.epochs:,} epochs, beta {config.beta:g}, from {config.init_from or 'the shipped toy restorer'}, "
+                f"on {source}")
+        unit = "epochs"
     else:
         raise ValueError(f"describe_run: unknown trainer {kind!r}")
     resume = {None: "", "auto": "; resuming from its newest checkpoint if it has one"}.get(run.resume, f"; resuming from {run.resume}")

@@ -1,4 +1,4 @@
-"""The trainable part of a restorer for reward fine-tuning (ReFL, LRPO): full or LoRA, its frozen reference, saving.
+"""The trainable part of a restorer for reward fine-tuning (ReFL, LRPO, NFT, DPO): full or LoRA, its frozen reference, saving.
 
 Only the stage-2 network is trained (docs/methods.md 1.2, 2: the ControlNet in latent mode, the UNet in pixel
 mode); the cleaner, VAE and frozen UNet never are. With LoRA (peft) the reference network is the same
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from facereward.models.restorer import Restorer
 
@@ -138,3 +138,32 @@ def save_restorer(restorer: Restorer, folder: str | Path, net: nn.Module | None 
         plain.to(ref.dtype)
     restorer.save_pretrained(folder, stage2=plain)
 
+
+class Reference:
+    """The reference policy of a KL term: the LoRA-free base (no second copy in memory), or a frozen copy."""
+
+    def __init__(self, restorer: Restorer, module: nn.Module, kind: str):
+        self.restorer, self.module = restorer, module
+        lora = has_lora(module)
+        if kind == "auto":
+            kind = "base" if lora else "copy"
+        if kind == "base" and not lora:
+            raise ValueError("kl_reference 'base' needs LoRA training (lora.rank > 0); use 'copy'")
+        self.kind = kind
+        self.copy = frozen_copy(module) if kind == "copy" else None
+
+    @torch.no_grad()
+    def eps(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """The reference's noise prediction."""
+        if self.copy is None:  # the restorer's own (unwrapped) network with its adapters off: no collectives, no grad
+            with adapters_disabled(self.module):
+                return self.restorer.predict_eps(x_t, t, cond, net=self.module)
+        return self.restorer.predict_eps(x_t, t, cond, net=self.copy)
+
+    @torch.no_grad()
+    def output(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """The reference's own output (eps, v or x0: the model's prediction type)."""
+        if self.copy is None:
+            with adapters_disabled(self.module):
+                return self.restorer.predict_output(x_t, t, cond, net=self.module)
+        return self.restorer.predict_output(x_t, t, cond, net=self.copy)
