@@ -121,7 +121,7 @@ def engine_of(accelerator: Accelerator) -> str | None:
     return {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(accelerator.distributed_type)
 
 
-def _sharded(accelerator: Accelerator) -> bool:
+def sharded_weights(accelerator: Accelerator) -> bool:
     """Whether the prepared weights are split over processes (FSDP, DeepSpeed ZeRO-3)."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     engine = engine_of(accelerator)
@@ -139,7 +139,7 @@ def set_deepspeed_micro_batch(accelerator: Accelerator, size: int) -> None:
 def check_engine(accelerator: Accelerator, module: nn.Module) -> None:
     """Refuse what the engine cannot do with `module` before training starts: LoRA under FSDP or ZeRO-3 (the
     reference is the LoRA-free network in place, which sharding hides)."""
-    if _sharded(accelerator) and any("lora_" in name for name, _ in module.named_parameters()):
+    if sharded_weights(accelerator) and any("lora_" in name for name, _ in module.named_parameters()):
         raise ValueError("LoRA training under FSDP or DeepSpeed ZeRO-3 is not supported (LoRA weights are small: use "
                          "DDP or ZeRO-2, configs/accelerate/ddp.yaml or deepspeed_zero2_offload.yaml)")
 
@@ -151,7 +151,7 @@ def full_network(accelerator: Accelerator, wrapped: nn.Module, module: nn.Module
     network) itself. Under FSDP and ZeRO-3 the weights are sharded: they are gathered (`get_state_dict`, a collective)
     into a copy of `module` on the main process; the other processes get None.
     """
-    if not _sharded(accelerator):
+    if not sharded_weights(accelerator):
         return module
     check_engine(accelerator, module)
     state = accelerator.get_state_dict(wrapped)
