@@ -12,6 +12,7 @@ Setting a weight to 0 (or `dynamic_frm.every: 0`) turns that component off for a
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -425,6 +426,9 @@ def train_refl(config: ReFLConfig) -> Path:
     restore_run(accelerator, state, modules, optimizers)  # last, after every setup that draws random numbers
     # micro-batches since the run's start: each one's draws are seeded by it and its rows (docs/methods.md 4)
     micro = step * run.gradient_accumulation_steps
+    # reward per compute (docs/methods.md 2.4): the run's training wall-clock, held-out evaluation and saving left out
+    trained_s = log.history[-1].get("time/train_s", 0.0) if log.history else 0.0
+    step_start = time.perf_counter()
     while step < config.train_steps:
         wrapped.train()
         _, batch = next(batches)
@@ -448,6 +452,8 @@ def train_refl(config: ReFLConfig) -> Path:
             scalars.update(_dynamic_frm_update(frm, frm_optimizer, dyn, batch, result.restored, preference_batches, accelerator,
                                                run.gradient_accumulation_steps))
         scalars = _mean_over_processes(scalars, accelerator)
+        trained_s += time.perf_counter() - step_start
+        scalars["time/train_s"] = trained_s
         monitor.add_reward(scalars["refl/reward"])
         log.step(step, scalars)
         stop = False
@@ -461,6 +467,7 @@ def train_refl(config: ReFLConfig) -> Path:
         if stop:
             accelerator.print(f"refl: stopped at step {step} on the reward-hacking alarm (held_out.stop_on_hacking)")
             break
+        step_start = time.perf_counter()
     log.close()
     accelerator.wait_for_everyone()
     full = full_network(accelerator, wrapped, trainable)
