@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from facereward.smoke import active

@@ -100,3 +100,21 @@ def test_refl_on_two_processes_matches_one(tmp_path, restorer_dir):
         assert two[0][key] == pytest.approx(one[0][key], rel=1e-5, abs=1e-7), key
     _assert_close_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", restorer_dir)
     _assert_close_weights(tmp_path / "one" / "frm", tmp_path / "two" / "frm", tmp_path / "frm")  # the dynamic FRM too
+
+
+def test_nft_on_two_processes_matches_one(tmp_path, restorer_dir):
+    config = {"run": {"save_every": 2, "log_every": 1, "progress": False, "speed": "off"}, "init_from": str(restorer_dir),
+              "data": {"toy_faces": 6, "size": 32, "toy_identities": 10}, "rewards": {"weights": {"wavelet": 0.5, "ssim": 0.5}},
+              "group_size": 4, "inputs_per_batch": 1, "batches_per_epoch": 2, "epochs": 2, "sample_steps": 3, "micro_batch": 2,
+              "lr": 1e-4, "eta": 0.5, "held_out": {"every": 0}}
+    # a group of 4 split over 2 processes; eta 0.5 so the per-sample step noise is drawn too; one step an epoch
+    assert cli_run(["nft", "--config", str(_write(tmp_path, "one", config, "one"))]) == 0
+    proc = _launch_two(["nft", "--config", str(_write(tmp_path, "two", config, "two"))])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())["train_log"]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())["train_log"]
+    for key in ("reward", "reward_std", "nft/r_mean", "nft/loss"):  # before any update: the same samples, noise and loss
+        assert two[0][key] == pytest.approx(one[0][key], rel=1e-5, abs=1e-7), key
+    assert two[0]["nft/optimizer_steps"] == one[0]["nft/optimizer_steps"] == 1.0
+    assert two[1]["reward"] == pytest.approx(one[1]["reward"], rel=1e-3)
+    _assert_close_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", restorer_dir)

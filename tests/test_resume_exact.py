@@ -122,3 +122,14 @@ def test_lrpo_resumes_bit_identically_after_sigkill(tmp_path, pixel_restorer):
               "train_batch_size": 3, "reg_steps": 2, "lr": 1e-4, "held_out": {"every": 2, "toy_faces": 2, "sample_steps": 2}}
     ref, killed = _kill_and_resume(tmp_path, ["lrpo"], config, ["lrpo step 2/", 3, "lrpo step 3/"])
     _assert_same_run(ref, killed)
+
+
+def test_nft_resumes_bit_identically_after_sigkill(tmp_path, pixel_restorer):
+    """The old policy and the optimizer-step count (its averaging decay) come back with the trained network."""
+    pixel_restorer.save_pretrained(tmp_path / "restorer")
+    config = {"run": {"save_every": 1, "log_every": 1, "progress": False}, "init_from": str(tmp_path / "restorer"),
+              "data": {"toy_faces": 6, "size": 32, "toy_identities": 10}, "rewards": {"weights": {"wavelet": 0.5, "ssim": 0.5}},
+              "group_size": 3, "inputs_per_batch": 2, "batches_per_epoch": 1, "epochs": 4, "sample_steps": 3, "micro_batch": 3,
+              "steps_per_epoch": 2, "lr": 1e-4, "old_decay_rate": 0.1, "held_out": {"every": 2, "toy_faces": 2, "sample_steps": 2}}
+    ref, killed = _kill_and_resume(tmp_path, ["nft"], config, ["nft step 2/", 3])
+    _assert_same_run(ref, killed)

@@ -285,10 +285,10 @@ class OfflinePairs:
     def batch(self, positions: list[int]) -> PairBatch:
         restorer, size, device = self.restorer, self.restorer.config.size, self.accelerator.device
         chosen = [self.pairs[int(self.order[p])] for p in positions]
-        w, l, lq = (torch.cat([_read(p, key, size) for p in chosen]).to(device) for key in ("chosen", "rejected", "lq"))
+        good, bad, lq = (torch.cat([_read(p, key, size) for p in chosen]).to(device) for key in ("chosen", "rejected", "lq"))
         with self.accelerator.autocast():
             cond = restorer.condition(restorer.clean(lq))
-            x0 = restorer.encode(torch.cat([w, l])).float()  # the posterior mean in latent mode
+            x0 = restorer.encode(torch.cat([good, bad])).float()  # the posterior mean in latent mode
         x0_w, x0_l = x0.chunk(2)
         return PairBatch(x0_w, x0_l, cond, cond)
 
@@ -321,7 +321,10 @@ class OnlinePairs:
     def __init__(self, samples: GroupSamples, config: DPOConfig, accelerator: Accelerator, epoch: int):
         rows = accelerator.gather(samples.rows)
         order = torch.argsort(rows)  # row order: the same on 1 or N processes
-        gather = lambda x: accelerator.gather(x.contiguous())[order]  # noqa: E731
+
+        def gather(x: Tensor) -> Tensor:
+            return accelerator.gather(x.contiguous())[order]
+
         self.rewards, group_ids = gather(samples.scores["reward"]), gather(samples.group_ids)
         self.scores = {k: gather(v) for k, v in samples.scores.items()}
         pairs = rank_pairs(self.rewards, group_ids, config.pairs_per_group, config.min_margin)
