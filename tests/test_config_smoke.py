@@ -9,7 +9,9 @@ from facereward.config import ConfigError, check_override, load_config
 from facereward.evaluate import EvaluateConfig
 from facereward.train.base import TrainBaseConfig
 from facereward.train.frm import TrainFRMConfig
+from facereward.train.dpo import DPOConfig
 from facereward.train.lrpo import LRPOConfig, check_config
+from facereward.train.nft import NFTConfig
 from facereward.train.refl import ReFLConfig
 
 
@@ -55,7 +57,7 @@ def test_scale_argv_caps_given_options_and_adds_missing_ones(monkeypatch):
     assert smoke.scale_argv(["demo", "--n", "16"]) == ["demo", "--n", "16"]
 
 
-@pytest.mark.parametrize("cls", [TrainBaseConfig, TrainFRMConfig, ReFLConfig, LRPOConfig])
+@pytest.mark.parametrize("cls", [TrainBaseConfig, TrainFRMConfig, ReFLConfig, LRPOConfig, NFTConfig, DPOConfig])
 def test_smoke_caps_every_trainer_config(cls, monkeypatch):
     monkeypatch.setenv(smoke.ENV, "1")
     cfg = load_config(cls, None, ["run.save_every=100000"])

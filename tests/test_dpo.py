@@ -24,6 +24,7 @@ from facereward.train.dpo import (
     rank_pairs,
     step_shares,
     train_dpo,
+    warmup_lr,
 )
 
 LOG2_F32 = float(torch.log(torch.tensor(2.0)))  # -log sigmoid(0) in float32
@@ -85,7 +86,7 @@ def test_the_first_step_is_log_2_against_the_initial_network(pixel_config, lora_
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters() if p.requires_grad)
 
 
-def test_pair_draws_are_per_pair_position_and_shares_cover_each_step_once():
+def test_pair_draws_shares_and_warmup():
     t, noise = pair_draws(3, 1, [0, 1, 2, 3], (2, 4, 4), 1000, torch.device("cpu"))
     t2, noise2 = pair_draws(3, 1, [2, 3], (2, 4, 4), 1000, torch.device("cpu"))
     assert torch.equal(t[2:], t2) and torch.equal(noise[2:], noise2)  # independent of which pairs share the call
@@ -96,6 +97,8 @@ def test_pair_draws_are_per_pair_position_and_shares_cover_each_step_once():
     assert one == [(5, [[0, 1], [2, 3], [4]])]
     assert two == [[(5, [[0, 1], []])], [(5, [[2, 3], [4]])]]
     assert [m for m, _ in step_shares(7, 3, 0, 1, 2)] == [3, 3, 1]  # the epoch's last step takes what is left
+    assert [warmup_lr(1e-3, 4, s) for s in range(5)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert warmup_lr(1e-3, 0, 0) == 1e-3
 
 
 def test_rank_pairs_takes_the_top_k_against_the_bottom_k_and_drops_small_margins():
@@ -271,7 +274,8 @@ def _cli_config(model_dir) -> dict:
 def test_dpo_resumes_bit_identically_after_sigkill(tmp_path, pixel_dir):
     from test_resume_exact import _assert_same_run, _kill_and_resume
 
-    config = {**_cli_config(pixel_dir), "epochs": 4, "batch_size": 2,
+    # 4 pairs an epoch in 2 steps; the warmup's 5 steps run across the kills
+    config = {**_cli_config(pixel_dir), "epochs": 4, "batch_size": 2, "warmup_steps": 5,
               "held_out": {"every": 2, "toy_faces": 2, "sample_steps": 2}}
     ref, killed = _kill_and_resume(tmp_path, ["dpo"], config, ["dpo step 2/", 3, "dpo step 3/"])
     _assert_same_run(ref, killed)
@@ -294,5 +298,9 @@ def test_dpo_on_two_processes_matches_one(tmp_path, pixel_dir):
         assert two[0][key] == pytest.approx(one[0][key], rel=1e-5, abs=1e-7), key
     assert two[0]["pairs/count"] == one[0]["pairs/count"] == 4.0
     assert two[0]["dpo/optimizer_steps"] == one[0]["dpo/optimizer_steps"] == 1.0
+    # the step's gradient (after DDP's average) is the one-process gradient: each process's loss share is scaled right
+    assert two[0]["dpo/grad_norm"] == pytest.approx(one[0]["dpo/grad_norm"], rel=1e-4)
     assert two[1]["reward"] == pytest.approx(one[1]["reward"], rel=1e-3)
     _assert_close_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", pixel_dir)
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step-00000002" / "state.json").read_text())
+    assert state["num_processes"] == 2

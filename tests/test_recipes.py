@@ -11,7 +11,11 @@ import torch
 
 from facereward.config import ConfigError, load_config
 from facereward.measures import MeasuresConfig, WeightedSum
+from facereward.train.dpo import DPOConfig
+from facereward.train.dpo import check_config as check_dpo_config
 from facereward.train.lrpo import LRPOConfig, check_config, rewards_with_defaults
+from facereward.train.nft import NFTConfig
+from facereward.train.nft import check_config as check_nft_config
 from facereward.train.refl import ReFLConfig, _validate, build_losses
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -83,14 +87,22 @@ def test_toy_recipes_load_and_validate():
     assert refl.losses.weights == {"wavelet": 0.01} and refl.rewards == MeasuresConfig(weights={"frm": 1.0})  # no LPIPS
     assert list(build_losses(refl, torch.device("cpu")).measures) == ["wavelet"]  # no weight files needed
     assert (refl.train_steps, refl.sample_steps, refl.held_out.sample_steps) == (60, 10, 10)
+    # the race's recipes (scripts/race.py): LRPO's data, sampler length and composite reward
+    nft = load_config(NFTConfig, CONFIGS / "nft_toy.yaml", [])
+    dpo = load_config(DPOConfig, CONFIGS / "dpo_toy.yaml", [])
+    check_dpo_config(dpo)
+    assert check_nft_config(nft) == 7 and nft.eta == 0.0
+    for other in (nft, dpo):
+        assert (other.rewards, other.data, other.sample_steps) == (lrpo.rewards, lrpo.data, lrpo.sample_steps)
 
 
 def test_recipe_keys_are_all_known():
     """A typo in a recipe would be a one-line config error; every recipe file parses with no unknown key."""
     for path in CONFIGS.glob("*.yaml"):
-        kind = LRPOConfig if path.name.startswith("lrpo") else ReFLConfig
+        kind = {"lrpo": LRPOConfig, "nft": NFTConfig, "dpo": DPOConfig}.get(path.name.split("_")[0], ReFLConfig)
         load_config(kind, path, [])
-    assert {p.name for p in CONFIGS.glob("*.yaml")} >= {"lrpo_original.yaml", "refl_original.yaml", "lrpo_toy.yaml", "refl_toy.yaml"}
+    assert {p.name for p in CONFIGS.glob("*.yaml")} >= {"lrpo_original.yaml", "refl_original.yaml", "lrpo_toy.yaml", "refl_toy.yaml",
+                                                        "nft_toy.yaml", "dpo_toy.yaml"}
     assert re.search(r"REWARD_CONFIG", (CONFIGS / "lrpo_original.yaml").read_text())
 
 

@@ -97,10 +97,14 @@ class DPOConfig:
     # scale_term = -0.5 * beta at :1142; diffusers' script writes the same as beta_dpo 2500 without the half, :301-303, :880)
     beta: float = 5000.0
     epochs: int = 10
-    batch_size: int = 2048  # pairs per optimizer step over all processes (the paper's 2048: sd15.sh, 1 x 128 x 16 GPUs)
+    batch_size: int = 2048  # pairs per optimizer step over all processes ("Paper used 2048", sd15.sh:4-5)
     micro_batch: int = 4  # pairs per network call (2 rows each), and samples per call when sampling online pairs
-    # AdamW at 1e-8 per pair, linearly scaled by the batch (sd15.sh: --learning_rate=1e-8 --scale_lr): 2.048e-5 at 2048
+    # AdamW at 1e-8 per pair, scaled by the batch (sd15.sh:15 --learning_rate=1e-8 --scale_lr, train.py:662-665): 2.048e-5 at
+    # 2048 pairs (full network). Not rescaled here when batch_size changes. (diffusers' 5e-4, :315, is for LoRA rank 4.)
     lr: float = 2.048e-5
+    # linear warmup over this many optimizer steps: diffusers' default scheduler is constant (:325-327; its 500 warmup
+    # steps, :334, unused); the authors' sd15.sh:14 warms up over 500 of its 2000 steps
+    warmup_steps: int = 0
     weight_decay: float = 0.01  # --adam_weight_decay 1e-2 (both scripts)
     grad_clip: float = 1.0  # --max_grad_norm 1.0 (both scripts)
     skip_ties: bool = True  # offline pairs marked tie are skipped (a tie says nothing about which to prefer)
@@ -129,7 +133,7 @@ def check_config(config: DPOConfig) -> None:
     for name in ("beta", "lr"):
         if not getattr(config, name) > 0 or not math.isfinite(getattr(config, name)):
             raise ValueError(f"{name} must be > 0, got {getattr(config, name)}")
-    for name in ("weight_decay", "grad_clip", "min_margin"):
+    for name in ("weight_decay", "grad_clip", "min_margin", "warmup_steps"):
         if not getattr(config, name) >= 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
     if isinstance(config.eta, (str, bool)) or config.eta is None or not config.eta >= 0:
@@ -228,7 +232,8 @@ def pair_terms(restorer: Restorer, net: nn.Module | None, reference: Reference, 
 
 
 def _image_problem(path: Path, size: int) -> str | None:
-    """Why `path` is no RGB image of `size` x `size` (its header only: cheap for many pairs), or None."""
+    """Why `path` is no readable image of `size` x `size`, or None. Only the header is read (cheap for many pairs): a
+    truncated file or a grayscale one is reported, naming the same line, when a step reads it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -367,22 +372,28 @@ def step_shares(n_pairs: int, batch_size: int, rank: int, world: int, micro_batc
     return steps
 
 
-_STAT_KEYS = ("loss", "correct", "margin", "model_mse", "ref_mse", "count", "grad_norm", "opt_steps")
+_STAT_KEYS = ("loss", "correct", "margin", "model_mse", "ref_mse", "count", "grad_norm", "opt_steps", "lr")
+
+
+def warmup_lr(lr: float, warmup_steps: int, step: int) -> float:
+    """The learning rate of optimizer step `step` (0-based, over the whole run): linear warmup, then constant."""
+    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
 
 
 def update_epoch(restorer: Restorer, net: nn.Module, optimizer: torch.optim.Optimizer, reference: Reference,
                  batch_of: Callable[[list[int]], PairBatch], n_pairs: int, config: DPOConfig, accelerator: Accelerator,
-                 epoch: int) -> dict[str, Tensor]:
+                 epoch: int, done_steps: int = 0) -> dict[str, Tensor]:
     """One pass over an epoch's `n_pairs` pairs in optimizer steps of `batch_size`; summed statistics (no host sync).
 
     A step's loss is the mean over its pairs on all processes: each micro-batch contributes its pairs' sum divided by
     the step's global size, times the number of processes (DDP averages gradients); gradients are synchronised on the
-    step's last micro-batch only (`micro_step`).
+    step's last micro-batch only (`micro_step`). `done_steps`: the optimizer steps of the run before this epoch (warmup).
     """
     device, world = accelerator.device, accelerator.num_processes
     stats = {k: torch.zeros((), device=device) for k in _STAT_KEYS}
     shape = restorer.latent_shape(1, restorer.config.size, restorer.config.size)[1:]
     n_timesteps = int(restorer.scheduler.config.num_train_timesteps)
+    steps = 0
     for m, calls in step_shares(n_pairs, config.batch_size, accelerator.process_index, world, config.micro_batch):
         optimizer.zero_grad(set_to_none=True)
         for i, positions in enumerate(calls):
@@ -403,15 +414,20 @@ def update_epoch(restorer: Restorer, net: nn.Module, optimizer: torch.optim.Opti
             norm = accelerator.clip_grad_norm_(net.parameters(), config.grad_clip)
             if norm is not None:
                 stats["grad_norm"] += torch.as_tensor(norm, device=device).float()
+        lr = warmup_lr(config.lr, config.warmup_steps, done_steps + steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        steps += 1
         stats["opt_steps"] += 1
+        stats["lr"].fill_(lr)
     return stats
 
 
 def epoch_scalars(stats: dict[str, Tensor], online: OnlinePairs | None, accelerator: Accelerator) -> dict[str, float]:
     """The epoch's logged numbers (one host sync)."""
-    summed = {k: accelerator.reduce(v.clone(), "sum") for k, v in stats.items()}
+    summed = {k: accelerator.reduce(v.clone(), "sum") for k, v in stats.items() if k != "lr"}
     count = summed["count"].clamp_min(1)
     out: dict[str, Tensor] = {
         "dpo/loss": summed["loss"] / count,
@@ -421,6 +437,7 @@ def epoch_scalars(stats: dict[str, Tensor], online: OnlinePairs | None, accelera
         "dpo/ref_mse": summed["ref_mse"] / count,
         "dpo/grad_norm": summed["grad_norm"] / summed["opt_steps"].clamp_min(1),
         "dpo/optimizer_steps": summed["opt_steps"] / accelerator.num_processes,
+        "dpo/lr": stats["lr"],
         "pairs/count": summed["count"],
     }
     if online is not None:
@@ -497,6 +514,7 @@ def train_dpo(config: DPOConfig) -> Path:
         if monitor.last:
             history.append({"epoch": 0, **{f"held_out/{k}": v for k, v in monitor.last.items()}})
     trained_s = history[-1].get("time/train_s", 0.0) if history else 0.0  # carried over a resume
+    done_steps = int(sum(e.get("dpo/optimizer_steps", 0) for e in history))  # the warmup's position, carried over a resume
     for epoch in range(start, config.epochs):
         epoch_start = time.perf_counter()
         pairs: OnlinePairs | OfflinePairs
@@ -506,7 +524,9 @@ def train_dpo(config: DPOConfig) -> Path:
             del samples
         else:
             pairs = OfflinePairs(offline_pairs, restorer, accelerator, run.seed, epoch)
-        stats = update_epoch(restorer, net, optimizer, reference, pairs.batch, len(pairs), config, accelerator, epoch)
+        stats = update_epoch(restorer, net, optimizer, reference, pairs.batch, len(pairs), config, accelerator, epoch,
+                             done_steps)
+        done_steps += math.ceil(len(pairs) / config.batch_size)
         scalars = epoch_scalars(stats, pairs if online else None, accelerator)
         del pairs
         epoch_s = time.perf_counter() - epoch_start  # the training wall-clock, held-out evaluation left out
