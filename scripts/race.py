@@ -174,7 +174,7 @@ def table(curves: dict[tuple[str, int], list[dict]], methods: list[str], seeds: 
                      + f"{len(fractions)}/{len(runs)} |")
     if "dpo-oracle" in methods:
         lines += ["", f"dpo-oracle's {2 * PAIR_INPUTS} pairs (toy-preferences: {PAIR_INPUTS} training faces, 4 restorations, the LQ, "
-                  "3 degradations of the GT and the GT each; 2 oracle-labelled pairs per face) took {pair_s:.0f} s "
+                  f"3 degradations of the GT and the GT each; 2 oracle-labelled pairs per face) took {pair_s:.0f} s "
                   "to make, once for all seeds; not in its training wall-clock."]
     return "\n".join(lines) + "\n"
 
