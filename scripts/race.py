@@ -6,7 +6,7 @@ held-out figures against training wall-clock, with 95% intervals across seeds (d
         -> OUT/table.md, OUT/race.png, OUT/results.json, OUT/METHOD-sSEED/ (each run; a rerun skips finished runs)
 
 Each method runs its toy recipe (configs/*_toy.yaml) in its own process, one after another, with no held-out
-evaluation inside the run (so its wall-clock is training only) and a checkpoint at five evenly spaced points. Every
+evaluation inside the run (so its wall-clock is training only) and a checkpoint at ten evenly spaced points. Every
 checkpoint (and the base) is then evaluated the same way: 16 faces of held-out identities restored with 8 DDIM steps at
 eta 0, scored by the composite reward of configs/lrpo_toy.yaml, the initial toy FRM, IDS, PSNR and the toy oracle.
 The DPO oracle pairs (`facereward toy-preferences`, one set for all seeds) are made once; their time is reported apart.
@@ -55,7 +55,7 @@ def train(method: str, seed: int, out: Path, pairs: Path, smoke: bool) -> Path:
     n = length(method, smoke)
     sets = [s.format(pairs=pairs) for s in extra] + [
         f"run.seed={seed}", "run.resume=auto", "run.progress=false", "held_out.every=0", "run.log_every=1",
-        f"run.save_every={max(1, n // 5)}", "run.keep_checkpoints=100",
+        f"run.save_every={max(1, n // 10)}", "run.keep_checkpoints=100",
         f"{'train_steps' if unit == 'step' else 'epochs'}={n}"]
     cmd = [sys.executable, "-m", "facereward", command, "--config", config, "--output-dir", str(folder)]
     for s in sets:
@@ -155,7 +155,7 @@ def table(curves: dict[tuple[str, int], list[dict]], methods: list[str], seeds: 
     base = curves[(methods[0], seeds[0])][0]
     lines = [f"Held-out: 16 faces of held-out identities, 8 DDIM steps, eta 0; mean ± 95% t-interval over seeds {seeds}. "
              f"\"Reaches\": the training wall-clock at which a run's held-out composite reward first reaches the same seed's "
-             f"{REFERENCE} final, as a fraction of that {REFERENCE} run's wall-clock (checkpoints at fifths of each run).", "",
+             f"{REFERENCE} final, as a fraction of that {REFERENCE} run's wall-clock (checkpoints at tenths of each run).", "",
              "| method | composite reward | initial FRM | IDS | PSNR (dB) | oracle | training wall-clock (s) | reaches LRPO's final at | seeds that reach it |",
              "|---|---|---|---|---|---|---|---|---|",
              f"| base | {base['reward']:.4f} | {base['frm/initial']:.3f} | {base['ids']:.4f} | {base['psnr']:.2f} | "
@@ -172,6 +172,18 @@ def table(curves: dict[tuple[str, int], list[dict]], methods: list[str], seeds: 
                      f"{cell([f['toy-quality'] for f in finals], 4)} | {cell([f['time/train_s'] for f in finals], 1)} | "
                      + (f"{statistics.mean(fractions):.2f}x (mean of those that do) | " if fractions else "never | ")
                      + f"{len(fractions)}/{len(runs)} |")
+    ref_runs = {s: curves[(REFERENCE, s)][-1] for s in seeds if (REFERENCE, s) in curves}
+    lines += ["", f"Final minus {REFERENCE}'s final, paired by seed (mean ± 95% t-interval over the seeds' differences):", "",
+              "| method | composite reward | initial FRM | IDS | PSNR (dB) | oracle |", "|---|---|---|---|---|---|"]
+    for m in methods:
+        paired = [(curves[(m, s)][-1], ref_runs[s]) for s in seeds if (m, s) in curves and s in ref_runs]
+        if m == REFERENCE or not paired:
+            continue
+        cells = []
+        for column, digits in zip(COLUMNS, (4, 3, 4, 2, 4)):
+            mean, half = interval([a[column] - b[column] for a, b in paired])
+            cells.append(f"{mean:+.{digits}f} ± {half:.{digits}f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if "dpo-oracle" in methods:
         lines += ["", f"dpo-oracle's {2 * PAIR_INPUTS} pairs (toy-preferences: {PAIR_INPUTS} training faces, 4 restorations, the LQ, "
                   f"3 degradations of the GT and the GT each; 2 oracle-labelled pairs per face) took {pair_s:.0f} s "

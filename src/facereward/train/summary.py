@@ -75,10 +75,12 @@ def final_figures(run_dir: str | Path) -> list[str]:
         lines.append(f"held-out pairwise accuracy: best {metrics['best_held_out_accuracy']:.4f}, last "
                      f"{last.get('accuracy', float('nan')):.4f} at step {last.get('step', '-')} ({metrics.get('held_out_pairs', '?')} pairs)")
     unit = metrics.get("unit", "step")
-    if unit == "epoch" and metrics.get("train_log"):  # lrpo: the last epoch's reward
+    if unit == "epoch" and metrics.get("train_log"):  # lrpo, nft, dpo: the last epoch's reward (offline dpo: its loss)
         last = metrics["train_log"][-1]
         rewards = {k: v for k, v in last.items() if k == "reward" or k.startswith("reward/")}
-        lines.append(f"epoch {last.get('epoch')}: {_fmt(rewards)}")
+        rewards = rewards or {k: v for k, v in last.items() if k in ("dpo/loss", "dpo/implicit_accuracy", "dpo/reward_margin")}
+        if rewards:
+            lines.append(f"epoch {last.get('epoch')}: {_fmt(rewards)}")
     if metrics.get("held_out"):  # refl, lrpo
         last = metrics["held_out"][-1]
         lines.append(f"held-out at {unit} {last.get(unit)}: {_fmt({k: v for k, v in last.items() if k != unit})}")
