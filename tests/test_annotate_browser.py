@@ -275,7 +275,10 @@ def test_http_api_and_file_serving_refuses_traversal(tmp_path: Path) -> None:
 def test_run_annotate_prints_the_url_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     root = make_candidates_dir(tmp_path / "c")
     code = "import sys; from facereward.annotate import run_annotate; run_annotate(sys.argv[1], port=0, annotator='cli')"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a job started in the background by a non-interactive shell (a CI runner, `cmd &`) ignores SIGINT, and a child
+    # inherits that, so Python would install no KeyboardInterrupt handler: give the server Ctrl-C's default back
+    proc = subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = proc.stdout.readline()
         assert "0 / 6 pairs done" in first, first + proc.stderr.read() if proc.poll() is not None else first
