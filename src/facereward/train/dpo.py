@@ -59,15 +59,14 @@ from facereward.train.accelerator import (
 )
 from facereward.train.checkpoints import checkpoint_run, restore_run, resume_run, write_run_config
 from facereward.train.groups import GroupSamples, sample_groups
-from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator, HeldOutMonitor, write_metrics
+from facereward.train.epochs import EpochRecorder
+from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator
 from facereward.train.lrpo import rewards_with_defaults
-from facereward.train.progress import ProgressLog
 from facereward.train.speed import Workload, speed_up_stage2
 from facereward.train.trainable import (
     LoraSettings,
     Reference,
     prepare_trainable,
-    save_restorer,
     trainable_parameters,
 )
 from facereward.weights import default_restorer_path
@@ -503,19 +502,19 @@ def train_dpo(config: DPOConfig) -> Path:
         held_out = HeldOutEvaluator(config.held_out, config.data, size, accelerator.device,
                                     extra=reward.scorers() if reward is not None else None)
     state = resume_run(accelerator, run)
-    start, history = (int(state["step"]), list(state.get("history", []))) if state else (0, [])
-    monitor = HeldOutMonitor(config.held_out, held_out, accelerator, "dpo", "epoch", config.epochs, (state or {}).get("held_out"))
-    log = ProgressLog(accelerator, config.epochs, start, "dpo", run.log_every, run.progress)
-    metrics_path = Path(run.output_dir) / "metrics.json"
+    epochs = EpochRecorder("dpo", config.epochs, run, config.held_out, held_out, accelerator, state)
     # every draw of an epoch has its own (seed, epoch, pair) generator; this covers any other
     restore_run(accelerator, state, {"stage2": net}, {"optimizer": optimizer})
-    if start == 0 and not monitor.records and config.held_out.every > 0:  # epoch 0: the base, the baseline of every curve
-        monitor.evaluate(0, restorer, full_network(accelerator, net, module))
-        if monitor.last:
-            history.append({"epoch": 0, **{f"held_out/{k}": v for k, v in monitor.last.items()}})
-    trained_s = history[-1].get("time/train_s", 0.0) if history else 0.0  # carried over a resume
-    done_steps = int(sum(e.get("dpo/optimizer_steps", 0) for e in history))  # the warmup's position, carried over a resume
-    for epoch in range(start, config.epochs):
+
+    def network() -> nn.Module | None:
+        return full_network(accelerator, net, module)
+
+    def checkpoint(epoch: int) -> Callable[[dict], None]:
+        return lambda extra: checkpoint_run(accelerator, run, epoch, {"stage2": net}, {"optimizer": optimizer}, extra)
+
+    epochs.baseline(restorer, network)
+    done_steps = int(sum(e.get("dpo/optimizer_steps", 0) for e in epochs.history))  # the warmup's position, over a resume
+    for epoch in range(epochs.start, config.epochs):
         epoch_start = time.perf_counter()
         pairs: OnlinePairs | OfflinePairs
         if online:
@@ -529,31 +528,9 @@ def train_dpo(config: DPOConfig) -> Path:
         done_steps += math.ceil(len(pairs) / config.batch_size)
         scalars = epoch_scalars(stats, pairs if online else None, accelerator)
         del pairs
-        epoch_s = time.perf_counter() - epoch_start  # the training wall-clock, held-out evaluation left out
-        trained_s += epoch_s
-        scalars.update({"time/epoch_s": epoch_s, "time/train_s": trained_s})
         # the hacking alarm's training reward: the samples' reward online, the implicit reward margin offline
-        monitor.add_reward(scalars["reward" if online else "dpo/reward_margin"])
-        stop = False
-        if monitor.due(epoch + 1):
-            stop = monitor.evaluate(epoch + 1, restorer, full_network(accelerator, net, module))
-            scalars.update({f"held_out/{k}": v for k, v in monitor.last.items()})
-        history.append({"epoch": epoch + 1, **scalars})
-        log.step(epoch + 1, scalars)
-        if accelerator.is_main_process:
-            write_metrics(metrics_path, "epoch", monitor.records, history)
-        if stop or (epoch + 1) % run.save_every == 0 or epoch + 1 == config.epochs:
-            checkpoint_run(accelerator, run, epoch + 1, {"stage2": net}, {"optimizer": optimizer},
-                           {"history": history, "held_out": monitor.state()})
-        if stop:
-            accelerator.print(f"dpo: stopped after epoch {epoch + 1} on the reward-hacking alarm (held_out.stop_on_hacking)")
+        train_reward = scalars["reward" if online else "dpo/reward_margin"]
+        if epochs.end_epoch(epoch + 1, scalars, time.perf_counter() - epoch_start, train_reward, restorer, network,
+                            checkpoint(epoch + 1)):
             break
-    log.close()
-    out = Path(run.output_dir) / "model"
-    accelerator.wait_for_everyone()
-    full = full_network(accelerator, net, module)
-    if accelerator.is_main_process:
-        save_restorer(restorer, out, net=full)
-        write_metrics(metrics_path, "epoch", monitor.records, history)
-    accelerator.end_training()
-    return out
+    return epochs.finish(restorer, network)

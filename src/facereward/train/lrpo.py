@@ -25,6 +25,7 @@ adapters) is trained; the restorer stays in eval mode (the networks have no drop
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -68,14 +69,13 @@ from facereward.train.groups import (
     group_advantages,
     group_batch,
 )
-from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator, HeldOutMonitor, write_metrics
-from facereward.train.progress import ProgressLog
+from facereward.train.epochs import EpochRecorder
+from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator
 from facereward.train.speed import Workload, speed_up_stage2
 from facereward.train.trainable import (
     LoraSettings,
     Reference,
     prepare_trainable,
-    save_restorer,
     trainable_parameters,
 )
 from facereward.weights import default_restorer_path, frm_path_or_default
@@ -627,18 +627,18 @@ def train_lrpo(config: LRPOConfig) -> Path:
     schedule = restorer.schedule(config.sample_steps, config.spacing, config.final_alpha_bar, device=accelerator.device)
     held_out = _held_out(config, reward, restorer.config.size, accelerator.device) if accelerator.is_main_process else None
     state = resume_run(accelerator, run)
-    start, history = (int(state["step"]), list(state.get("history", []))) if state else (0, [])
-    monitor = HeldOutMonitor(config.held_out, held_out, accelerator, "lrpo", "epoch", config.epochs, (state or {}).get("held_out"))
-    log = ProgressLog(accelerator, config.epochs, start, "lrpo", run.log_every, run.progress)
-    metrics_path = Path(run.output_dir) / "metrics.json"
+    epochs = EpochRecorder("lrpo", config.epochs, run, config.held_out, held_out, accelerator, state)
     # every draw of an epoch has its own (seed, epoch, sample) generator; this covers any other
     restore_run(accelerator, state, {"stage2": net}, {"optimizer": optimizer})
-    if start == 0 and not monitor.records and config.held_out.every > 0:  # epoch 0: the base, the baseline of every curve
-        monitor.evaluate(0, restorer, full_network(accelerator, net, module))
-        if monitor.last:
-            history.append({"epoch": 0, **{f"held_out/{k}": v for k, v in monitor.last.items()}})
-    trained_s = history[-1].get("time/train_s", 0.0) if history else 0.0  # carried over a resume
-    for epoch in range(start, config.epochs):
+
+    def network() -> nn.Module | None:
+        return full_network(accelerator, net, module)
+
+    def checkpoint(epoch: int) -> Callable[[dict], None]:
+        return lambda extra: checkpoint_run(accelerator, run, epoch, {"stage2": net}, {"optimizer": optimizer}, extra)
+
+    epochs.baseline(restorer, network)
+    for epoch in range(epochs.start, config.epochs):
         epoch_start = time.perf_counter()
         buffer, scores = sample_epoch(restorer, dataset, schedule, config, n_train, reward, accelerator, epoch, net)
         buffer.steps = trained_step_table(config, n_train, buffer.rows, epoch)
@@ -647,31 +647,7 @@ def train_lrpo(config: LRPOConfig) -> Path:
         inner = update_epoch(restorer, net, optimizer, buffer, schedule, config, n_train, reference, accelerator, epoch)
         del buffer
         scalars = epoch_scalars(scores, advantages, inner, accelerator)
-        # reward per compute (docs/methods.md 2.4): the run's training wall-clock, held-out evaluation left out
-        epoch_s = time.perf_counter() - epoch_start
-        trained_s += epoch_s
-        scalars.update({"time/epoch_s": epoch_s, "time/train_s": trained_s})
-        monitor.add_reward(scalars["reward"])
-        stop = False
-        if monitor.due(epoch + 1):
-            stop = monitor.evaluate(epoch + 1, restorer, full_network(accelerator, net, module))
-            scalars.update({f"held_out/{k}": v for k, v in monitor.last.items()})
-        history.append({"epoch": epoch + 1, **scalars})
-        log.step(epoch + 1, scalars)
-        if accelerator.is_main_process:
-            write_metrics(metrics_path, "epoch", monitor.records, history)
-        if stop or (epoch + 1) % run.save_every == 0 or epoch + 1 == config.epochs:
-            checkpoint_run(accelerator, run, epoch + 1, {"stage2": net}, {"optimizer": optimizer},
-                           {"history": history, "held_out": monitor.state()})
-        if stop:
-            accelerator.print(f"lrpo: stopped after epoch {epoch + 1} on the reward-hacking alarm (held_out.stop_on_hacking)")
+        if epochs.end_epoch(epoch + 1, scalars, time.perf_counter() - epoch_start, scalars["reward"], restorer, network,
+                            checkpoint(epoch + 1)):
             break
-    log.close()
-    out = Path(run.output_dir) / "model"
-    accelerator.wait_for_everyone()
-    full = full_network(accelerator, net, module)
-    if accelerator.is_main_process:
-        save_restorer(restorer, out, net=full)
-        write_metrics(metrics_path, "epoch", monitor.records, history)
-    accelerator.end_training()
-    return out
+    return epochs.finish(restorer, network)

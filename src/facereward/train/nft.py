@@ -16,6 +16,7 @@ LoRA adapters' module with LoRA), so full training holds a second copy, and a th
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -41,16 +42,15 @@ from facereward.train.accelerator import (
 )
 from facereward.train.checkpoints import checkpoint_run, restore_run, resume_run, write_run_config
 from facereward.train.groups import GroupSamples, group_advantages, sample_groups
-from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator, HeldOutMonitor, write_metrics
+from facereward.train.epochs import EpochRecorder
+from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator
 from facereward.train.lrpo import rewards_with_defaults
-from facereward.train.progress import ProgressLog
 from facereward.train.speed import Workload, speed_up_stage2
 from facereward.train.trainable import (
     LoraSettings,
     Reference,
     frozen_copy,
     prepare_trainable,
-    save_restorer,
     trainable_parameters,
 )
 from facereward.weights import default_restorer_path
@@ -317,18 +317,19 @@ def train_nft(config: NFTConfig) -> Path:
     held_out = (HeldOutEvaluator(config.held_out, config.data, restorer.config.size, accelerator.device, extra=reward.scorers())
                 if config.held_out.every > 0 and accelerator.is_main_process else None)
     state = resume_run(accelerator, run)
-    start, history = (int(state["step"]), list(state.get("history", []))) if state else (0, [])
+    epochs = EpochRecorder("nft", config.epochs, run, config.held_out, held_out, accelerator, state)
     opt_steps = int(state.get("optimizer_steps", 0)) if state else 0
-    monitor = HeldOutMonitor(config.held_out, held_out, accelerator, "nft", "epoch", config.epochs, (state or {}).get("held_out"))
-    log = ProgressLog(accelerator, config.epochs, start, "nft", run.log_every, run.progress)
-    metrics_path = Path(run.output_dir) / "metrics.json"
     restore_run(accelerator, state, {"stage2": net, "old": old}, {"optimizer": optimizer})
-    if start == 0 and not monitor.records and config.held_out.every > 0:  # epoch 0: the base
-        monitor.evaluate(0, restorer, full_network(accelerator, net, module))
-        if monitor.last:
-            history.append({"epoch": 0, **{f"held_out/{k}": v for k, v in monitor.last.items()}})
-    trained_s = history[-1].get("time/train_s", 0.0) if history else 0.0
-    for epoch in range(start, config.epochs):
+
+    def network() -> nn.Module | None:
+        return full_network(accelerator, net, module)
+
+    def checkpoint(epoch: int) -> Callable[[dict], None]:
+        return lambda extra: checkpoint_run(accelerator, run, epoch, {"stage2": net, "old": old}, {"optimizer": optimizer},
+                                            {**extra, "optimizer_steps": opt_steps})
+
+    epochs.baseline(restorer, network)
+    for epoch in range(epochs.start, config.epochs):
         epoch_start = time.perf_counter()
         samples = sample_groups(restorer, dataset, schedule, config, reward, accelerator, epoch, run.seed, config.eta, net=old)
         all_rewards, all_groups = accelerator.gather(samples.scores["reward"]), accelerator.gather(samples.group_ids)
@@ -341,31 +342,9 @@ def train_nft(config: NFTConfig) -> Path:
         decay = old_decay(opt_steps, config.old_decay_flat, config.old_decay_rate, config.old_decay_max)
         update_old(old, accelerator.unwrap_model(net), trained_names, decay)
         scalars = epoch_scalars(samples.scores, local, r, stats, accelerator)
+        scalars["nft/old_decay"] = decay
         del samples
-        epoch_s = time.perf_counter() - epoch_start
-        trained_s += epoch_s
-        scalars.update({"nft/old_decay": decay, "time/epoch_s": epoch_s, "time/train_s": trained_s})
-        monitor.add_reward(scalars["reward"])
-        stop = False
-        if monitor.due(epoch + 1):
-            stop = monitor.evaluate(epoch + 1, restorer, full_network(accelerator, net, module))
-            scalars.update({f"held_out/{k}": v for k, v in monitor.last.items()})
-        history.append({"epoch": epoch + 1, **scalars})
-        log.step(epoch + 1, scalars)
-        if accelerator.is_main_process:
-            write_metrics(metrics_path, "epoch", monitor.records, history)
-        if stop or (epoch + 1) % run.save_every == 0 or epoch + 1 == config.epochs:
-            checkpoint_run(accelerator, run, epoch + 1, {"stage2": net, "old": old}, {"optimizer": optimizer},
-                           {"history": history, "held_out": monitor.state(), "optimizer_steps": opt_steps})
-        if stop:
-            accelerator.print(f"nft: stopped after epoch {epoch + 1} on the reward-hacking alarm (held_out.stop_on_hacking)")
+        if epochs.end_epoch(epoch + 1, scalars, time.perf_counter() - epoch_start, scalars["reward"], restorer, network,
+                            checkpoint(epoch + 1)):
             break
-    log.close()
-    out = Path(run.output_dir) / "model"
-    accelerator.wait_for_everyone()
-    full = full_network(accelerator, net, module)
-    if accelerator.is_main_process:
-        save_restorer(restorer, out, net=full)
-        write_metrics(metrics_path, "epoch", monitor.records, history)
-    accelerator.end_training()
-    return out
+    return epochs.finish(restorer, network)
