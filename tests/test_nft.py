@@ -42,6 +42,20 @@ def test_nft_loss_matches_a_hand_computation():
     assert x0_theta.grad[0].tolist() == pytest.approx([0.0, 1.0])
 
 
+@pytest.mark.parametrize("kind, theta, old", [
+    # abar = 0.64 (sqrt 0.8, sqrt(1 - abar) 0.6), x_t = (1, 1): outputs chosen so that x0_theta = (1, 3), x0_old = (1, 1)
+    ("epsilon", [1 / 3, -7 / 3], [1 / 3, 1 / 3]),  # eps = (x_t - 0.8 x0) / 0.6
+    ("v_prediction", [-1 / 3, -11 / 3], [-1 / 3, -1 / 3]),  # v = (0.8 x_t - x0) / 0.6
+])
+def test_the_loss_from_eps_or_v_outputs_is_the_hand_computed_one(kind, theta, old):
+    """The same implicit policies from either parameterisation: the loss of the hand computation above, 3.0."""
+    x_t, abar = torch.ones(1, 2), torch.tensor([0.64])
+    x0_theta = output_to_x0(torch.tensor([theta]), x_t, abar, kind)
+    x0_old = output_to_x0(torch.tensor([old]), x_t, abar, kind)
+    assert x0_theta[0].tolist() == pytest.approx([1.0, 3.0]) and x0_old[0].tolist() == pytest.approx([1.0, 1.0])
+    assert nft_loss(x0_theta, x0_old, torch.zeros(1, 2), torch.tensor([0.75]), beta=0.5).loss.item() == pytest.approx(3.0)
+
+
 def test_optimality_weights_and_the_old_policy_decay_schedules():
     assert optimality(torch.tensor([-10.0, -5.0, 0.0, 2.5, 5.0, 7.0]), 5.0).tolist() == [0.0, 0.0, 0.5, 0.75, 1.0, 1.0]
     assert [old_decay(s, 0, 0.001, 0.5) for s in (0, 100, 499, 2000)] == pytest.approx([0.0, 0.1, 0.499, 0.5])  # type 1
