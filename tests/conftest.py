@@ -151,3 +151,10 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def pixel_dir(tmp_path, pixel_restorer):
+    """The tiny pixel restorer saved as a restorer folder (what the trainers' init_from takes)."""
+    pixel_restorer.save_pretrained(tmp_path / "pixel")
+    return tmp_path / "pixel"

@@ -142,12 +142,6 @@ def _history(run_dir) -> list[dict]:
     return json.loads((run_dir / "metrics.json").read_text())["train_log"]
 
 
-@pytest.fixture
-def pixel_dir(tmp_path, pixel_restorer):
-    pixel_restorer.save_pretrained(tmp_path / "pixel")
-    return tmp_path / "pixel"
-
-
 def _preference_file(folder, n: int = 8, size: int = 32, tie: bool = False):
     """Smooth chosen images against noisy rejected ones, each with its LQ (a blurred copy)."""
     from facereward.data.imageio import write_image

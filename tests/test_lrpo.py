@@ -279,12 +279,6 @@ def _config(tmp_path, model_dir, name: str = "run", **fields) -> LRPOConfig:
     return config
 
 
-@pytest.fixture
-def pixel_dir(tmp_path, pixel_restorer):
-    pixel_restorer.save_pretrained(tmp_path / "pixel")
-    return tmp_path / "pixel"
-
-
 def _history(run_dir) -> list[dict]:
     return json.loads((run_dir / "metrics.json").read_text())["train_log"]
 

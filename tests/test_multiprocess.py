@@ -49,14 +49,8 @@ def _write(tmp_path: Path, name: str, config: dict, output: str) -> Path:
     return path
 
 
-@pytest.fixture
-def restorer_dir(tmp_path, pixel_restorer):
-    pixel_restorer.save_pretrained(tmp_path / "restorer")
-    return tmp_path / "restorer"
-
-
-def test_lrpo_on_two_processes_matches_one(tmp_path, restorer_dir):
-    config = {"run": {"save_every": 2, "log_every": 1, "progress": False, "speed": "off"}, "init_from": str(restorer_dir),
+def test_lrpo_on_two_processes_matches_one(tmp_path, pixel_dir):
+    config = {"run": {"save_every": 2, "log_every": 1, "progress": False, "speed": "off"}, "init_from": str(pixel_dir),
               "data": {"toy_faces": 6, "size": 32, "toy_identities": 10}, "rewards": {"weights": {"wavelet": 0.5, "ssim": 0.5}},
               "group_size": 4, "inputs_per_batch": 1, "batches_per_epoch": 2, "epochs": 2, "sample_steps": 4, "micro_batch": 2,
               "train_batch_size": 0, "reg_steps": 2, "lr": 1e-4, "held_out": {"every": 0}}
@@ -72,19 +66,19 @@ def test_lrpo_on_two_processes_matches_one(tmp_path, restorer_dir):
     assert two[0]["ppo/ratio_dev_first"] == 0.0
     # after one update: 1 and 2 processes sum gradients in a different order, so only float rounding apart
     assert two[1]["reward"] == pytest.approx(one[1]["reward"], rel=1e-3)
-    _assert_close_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", restorer_dir)
+    _assert_close_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", pixel_dir)
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-00000002" / "state.json").read_text())
     assert state["num_processes"] == 2 and state["accelerate"] == {"engine": None, "models": ["stage2"], "optimizers": ["optimizer"]}
     assert {p.name for p in (tmp_path / "two" / "checkpoints" / "step-00000002").glob("rng-*")} == {"rng-0.safetensors",
                                                                                                    "rng-1.safetensors"}
 
 
-def test_refl_on_two_processes_matches_one(tmp_path, restorer_dir):
+def test_refl_on_two_processes_matches_one(tmp_path, pixel_dir):
     from facereward.models.frm import FaceRewardModel, FRMConfig
 
     torch.manual_seed(1)
     FaceRewardModel(FRMConfig(backbone="cnn", input_size=32, cnn_widths=[8, 16], cnn_depth=1)).save_pretrained(tmp_path / "frm")
-    config = {"run": {"save_every": 3, "log_every": 1, "progress": False, "speed": "off"}, "init_from": str(restorer_dir),
+    config = {"run": {"save_every": 3, "log_every": 1, "progress": False, "speed": "off"}, "init_from": str(pixel_dir),
               "rewards": {"weights": {"frm": 1.0}, "options": {"frm": {"path": str(tmp_path / "frm")}}},
               "data": {"toy_faces": 8, "size": 32, "toy_identities": 10},
               "train_steps": 3, "batch_size": 4, "sample_steps": 3, "eta": "random", "lr": 1e-4, "reward_weight": 0.1,
@@ -98,12 +92,12 @@ def test_refl_on_two_processes_matches_one(tmp_path, restorer_dir):
     assert one[0]["refl/grad_step"] == two[0]["refl/grad_step"]  # k drawn once for the global batch
     for key in ("refl/score", "refl/reward", "refl/wavelet_loss", "frm/loss"):  # logged means over both processes
         assert two[0][key] == pytest.approx(one[0][key], rel=1e-5, abs=1e-7), key
-    _assert_close_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", restorer_dir)
+    _assert_close_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", pixel_dir)
     _assert_close_weights(tmp_path / "one" / "frm", tmp_path / "two" / "frm", tmp_path / "frm")  # the dynamic FRM too
 
 
-def test_nft_on_two_processes_matches_one(tmp_path, restorer_dir):
-    config = {"run": {"save_every": 2, "log_every": 1, "progress": False, "speed": "off"}, "init_from": str(restorer_dir),
+def test_nft_on_two_processes_matches_one(tmp_path, pixel_dir):
+    config = {"run": {"save_every": 2, "log_every": 1, "progress": False, "speed": "off"}, "init_from": str(pixel_dir),
               "data": {"toy_faces": 6, "size": 32, "toy_identities": 10}, "rewards": {"weights": {"wavelet": 0.5, "ssim": 0.5}},
               "group_size": 4, "inputs_per_batch": 1, "batches_per_epoch": 2, "epochs": 2, "sample_steps": 3, "micro_batch": 2,
               "lr": 1e-4, "eta": 0.5, "held_out": {"every": 0}}
@@ -117,4 +111,4 @@ def test_nft_on_two_processes_matches_one(tmp_path, restorer_dir):
         assert two[0][key] == pytest.approx(one[0][key], rel=1e-5, abs=1e-7), key
     assert two[0]["nft/optimizer_steps"] == one[0]["nft/optimizer_steps"] == 1.0
     assert two[1]["reward"] == pytest.approx(one[1]["reward"], rel=1e-3)
-    _assert_close_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", restorer_dir)
+    _assert_close_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", pixel_dir)

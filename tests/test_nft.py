@@ -102,12 +102,6 @@ def _config(tmp_path, model_dir, name: str = "run", **fields) -> NFTConfig:
     return config
 
 
-@pytest.fixture
-def pixel_dir(tmp_path, pixel_restorer):
-    pixel_restorer.save_pretrained(tmp_path / "pixel")
-    return tmp_path / "pixel"
-
-
 def test_the_update_pulls_x0_predictions_towards_high_reward_samples(tmp_path, pixel_restorer):
     """Two samples of one input, r = 1 and r = 0: after a few updates the network's x0 prediction from a point between
     them has moved towards the r = 1 sample relative to the r = 0 one (the margin grows; with the signs of the two

@@ -52,12 +52,11 @@ from facereward.plugins import import_plugins
 from facereward.train.accelerator import (
     RunConfig,
     check_engine,
-    full_network,
     make_accelerator,
     micro_step,
     set_deepspeed_micro_batch,
 )
-from facereward.train.checkpoints import checkpoint_run, restore_run, resume_run, write_run_config
+from facereward.train.checkpoints import restore_run, resume_run, write_run_config
 from facereward.train.groups import GroupSamples, sample_groups
 from facereward.train.epochs import EpochRecorder
 from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator
@@ -502,17 +501,11 @@ def train_dpo(config: DPOConfig) -> Path:
         held_out = HeldOutEvaluator(config.held_out, config.data, size, accelerator.device,
                                     extra=reward.scorers() if reward is not None else None)
     state = resume_run(accelerator, run)
-    epochs = EpochRecorder("dpo", config.epochs, run, config.held_out, held_out, accelerator, state)
+    epochs = EpochRecorder("dpo", config.epochs, run, config.held_out, held_out, accelerator, state, net, module,
+                           {"stage2": net}, {"optimizer": optimizer})
     # every draw of an epoch has its own (seed, epoch, pair) generator; this covers any other
-    restore_run(accelerator, state, {"stage2": net}, {"optimizer": optimizer})
-
-    def network() -> nn.Module | None:
-        return full_network(accelerator, net, module)
-
-    def checkpoint(epoch: int) -> Callable[[dict], None]:
-        return lambda extra: checkpoint_run(accelerator, run, epoch, {"stage2": net}, {"optimizer": optimizer}, extra)
-
-    epochs.baseline(restorer, network)
+    restore_run(accelerator, state, epochs.modules, epochs.optimizers)
+    epochs.baseline(restorer)
     done_steps = int(sum(e.get("dpo/optimizer_steps", 0) for e in epochs.history))  # the warmup's position, over a resume
     for epoch in range(epochs.start, config.epochs):
         epoch_start = time.perf_counter()
@@ -530,7 +523,6 @@ def train_dpo(config: DPOConfig) -> Path:
         del pairs
         # the hacking alarm's training reward: the samples' reward online, the implicit reward margin offline
         train_reward = scalars["reward" if online else "dpo/reward_margin"]
-        if epochs.end_epoch(epoch + 1, scalars, time.perf_counter() - epoch_start, train_reward, restorer, network,
-                            checkpoint(epoch + 1)):
+        if epochs.end_epoch(epoch + 1, scalars, time.perf_counter() - epoch_start, train_reward, restorer):
             break
-    return epochs.finish(restorer, network)
+    return epochs.finish(restorer)

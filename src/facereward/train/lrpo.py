@@ -25,7 +25,6 @@ adapters) is trained; the restorer stays in eval mode (the networks have no drop
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -53,13 +52,11 @@ from facereward.plugins import import_plugins
 from facereward.train.accelerator import (
     RunConfig,
     check_engine,
-    full_network,
     make_accelerator,
     micro_step,
     set_deepspeed_micro_batch,
 )
 from facereward.train.checkpoints import (
-    checkpoint_run,
     restore_run,
     resume_run,
     write_run_config,
@@ -627,17 +624,11 @@ def train_lrpo(config: LRPOConfig) -> Path:
     schedule = restorer.schedule(config.sample_steps, config.spacing, config.final_alpha_bar, device=accelerator.device)
     held_out = _held_out(config, reward, restorer.config.size, accelerator.device) if accelerator.is_main_process else None
     state = resume_run(accelerator, run)
-    epochs = EpochRecorder("lrpo", config.epochs, run, config.held_out, held_out, accelerator, state)
+    epochs = EpochRecorder("lrpo", config.epochs, run, config.held_out, held_out, accelerator, state, net, module,
+                           {"stage2": net}, {"optimizer": optimizer})
     # every draw of an epoch has its own (seed, epoch, sample) generator; this covers any other
-    restore_run(accelerator, state, {"stage2": net}, {"optimizer": optimizer})
-
-    def network() -> nn.Module | None:
-        return full_network(accelerator, net, module)
-
-    def checkpoint(epoch: int) -> Callable[[dict], None]:
-        return lambda extra: checkpoint_run(accelerator, run, epoch, {"stage2": net}, {"optimizer": optimizer}, extra)
-
-    epochs.baseline(restorer, network)
+    restore_run(accelerator, state, epochs.modules, epochs.optimizers)
+    epochs.baseline(restorer)
     for epoch in range(epochs.start, config.epochs):
         epoch_start = time.perf_counter()
         buffer, scores = sample_epoch(restorer, dataset, schedule, config, n_train, reward, accelerator, epoch, net)
@@ -647,7 +638,6 @@ def train_lrpo(config: LRPOConfig) -> Path:
         inner = update_epoch(restorer, net, optimizer, buffer, schedule, config, n_train, reference, accelerator, epoch)
         del buffer
         scalars = epoch_scalars(scores, advantages, inner, accelerator)
-        if epochs.end_epoch(epoch + 1, scalars, time.perf_counter() - epoch_start, scalars["reward"], restorer, network,
-                            checkpoint(epoch + 1)):
+        if epochs.end_epoch(epoch + 1, scalars, time.perf_counter() - epoch_start, scalars["reward"], restorer):
             break
-    return epochs.finish(restorer, network)
+    return epochs.finish(restorer)

@@ -16,7 +16,6 @@ LoRA adapters' module with LoRA), so full training holds a second copy, and a th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -35,12 +34,11 @@ from facereward.train.accelerator import (
     RunConfig,
     sharded_weights,
     check_engine,
-    full_network,
     make_accelerator,
     micro_step,
     set_deepspeed_micro_batch,
 )
-from facereward.train.checkpoints import checkpoint_run, restore_run, resume_run, write_run_config
+from facereward.train.checkpoints import restore_run, resume_run, write_run_config
 from facereward.train.groups import GroupSamples, group_advantages, sample_groups
 from facereward.train.epochs import EpochRecorder
 from facereward.train.heldout import HeldOutConfig, HeldOutEvaluator
@@ -317,18 +315,12 @@ def train_nft(config: NFTConfig) -> Path:
     held_out = (HeldOutEvaluator(config.held_out, config.data, restorer.config.size, accelerator.device, extra=reward.scorers())
                 if config.held_out.every > 0 and accelerator.is_main_process else None)
     state = resume_run(accelerator, run)
-    epochs = EpochRecorder("nft", config.epochs, run, config.held_out, held_out, accelerator, state)
+    epochs = EpochRecorder("nft", config.epochs, run, config.held_out, held_out, accelerator, state, net, module,
+                           {"stage2": net, "old": old}, {"optimizer": optimizer},
+                           lambda: {"optimizer_steps": opt_steps})
     opt_steps = int(state.get("optimizer_steps", 0)) if state else 0
-    restore_run(accelerator, state, {"stage2": net, "old": old}, {"optimizer": optimizer})
-
-    def network() -> nn.Module | None:
-        return full_network(accelerator, net, module)
-
-    def checkpoint(epoch: int) -> Callable[[dict], None]:
-        return lambda extra: checkpoint_run(accelerator, run, epoch, {"stage2": net, "old": old}, {"optimizer": optimizer},
-                                            {**extra, "optimizer_steps": opt_steps})
-
-    epochs.baseline(restorer, network)
+    restore_run(accelerator, state, epochs.modules, epochs.optimizers)
+    epochs.baseline(restorer)
     for epoch in range(epochs.start, config.epochs):
         epoch_start = time.perf_counter()
         samples = sample_groups(restorer, dataset, schedule, config, reward, accelerator, epoch, run.seed, config.eta, net=old)
@@ -344,7 +336,6 @@ def train_nft(config: NFTConfig) -> Path:
         scalars = epoch_scalars(samples.scores, local, r, stats, accelerator)
         scalars["nft/old_decay"] = decay
         del samples
-        if epochs.end_epoch(epoch + 1, scalars, time.perf_counter() - epoch_start, scalars["reward"], restorer, network,
-                            checkpoint(epoch + 1)):
+        if epochs.end_epoch(epoch + 1, scalars, time.perf_counter() - epoch_start, scalars["reward"], restorer):
             break
-    return epochs.finish(restorer, network)
+    return epochs.finish(restorer)
