@@ -417,6 +417,58 @@ def annotate(
     run_annotate(folder, labels=labels, host=host, port=port, annotator=annotator, pairs_per_item=pairs_per_item, seed=seed)
 
 
+@app.command()
+def study(
+    folders: list[str] = typer.Argument(..., help="Restored images, one folder per method: DIR (the method is named after "
+                                                  "the folder) or NAME=DIR. Images are matched across folders by file stem."),
+    lq: Path | None = typer.Option(None, help="The inputs (matched by file stem), shown beside each pair as the reference."),
+    out: Path = typer.Option(Path("study.jsonl"), help="Answers JSONL: one line appended (and fsynced) at every answer; "
+                                                       "restarting on the same file resumes each rater."),
+    rater: str | None = typer.Option(None, help="Record this rater only (default: the page asks for a name, so several raters "
+                                                "can take part, each with their own sequence)."),
+    host: str = typer.Option("127.0.0.1", help="Bind address: loopback only (127.0.0.1, ::1, localhost); others are refused."),
+    port: int = typer.Option(8766, help="Port (0: any free one)."),
+    pairs_per_image: int | None = typer.Option(None, help="Pairs of methods per image for each rater (default: all M(M-1)/2)."),
+    seed: int = typer.Option(0, help="Seed of each rater's sequence (with the rater's name): the pairs, the image order, the sides."),
+) -> None:
+    """A blind pairwise user study: one input restored by two methods side by side, answered with the keyboard.
+
+    Method names never reach the page (images are served by random tokens); the pair, the image order and the
+    left/right sides are drawn per rater (seeded, so a restart shows the same sequence). Keys: <- / 1 left better,
+    -> / 2 right better, down / = / 3 tie (can't tell), Backspace / u undo. Analyse with `facereward study-results`.
+    """
+    from facereward.study import parse_method_args, run_study
+
+    run_study(parse_method_args(folders), out=out, lq=lq, rater=rater, host=host, port=port,
+              pairs_per_image=pairs_per_image, seed=seed)
+
+
+@app.command("study-results")
+def study_results(
+    answers: Path = typer.Argument(..., help="Answers JSONL written by `facereward study`."),
+    out: Path | None = typer.Option(None, help="Folder for study_results.json and study_results.md (default: the answers file's folder)."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap resamples (of the answers, with replacement) for the Bradley-Terry intervals."),
+    seed: int = typer.Option(0, help="Seed of the bootstrap."),
+    bt_prior: float = typer.Option(1.0, help="Virtual tied comparisons added to every pair of methods in Bradley-Terry "
+                                             "(keeps strengths finite when a method never won or never lost; 0: the plain MLE)."),
+) -> None:
+    """Win rates with 95% Wilson intervals, a Bradley-Terry ranking with bootstrap intervals, and rater agreement.
+
+    Ties count as half a win. Bradley-Terry strengths by Hunter's MM algorithm, log-strengths summing to 0;
+    agreement as percent agreement and Fleiss' kappa over comparisons answered by several raters (Cohen's kappa
+    per pair of raters). Prints a markdown table and writes study_results.json and study_results.md.
+    """
+    from facereward.study import analyse, load_answers, write_results
+
+    if bootstrap < 1:
+        _fail(f"--bootstrap must be >= 1, got {bootstrap}")
+    results = analyse(load_answers(answers), n_bootstrap=bootstrap, seed=seed, prior=bt_prior)
+    results["answers_file"] = str(answers)
+    json_path, md_path, markdown = write_results(results, out if out is not None else answers.parent, title=f"Study results: {answers.name}")
+    typer.echo(markdown, nl=False)
+    typer.echo(f"wrote {json_path} and {md_path} ({_elapsed()})", err=True)
+
+
 @app.command("build-restorer")
 def build_restorer(
     out_dir: Path = typer.Argument(..., help="Where to write the new restorer folder."),
@@ -590,11 +642,20 @@ def evaluate(
     lpips_net: str | None = typer.Option(None, help="vgg (default) or alex."),
     crop_border: int | None = typer.Option(None, help="Pixels cropped from each border before PSNR/SSIM."),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+    ci: bool = typer.Option(False, "--ci", help="A 95% bootstrap interval over images for every cell (--set ci_level, bootstrap)."),
+    compare: tuple[str, str] | None = typer.Option(None, "--compare", help="A B: paired bootstrap and Wilcoxon tests of "
+                                                   "method A against B on every column (more pairs: --set compare=...)."),
+    slice_by: list[str] = typer.Option([], "--slice-by", help="ATTR: every metric per group of an attribute, with "
+                                       "intervals and the worst group (toy traits, or --attributes; repeatable)."),
+    attributes: Path | None = typer.Option(None, "--attributes", help="CSV of per-image attributes: name,attr=value,..."),
+    check_published: Path | None = typer.Option(None, "--check-published", help="TABLE.json: compare the run with a "
+                                                "published table within its tolerances; exit 1 when it does not reproduce."),
     config: Path | None = typer.Option(None, "--config", help="YAML of EvaluateConfig fields."),
     set_: list[str] = typer.Option([], "--set", help="Override EvaluateConfig fields."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """The BFR benchmark table for several models or output folders side by side (markdown, CSV, JSON, grid)."""
+    """The BFR benchmark table for several models or output folders side by side (markdown, CSV, JSON, grid), with
+    intervals, paired tests, slices and a check against a published table when asked."""
     from facereward.config import load_config
     from facereward.evaluate import EvaluateConfig
     from facereward.evaluate import evaluate as run_evaluate
@@ -622,7 +683,8 @@ def evaluate(
     given = {"testset": testset, "out_dir": out_dir, "sample_steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size,
              "identity": identity, "landmarks": landmarks, "fid": fid, "fid_reference": fid_reference,
              "crop_border": crop_border, "device": device, "photos": photos,
-             "photo_detector": detector, "spacing": spacing, "final_alpha_bar": final_alpha_bar, "colour_fix": colour_fix}
+             "photo_detector": detector, "spacing": spacing, "final_alpha_bar": final_alpha_bar, "colour_fix": colour_fix,
+             "attributes": attributes, "check_published": check_published}
     _sampler(spacing, final_alpha_bar, colour_fix)  # checks the choices
     for key, value in given.items():
         if value is not None:
@@ -631,14 +693,25 @@ def evaluate(
     cfg.images.update(_named_paths(images, "--images"))
     cfg.include_stage1 = True if stage1 else cfg.include_stage1
     cfg.include_lq = cfg.include_lq and lq
+    cfg.ci = cfg.ci or ci
+    cfg.compare = [*cfg.compare, *([list(compare)] if compare else [])]
+    cfg.slice_by = [*cfg.slice_by, *[a.strip() for value in slice_by for a in value.split(",") if a.strip()]]
     cfg.progress = progress
     if cfg.testset and cfg.photos:
         _fail("give --testset (paired faces) or --photos (whole photos), not both")
     if not cfg.testset and not cfg.photos:
         _fail("--testset is required (a folder with lq/ and optionally hq/), or --photos for whole photos without GT")
     result = run_evaluate(cfg)
-    typer.echo(result.table)
+    typer.echo("\n\n".join([result.table, *result.sections]))
+    check = result.analysis.get("check")
+    if check is not None:
+        n_ok = sum(c["ok"] for c in check["cells"])
+        typer.echo(f"\ncheck against {cfg.check_published}: {n_ok} of {len(check['cells'])} cells within tolerance, "
+                   f"{len(check['provenance'])} provenance mismatches (see {result.out_dir}/results.md)")
     _done(f"\nwrote {result.out_dir}/results.md, results.csv, results.json and grid.png")
+    if check is not None and not check["ok"]:
+        typer.secho(f"{cfg.check_published}: the run does not reproduce the published table", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
 
 
 @app.command("fit-niqe")
@@ -868,6 +941,8 @@ HELP_GROUPS: dict[str, tuple[str, str]] = {
     "evaluate": ("Restoring and evaluating", "facereward evaluate --testset toy-test --model base=runs/base/model --out-dir eval"),
     "demo": ("Restoring and evaluating", "facereward demo --out-dir demo_out"),
     "report": ("Restoring and evaluating", "facereward report demo_out eval --out report.html"),
+    "study": ("Restoring and evaluating", "facereward study --lq toy-test/lq --out study.jsonl base=restored/base refl=restored/refl"),
+    "study-results": ("Restoring and evaluating", "facereward study-results study.jsonl --out study --bootstrap 2000"),
     "build-restorer": ("Tools", "facereward build-restorer --from-sd sd-2-1-base --size 512 runs/untrained"),
     "import-diffbir": ("Tools", "facereward import-diffbir --sd v2-1_512-ema-pruned.ckpt --controlnet v1_face.pth "
                                "--swinir face_swinir_v1.ckpt diffbir-v1-face"),

@@ -130,6 +130,7 @@ class ToyFaceSpec:
     blobs: tuple[tuple[float, ...], ...] = ()  # (x, y, radius, r, g, b, opacity) in image fractions
     clothing_rgb: tuple[float, float, float] = (0.2, 0.3, 0.5)
     noise_seed: int = 0
+    expression: str = "neutral"  # what smile, mouth_open, eye_open and brow_raise were drawn for
 
 
 @dataclass
@@ -256,6 +257,7 @@ def image_spec(world_seed: int, identity: int, image_index: int) -> ToyFaceSpec:
         blobs=blobs,
         clothing_rgb=_hsv(u(0, 1), u(0.2, 0.8), u(0.15, 0.8)),
         noise_seed=int(r.integers(0, 2**31 - 1)),
+        expression=str(expression),
     )
 
 

@@ -40,6 +40,16 @@ class EvaluateConfig:
     fid: str = "auto"  # FID/KID features: auto (the identity judge's features) | identity | inception:PATH | none
     fid_reference: str | None = None  # HQ folder for FID/KID; default: the test set's hq/
     imports: list[str] = field(default_factory=list)  # plugin modules or .py files imported first (register_measure)
+    # uncertainty and slices (docs/methods.md 3.4)
+    ci: bool = False  # a percentile-bootstrap interval over images for every cell
+    ci_level: float = 0.95
+    bootstrap: int = 1000  # resamples for per-image columns (and comparisons, slices)
+    set_bootstrap: int = 100  # resamples for FID/KID (each recomputes the set measure)
+    compare: list[list[str]] = field(default_factory=list)  # [A, B] pairs: paired bootstrap and Wilcoxon per column
+    slice_by: list[str] = field(default_factory=list)  # attributes to slice by (toy traits, or the attributes CSV's)
+    attributes: str = ""  # attributes CSV (name,attr=value,...) for slice_by on real test sets
+    min_slice: int = 2  # smallest group that can be named the worst
+    check_published: str = ""  # a published table (JSON) to compare the run with, within its tolerances
     grid_rows: int = 8
     save_outputs: bool = True
     progress: bool = True

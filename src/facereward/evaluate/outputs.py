@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from facereward.atomic import atomic_write_text
 from facereward.data.imageio import image_grid, list_images, read_image, write_image
 
 
@@ -21,6 +23,8 @@ class EvaluateResult:
     table: str
     out_dir: Path
     judges: dict[str, str]
+    analysis: dict[str, Any] = field(default_factory=dict)  # intervals, comparisons, slices, check (when asked for)
+    sections: list[str] = field(default_factory=list)  # their markdown (results.md after the table)
 
 
 def format_value(v: float | None) -> str:
@@ -30,12 +34,34 @@ def format_value(v: float | None) -> str:
     return f"{v:.4f}" if abs(v) <= 1 else f"{v:.2f}"
 
 
-def markdown_table(rows: dict[str, dict[str, float]]) -> str:
-    """{row: {column: value}} as a markdown table; 4 decimals up to 1, else 2; NaN as "-"."""
+def format_cell(value: float | None, interval: list[float] | None = None) -> str:
+    """A cell, with its interval as "mean [lower, upper]" when one is given."""
+    if not interval or any(v is None or math.isnan(v) for v in interval):
+        return format_value(value)
+    return f"{format_value(value)} [{format_value(interval[0])}, {format_value(interval[1])}]"
+
+
+def markdown_table(rows: dict[str, dict[str, float]], intervals: dict[str, dict[str, list[float]]] | None = None) -> str:
+    """{row: {column: value}} as a markdown table; 4 decimals up to 1, else 2; NaN as "-"; with `intervals`
+    ({row: {column: [lower, upper]}}) each cell is "mean [lower, upper]"."""
     columns = list(dict.fromkeys(c for values in rows.values() for c in values))
+    intervals = intervals or {}
     lines = ["| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name, values in rows.items():
-        lines.append(f"| {name} | " + " | ".join(format_value(values.get(c)) for c in columns) + " |")
+        lines.append(f"| {name} | " + " | ".join(format_cell(values.get(c), intervals.get(name, {}).get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def provenance_markdown(provenance: dict[str, dict], sampling: dict[str, dict]) -> str:
+    """What each column was computed with (measure, options, weight files' SHA-256, judges) and each model's sampler."""
+    lines = ["| column | measure | options | weight files (SHA-256) | judges |", "|---|---|---|---|---|"]
+    for column, p in provenance.items():
+        options = ", ".join(f"{k}={v}" for k, v in p.get("options", {}).items() if not k.endswith("path") and k != "model")
+        files = ", ".join(f"{Path(f['path']).name} {f['sha256'][:16]}" for f in p.get("files", {}).values())
+        judges = ", ".join(f"{k} = {v}" for k, v in p.get("judges", {}).items())
+        lines.append(f"| {column} | {p.get('measure', '-')} | {options or '-'} | {files or '-'} | {judges or '-'} |")
+    for method, s in sampling.items():
+        lines.append(f"| (sampler of {method}) | - | " + ", ".join(f"{k}={v}" for k, v in s.items()) + " | - | - |")
     return "\n".join(lines)
 
 
@@ -62,23 +88,37 @@ def slug(name: str) -> str:
 
 
 def write_outputs(config, out_dir: Path, rows, per_image, judges, table: str, grid_images, names, n_images: int,
-                   sampling: dict[str, dict] | None = None) -> None:
+                   sampling: dict[str, dict] | None = None, provenance: dict[str, dict] | None = None,
+                   analysis: dict[str, Any] | None = None, sections: list[str] = ()) -> None:
+    """results.md (header, table, `sections`, provenance), results.csv (with lower/upper columns when intervals were
+    computed), results.json (everything, incl. `analysis`: intervals, comparisons, slices, check) and grid.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    sampling = sampling or {}
+    sampling, provenance, analysis = sampling or {}, provenance or {}, analysis or {}
+    intervals = analysis.get("intervals") or {}
     how = "; ".join(f"{m}: eta {s['eta']}, {s['spacing']} spacing, final alpha-bar {s['final_alpha_bar']}"
                     + (", colour fix" if s["colour_fix"] else "") for m, s in sampling.items())
     header = (f"{n_images} images from {config.testset}; {config.sample_steps} DDIM steps, seed {config.seed}"
               + (f" ({how})" if how else "") + "; judges: " + ", ".join(f"{k} = {v}" for k, v in judges.items()) + "\n\n")
-    (out_dir / "results.md").write_text(header + table + "\n")
+    if intervals:
+        header += f"Cells: mean [{config.ci_level * 100:g}% percentile-bootstrap interval over images, {config.bootstrap} " \
+                  f"resamples ({config.set_bootstrap} for set measures)].\n\n"
+    body = [table, *sections]
+    if provenance or sampling:
+        body.append("## How each column was computed\n\n" + provenance_markdown(provenance, sampling))
+    atomic_write_text(out_dir / "results.md", header + "\n\n".join(body) + "\n")
     columns = list(dict.fromkeys(c for values in rows.values() for c in values))
     with open(out_dir / "results.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["method", *columns])
+        bounds = [c for c in columns if any(c in v for v in intervals.values())]
+        writer.writerow(["method", *columns, *[f"{c} {side}" for c in bounds for side in ("lower", "upper")]])
         for method, values in rows.items():
-            writer.writerow([method, *[values.get(c, "") for c in columns]])
-    payload = {"config": asdict(config), "judges": judges, "sampling": sampling, "rows": rows, "names": names,
+            own = intervals.get(method, {})
+            writer.writerow([method, *[values.get(c, "") for c in columns],
+                             *[own[c][k] if c in own else "" for c in bounds for k in (0, 1)]])
+    payload = {"config": asdict(config), "judges": judges, "sampling": sampling, "provenance": provenance, "rows": rows,
+               **{k: v for k, v in analysis.items() if v}, "names": names,
                "per_image": {m: dict(v) for m, v in per_image.items()}}
-    (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=float))
+    atomic_write_text(out_dir / "results.json", json.dumps(payload, indent=1, default=float))
     grid = evaluation_grid(grid_images)
     if grid is not None:
         write_image(out_dir / "grid.png", grid)
@@ -121,5 +161,5 @@ def redraw_grid(out_dir: str | Path, testset: str | Path | None = None) -> Path:
     return out_dir / "grid.png"
 
 
-__all__ = ["EvaluateResult", "OutputFolder", "evaluation_grid", "format_value", "markdown_table", "redraw_grid", "slug",
-           "write_outputs"]
+__all__ = ["EvaluateResult", "OutputFolder", "evaluation_grid", "format_cell", "format_value", "markdown_table",
+           "provenance_markdown", "redraw_grid", "slug", "write_outputs"]

@@ -26,6 +26,7 @@ from facereward.measures import MeasureEnv, SetMeasure
 from facereward.models.restorer import Restorer
 from facereward.models.seeded import restore_batch
 
+from .analysis import SetScores, plan_analysis, run_analysis
 from .columns import build_columns
 from .config import EvaluateConfig, sampler_options
 from .outputs import EvaluateResult, OutputFolder, markdown_table, slug, write_outputs
@@ -77,6 +78,7 @@ def evaluate_paired(config: EvaluateConfig) -> EvaluateResult:
         methods[name] = lambda batch, idx, s=source: s.batch(batch["name"])
     if not methods:
         raise ValueError("nothing to evaluate: give --model NAME=DIR or --images NAME=DIR (or keep the LQ row)")
+    plan = plan_analysis(config, list(methods), names, toy)  # bad compare/slice/check options fail before any restoring
 
     env = MeasureEnv(device, toy=toy, identity=config.identity, landmarks=config.landmarks, features=config.fid)
     built = build_columns(config, env, has_gt, has_reference=has_gt or config.fid_reference is not None)
@@ -123,16 +125,24 @@ def evaluate_paired(config: EvaluateConfig) -> EvaluateResult:
     bar.close()
 
     rows: dict[str, dict[str, float]] = {m: {k: float(np.mean(v)) for k, v in per_image[m].items()} for m in methods}
+    set_scores = []
     for e in extractors:
         ref = _reference_features(config, e, reference_features[id(e)])
         for metric in (m for m in set_metrics if m.extractor is e and ref is not None):
+            feats = {method: torch.cat(features[id(e)][method]).numpy() for method in methods}
             for method in methods:
-                rows[method][metric.column] = metric.compute(torch.cat(features[id(e)][method]).numpy(), ref)
-    table = markdown_table(rows)
+                rows[method][metric.column] = metric.compute(feats[method], ref)
+            set_scores.append(SetScores(metric.column, metric.compute, feats, ref, config.fid_reference is None,
+                                        metric.lower_better))
     sampling = {name: {"eta": r.config.eta if config.eta is None else config.eta, **sampler_options(config).resolved(r)}
                 for name, r in restorers.items()}
-    write_outputs(config, out_dir, rows, per_image, judges, table, grid_images, names, len(dataset), sampling)
-    return EvaluateResult(rows=rows, per_image={m: dict(v) for m, v in per_image.items()}, table=table, out_dir=out_dir, judges=judges)
+    provenance = {m.column: m.provenance for m in built}
+    analysis, sections = run_analysis(config, plan, rows, per_image, set_scores, provenance)
+    table = markdown_table(rows, analysis.get("intervals"))
+    write_outputs(config, out_dir, rows, per_image, judges, table, grid_images, names, len(dataset), sampling,
+                  provenance, analysis, sections)
+    return EvaluateResult(rows=rows, per_image={m: dict(v) for m, v in per_image.items()}, table=table, out_dir=out_dir,
+                          judges=judges, analysis=analysis, sections=sections)
 
 
 DLIB_MIN_FACE = 128  # px; dlib's judges are trained on faces about 150 px wide: on smaller ones they misfire

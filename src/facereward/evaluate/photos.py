@@ -29,6 +29,7 @@ from facereward.photos import restore_photo
 
 from .columns import build_columns
 from .config import EvaluateConfig, sampler_options
+from .analysis import plan_analysis, run_analysis
 from .outputs import EvaluateResult, markdown_table, slug, write_outputs
 
 __all__ = ["evaluate_photos", "face_crops"]
@@ -89,6 +90,9 @@ def evaluate_photos(config: EvaluateConfig) -> EvaluateResult:
     methods = (["LQ"] if config.include_lq else []) + list(restorers) + list(folders)
     if not methods:
         raise ValueError("nothing to evaluate: give --model NAME=DIR or --images NAME=DIR (or keep the LQ row)")
+    if config.slice_by:
+        raise ValueError("slice_by applies to paired test sets (--testset), not to --photos")
+    plan = plan_analysis(config, methods, [], toy=False)
 
     per_image: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in methods}
     grid_images: dict[str, list[np.ndarray]] = defaultdict(list)
@@ -134,15 +138,18 @@ def evaluate_photos(config: EvaluateConfig) -> EvaluateResult:
     if not names:
         raise ValueError(f"{config.photos}: no readable photos")
     rows = {m: {k: float(np.mean(v)) for k, v in per_image[m].items()} for m in methods}
+    provenance = {m.column: m.provenance for m in metrics}
+    analysis, sections = run_analysis(config, plan, rows, per_image, [], provenance)  # per face: the same faces for every method
     for name, s in seconds.items():
         rows[name]["s/photo"] = s / len(names)
-    table = markdown_table(rows)
+    table = markdown_table(rows, analysis.get("intervals"))
     judges["photos"] = (f"{len(names)} photos, {n_faces} faces, {len(no_face)} with no face"
                         + (f" ({', '.join(no_face[:5])}{', ...' if len(no_face) > 5 else ''})" if no_face else "")
                         + (f", {len(skipped)} unreadable" if skipped else ""))
     header_config = dataclasses.replace(config, testset=config.photos)
     sampling = {name: {"eta": r.config.eta if config.eta is None else config.eta, **sampler_options(config).resolved(r)}
                 for name, r in restorers.items()}
-    write_outputs(header_config, out_dir, rows, per_image, judges, table, grid_images, names, len(names), sampling)
+    write_outputs(header_config, out_dir, rows, per_image, judges, table, grid_images, names, len(names), sampling,
+                  provenance, analysis, sections)
     return EvaluateResult(rows=rows, per_image={m: dict(v) for m, v in per_image.items()}, table=table, out_dir=out_dir,
-                          judges=judges)
+                          judges=judges, analysis=analysis, sections=sections)

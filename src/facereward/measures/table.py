@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from facereward.measures.judges import MeasureEnv
+from facereward.measures.provenance import measure_provenance
 from facereward.registry import Registry
 
 Kind = Literal["FR", "NR", "set"]
@@ -67,6 +68,7 @@ class SetMeasure:
     compute: Callable[[np.ndarray, np.ndarray], float]
     lower_better: bool = True
     kind: str = "set"
+    provenance: dict[str, Any] = field(default_factory=dict)  # what it was built from (measures.provenance)
 
 
 class Measure:
@@ -85,6 +87,7 @@ class Measure:
         self.differentiable = bool(getattr(fn, "differentiable", spec.differentiable))
         self.needs_gt = spec.kind == "FR" or bool(getattr(fn, "needs_gt", False))
         self.lower_better = spec.lower_better and not as_reward
+        self.provenance: dict[str, Any] = {}  # what it was built from (measures.provenance; set by create_measure)
 
     def to(self, device: torch.device | str) -> Measure:
         """Move the scorer (when it has `.to`) to `device`; returns self."""
@@ -187,6 +190,18 @@ def parse_measure_names(text: str | Sequence[str], where: str = "metrics") -> li
     return names
 
 
+class _Recording(dict):
+    """env.used while one measure is built: which judges the builder resolved (for its provenance)."""
+
+    def __init__(self, base: dict[str, str]):
+        super().__init__(base)
+        self.touched: dict[str, str] = {}
+
+    def __setitem__(self, key: str, value: str) -> None:
+        super().__setitem__(key, value)
+        self.touched[key] = value
+
+
 def create_measure(name: str, as_reward: bool = False, device: torch.device | str | None = None,
                    env: MeasureEnv | None = None, **options: Any) -> Measure | SetMeasure:
     """Build the measure `name` with its options (docs/methods.md 3), on `device` (or `env.device`).
@@ -204,15 +219,23 @@ def create_measure(name: str, as_reward: bool = False, device: torch.device | st
     params = {k: options.pop(k) for k in spec.reward_params if k in options}
     if params and not as_reward:
         raise ValueError(f"measure {name!r}: option {sorted(params)[0]!r} applies only to its reward form")
+    given = {**options, **params, "clamp": clamp}
+    used, env.used = env.used, _Recording(env.used)
     try:
         built = spec.build(env, **options)
     except TypeError as err:
         raise ValueError(f"measure {name!r}: bad options {sorted(options)} ({err})") from None
     except FileNotFoundError as err:  # a weight file an option names: one line naming it, no traceback
         raise ValueError(f"measure {name!r}: {err}") from None
+    finally:
+        judges, env.used = env.used.touched, used
+        for key, value in judges.items():  # item by item, so an enclosing build records them too
+            used[key] = value
     if built is None:
         raise MissingNeeds(f"measure {name!r} needs {spec.needs or 'something that was not given'}")
+    provenance = {**measure_provenance(spec, given, built), "judges": dict(judges)}
     if isinstance(built, SetMeasure):
+        built.provenance = provenance
         if as_reward:
             raise ValueError(f"measure {name!r} scores a whole set; it has no per-image reward form")
         if column:
@@ -221,6 +244,7 @@ def create_measure(name: str, as_reward: bool = False, device: torch.device | st
     if not callable(built):
         raise TypeError(f"measure {name!r}: its builder returned a {type(built).__name__}, which is not callable")
     measure = Measure(spec, built, as_reward, params, clamp, column)
+    measure.provenance = provenance
     target = device if device is not None else env.device
     return measure.to(target)
 
