@@ -1,4 +1,4 @@
-"""evaluate's uncertainty, paired tests, slices and published-table check (docs/methods.md 3.4-3.5)."""
+"""evaluate's uncertainty, paired tests, slices and published-table check (docs/methods.md 3.1-3.2)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from facereward.data.imageio import read_image, write_image
 from facereward.data.testset import write_toy_testset
 from facereward.evaluate import EvaluateConfig, evaluate
 from facereward.evaluate.published import check_published, read_published
-from facereward.evaluate.stats import (
+from facereward.stats import (
     bootstrap_p_value,
     compare_paired,
     mean_interval,
@@ -131,6 +131,19 @@ def test_toy_traits_are_the_toy_worlds_own_record(toy_set):
     world = ToyFaceWorld(info["world_seed"], info["n_identities"])
     face = world.sample(8, size=32, split="test", seed=0)[3]
     assert traits["0003"]["expression"] == face.spec.expression
+
+
+def test_toy_traits_of_a_toyfaces_folder_degraded_by_hand(tmp_path):
+    from facereward.data.testset import write_degraded_testset
+    from facereward.data.toyfaces import identity_traits, write_toyfaces
+
+    write_toyfaces(tmp_path / "toys", n=30, size=16, seed=2, n_identities=10, progress=False)
+    write_degraded_testset(tmp_path / "toys" / "test" / "images", tmp_path / "toy-test", seed=1, progress=False)
+    traits = toy_attributes(tmp_path / "toy-test")
+    identities = json.loads((tmp_path / "toys" / "test" / "identities.json").read_text())  # toyfaces' own record
+    assert sorted(traits) == sorted(identities)
+    for name, identity in identities.items():
+        assert traits[name]["skin_tone"] == identity_traits(2, identity).skin_name
 
 
 def _config(toy_set, tmp_path, **kw):

@@ -204,7 +204,10 @@ def test_write_toyfaces_marks_each_images_folder_as_toy(tmp_path):
     for split in ("train", "test"):
         folder = tmp_path / split / "images"
         assert is_toy_folder(folder)
-        assert read_toy_marker(folder) == {"world_seed": 3, "n_identities": 4, "test_fraction": 0.25, "size": 16, "split": split}
+        marker = read_toy_marker(folder)
+        assert {k: marker[k] for k in ("world_seed", "n_identities", "test_fraction", "size", "split", "sample_seed")} == \
+            {"world_seed": 3, "n_identities": 4, "test_fraction": 0.25, "size": 16, "split": split, "sample_seed": 3}
+        assert marker["count"] == len(list(folder.glob("*.png")))
         # the marker is not an image: the folder still lists and loads as its faces only
         assert len(HQFolderDataset(folder, size=16)) == len(list(folder.glob("*.png")))
     assert read_toy_marker(tmp_path)["split"] is None

@@ -69,3 +69,34 @@ def swap_in_folder(tmp: Path, folder: Path) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(folder)
+
+
+def append_jsonl(path: str | Path, record: Any) -> None:
+    """Append `record` as one JSON line in a single write, then fsync (and the folder's entry when the file is new).
+
+    If an earlier crash left a torn last line (no final newline), the record still starts on a line of its own.
+    """
+    path = Path(path)
+    data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    created = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            with open(path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    data = b"\n" + data
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)

@@ -637,6 +637,9 @@ def evaluate(
     metrics: str | None = typer.Option(None, help="Comma-separated names from the metric table (default: every default metric that applies)."),
     list_metrics: bool = typer.Option(False, "--list-metrics", help="Print the metric table (name, type, lower is better, needs) and exit."),
     metric_module: list[str] = typer.Option([], "--metric-module", "--reward-module", help="Module or .py file that registers custom measures (repeatable; sets imports)."),
+    weights: list[str] = typer.Option([], "--weights", help="NAME=FILE: the weight file of measure NAME (its option path; "
+                                      "NAME.OPTION=FILE for another option, e.g. dists.backbone_path=vgg16-397923af.pth); "
+                                      "the file names are in --list-metrics (repeatable)."),
     lpips_backbone: Path | None = typer.Option(None, help="LPIPS backbone weights (torchvision vgg16/alexnet layout)."),
     lpips_heads: Path | None = typer.Option(None, help="LPIPS linear heads (lpips v0.1 vgg.pth/alex.pth layout)."),
     lpips_net: str | None = typer.Option(None, help="vgg (default) or alex."),
@@ -666,6 +669,8 @@ def evaluate(
                        ("options.lpips.net", lpips_net)):  # the same keys as the trainers' measure options
         if value is not None:
             overrides.append(f"{key}={value}")
+    for name, path in _named_paths(weights, "--weights").items():
+        overrides.append(f"options.{name if '.' in name else name + '.path'}={path}")
     cfg = load_config(EvaluateConfig, config, overrides)
     cfg.imports = [*cfg.imports, *metric_module]
     if list_metrics or metrics is not None:
@@ -899,7 +904,7 @@ def demo(
 
     result = run_demo(out_dir, n=n, model=model, frm=frm, steps=steps, seed=seed, device=device, progress=progress,
                       train=not skip_training, quick=quick, announce=typer.echo)
-    typer.echo(result.evaluation.table)
+    typer.echo("\n\n".join([result.evaluation.table, *result.evaluation.sections]))
     runs = "".join(f", the {name} run in {path}" for name, path in result.runs.items())
     _done(f"\nwrote {result.report}, {out_dir / 'results.md'} (also .csv, .json), {out_dir / 'grid.png'}, the "
           f"restorations in {out_dir / 'outputs'}{runs} and the test set in {out_dir / 'toy-test'}")

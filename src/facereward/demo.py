@@ -210,6 +210,7 @@ def run_demo(out_dir: str | Path, n: int | None = None, model: str | Path | None
         testset=str(testset), out_dir=str(out_dir), models=models, include_lq=True, include_stage1=["base"], sample_steps=steps,
         eta=0.0, seed=seed, device=device, identity=identity, landmarks=landmarks, options={"frm": {"path": str(frm_path)}},
         reward=MeasuresConfig(weights=rewards["weights"], options=rewards.get("options", {})), progress=progress,
+        ci=True, compare=[[name, "base"] for name in runs],  # 95% intervals over the faces, and each method against the base
     )
     t0 = time.monotonic()
     evaluation = evaluate(config)

@@ -249,14 +249,45 @@ def _fmt(value: Any) -> str:
     return format_value(value)
 
 
-def html_table(rows: dict[str, dict[str, Any]]) -> str:
-    """{row: {column: value}} as an HTML table (the evaluate table's formatting: 4 decimals up to 1, else 2)."""
+def html_table(rows: dict[str, dict[str, Any]], intervals: dict[str, dict[str, list[float]]] | None = None) -> str:
+    """{row: {column: value}} as an HTML table (the evaluate table's formatting: 4 decimals up to 1, else 2), each cell
+    with its interval "mean [lower, upper]" where `intervals` has one."""
+    from facereward.evaluate.outputs import format_cell
+
+    intervals = intervals or {}
     columns = list(dict.fromkeys(c for values in rows.values() for c in values))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join(f"<tr><th>{html.escape(name)}</th>" + "".join(f"<td>{_fmt(values.get(c, float('nan')))}</td>"
-                                                                  for c in columns) + "</tr>"
-                   for name, values in rows.items())
+
+    def cell(name: str, c: str) -> str:
+        value, interval = rows[name].get(c, float("nan")), intervals.get(name, {}).get(c)
+        return html.escape(format_cell(value, interval)) if interval and isinstance(value, (int, float)) else _fmt(value)
+    body = "".join(f"<tr><th>{html.escape(name)}</th>" + "".join(f"<td>{cell(name, c)}</td>" for c in columns) + "</tr>"
+                   for name in rows)
     return f'<table><thead><tr><th></th>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _analysis_html(metrics: dict[str, Any]) -> str:
+    """evaluate's paired comparisons, worst slices and published-table check, where the run has them."""
+    parts = []
+    level = metrics.get("config", {}).get("ci_level", 0.95) * 100
+    if metrics.get("comparisons"):
+        rows = {f"{c['a']} - {c['b']}: {c['column']}": {
+            "difference": f"{c['difference']:+.4g}", f"{level:g}% interval": f"[{c['lower']:+.4g}, {c['upper']:+.4g}]",
+            "p (bootstrap)": f"{c['p_bootstrap']:.3g}", "p (Wilcoxon)": "-" if c["p_wilcoxon"] != c["p_wilcoxon"]
+            else f"{c['p_wilcoxon']:.3g}", "better": c["better"] or "neither"} for c in metrics["comparisons"]}
+        parts.append("<h3>Paired comparisons</h3>" + html_table(rows))
+    for attr, by_method in (metrics.get("slices") or {}).get("worst", {}).items():
+        rows = {method: {column: f"{w['value']} ({_fmt(w['mean'])}, n={w['n']})" for column, w in by_column.items()}
+                for method, by_column in by_method.items()}
+        parts.append(f"<h3>Worst {html.escape(attr)} group per method</h3>" + html_table(rows))
+    check = metrics.get("check")
+    if check:
+        n_ok = sum(c["ok"] for c in check["cells"])
+        verdict = "reproduces" if check["ok"] else "does not reproduce"
+        parts.append(f'<p class="{"note" if check["ok"] else "alarm"}">The run {verdict} the published table '
+                     f'{html.escape(check.get("source") or "")}: {n_ok} of {len(check["cells"])} cells within tolerance, '
+                     f'{len(check["provenance"])} provenance mismatches.</p>')
+    return "\n".join(parts)
 
 
 def _image_uri(path: Path) -> str:
@@ -287,7 +318,8 @@ def _section(source: ReportSource, index: int) -> str:
         header = md.read_text().split("\n\n", 1)[0] if md.is_file() else ""
         if header:
             parts.append(f'<p class="note">{html.escape(header)}</p>')
-        parts.append(html_table(source.metrics.get("rows", {})))
+        parts.append(html_table(source.metrics.get("rows", {}), source.metrics.get("intervals")))
+        parts.append(_analysis_html(source.metrics))
         grid = source.path / "grid.png"
         if grid.is_file():
             parts.append(_figure(_image_uri(grid), "Before/after: LQ, each method, GT (a row per image)", "grid"))

@@ -9,25 +9,32 @@ append-only sidecar log ``LABELS.events``, so a restart continues exactly where 
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import random
-import socket
 import sys
 import threading
 import time
 import urllib.parse
 import warnings
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from facereward.atomic import atomic_write_text
+from facereward.atomic import append_jsonl, atomic_write_text
 from facereward.data.imageio import IMAGE_EXTENSIONS
 from facereward.data.preferences import PreferencePair, append_pair, load_pairs
+from facereward.localweb import (
+    NO_BODY,
+    LocalHandler,
+    LocalServer,
+    bind_server,
+    is_loopback,
+    serve_until_interrupted,
+    server_url,
+)
 
 __all__ = [
     "CHOICES",
@@ -43,7 +50,6 @@ __all__ = [
 CHOICES = ("left", "right", "tie", "skip")
 CANDIDATES_FILE = "candidates.json"
 _EVENT_OF_CHOICE = {"left": "label", "right": "label", "tie": "tie", "skip": "skip"}
-_MAX_BODY = 64 * 1024
 
 
 class AnnotationError(ValueError):
@@ -120,24 +126,6 @@ def _read_candidates(root: Path) -> list[dict[str, Any]]:
             candidates.append(dict(cand, path=path))
         items.append({"name": name, "lq": lq, "gt": gt, "caption": caption, "candidates": candidates})
     return items
-
-
-
-
-def _append_line(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line in one write, then fsync (the event log)."""
-    data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        if os.fstat(fd).st_size:
-            with open(path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":  # a torn line from a crash: start a fresh one
-                    data = b"\n" + data
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,7 +304,7 @@ class AnnotationSession:
         record = {"event": kind, "pair_id": pair_id, "annotator": self.annotator, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if choice is not None:
             record["choice"] = choice
-        _append_line(self.events_path, record)
+        append_jsonl(self.events_path, record)
 
     def _pair_record(self, task: dict[str, Any], choice: str) -> PreferencePair:
         left, right = self._abs(task["left"]), self._abs(task["right"])
@@ -394,16 +382,6 @@ class AnnotationSession:
 # HTTP
 
 
-def is_loopback(host: str) -> bool:
-    """True for 'localhost' and loopback IP addresses (127.0.0.0/8, ::1)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def _page_html() -> bytes:
     return resources.files("facereward.annotate").joinpath("page.html").read_bytes()
 
@@ -427,123 +405,72 @@ def _public_task(task: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
-class _AnnotationHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
+class _AnnotationHTTPServer(LocalServer):
     session: AnnotationSession
     allowed_files: frozenset[str]
     root_real: str
-    check_host: bool
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(LocalHandler):
     server: _AnnotationHTTPServer
     server_version = "facereward-annotate"
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet: no line per request
-        pass
-
-    # -- plumbing --
-
-    def _send(self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _json(self, status: int, data: Any) -> None:
-        self._send(status, json.dumps(data).encode("utf-8"), "application/json; charset=utf-8")
 
     def _state(self, **extra: Any) -> dict[str, Any]:
         session = self.server.session
         return dict(extra, task=_public_task(session.next_task()), progress=session.stats())
 
-    def _host_ok(self) -> bool:
-        """Refuse other Host names on a loopback bind (DNS rebinding: a web page posting labels)."""
-        if not self.server.check_host:
-            return True
-        host = (self.headers.get("Host") or "").strip()
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        name = name.strip("[]").lower()
-        return name in ("localhost", "127.0.0.1", "::1") or is_loopback(name)
-
-    def _not_found(self) -> None:
-        self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
-
     # -- routes --
 
-    def do_HEAD(self) -> None:
-        self.do_GET()
-
     def do_GET(self) -> None:
-        if not self._host_ok():
-            return self._json(HTTPStatus.FORBIDDEN, {"error": "unexpected Host header"})
+        if not self.host_ok():
+            return self.refuse_host()
         path = self.path.split("?", 1)[0].split("#", 1)[0]
         if path in ("/", "/index.html"):
-            csp = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'"
-            return self._send(HTTPStatus.OK, _page_html(), "text/html; charset=utf-8", {"Content-Security-Policy": csp})
+            return self.send_page(_page_html())
         if path == "/api/next":
-            return self._json(HTTPStatus.OK, self._state())
+            return self.send_json(HTTPStatus.OK, self._state())
         if path == "/api/progress":
-            return self._json(HTTPStatus.OK, self.server.session.stats())
+            return self.send_json(HTTPStatus.OK, self.server.session.stats())
         if path.startswith("/files/"):
             return self._file(path[len("/files/") :])
-        return self._not_found()
+        return self.not_found()
 
     def do_POST(self) -> None:
-        if not self._host_ok():
-            return self._json(HTTPStatus.FORBIDDEN, {"error": "unexpected Host header"})
+        if not self.host_ok():
+            return self.refuse_host()
         path = self.path.split("?", 1)[0]
         if path not in ("/api/label", "/api/undo"):
-            return self._not_found()
-        # JSON only: a cross-site form cannot send it without a CORS preflight, which is never granted
-        if (self.headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
-            return self._json(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "send application/json"})
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= _MAX_BODY:
-            return self._json(HTTPStatus.BAD_REQUEST, {"error": "bad Content-Length"})
-        try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-        except ValueError:
-            return self._json(HTTPStatus.BAD_REQUEST, {"error": "invalid JSON body"})
+            return self.not_found()
+        body = self.read_json_body()
+        if body is NO_BODY:
+            return None
         session = self.server.session
         if path == "/api/undo":
             undone = session.undo()
-            return self._json(HTTPStatus.OK, self._state(undone=undone))
+            return self.send_json(HTTPStatus.OK, self._state(undone=undone))
         if not isinstance(body, dict):
-            return self._json(HTTPStatus.BAD_REQUEST, {"error": "expected a JSON object {pair_id, choice}"})
+            return self.send_json(HTTPStatus.BAD_REQUEST, {"error": "expected a JSON object {pair_id, choice}"})
         try:
             session.label(str(body.get("pair_id")), str(body.get("choice")))
         except AlreadyDecidedError as err:
-            return self._json(HTTPStatus.CONFLICT, self._state(error=str(err)))
+            return self.send_json(HTTPStatus.CONFLICT, self._state(error=str(err)))
         except AnnotationError as err:
-            return self._json(HTTPStatus.BAD_REQUEST, self._state(error=str(err)))
-        return self._json(HTTPStatus.OK, self._state())
+            return self.send_json(HTTPStatus.BAD_REQUEST, self._state(error=str(err)))
+        return self.send_json(HTTPStatus.OK, self._state())
 
     def _file(self, raw: str) -> None:
         """Serve an image of the task list from inside DIR; anything else (traversal, symlink out) is a 404."""
         rel = urllib.parse.unquote(raw)
         parts = rel.split("/")
         if not rel or "\x00" in rel or "\\" in rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
-            return self._not_found()
+            return self.not_found()
         if rel not in self.server.allowed_files or Path(rel).suffix.lower() not in IMAGE_EXTENSIONS:
-            return self._not_found()
+            return self.not_found()
         root = self.server.root_real
         real = os.path.realpath(os.path.join(root, *parts))
         if os.path.commonpath([real, root]) != root or not os.path.isfile(real):
-            return self._not_found()
-        with open(real, "rb") as f:
-            data = f.read()
-        mime = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp", ".bmp": "image/bmp"}
-        self._send(HTTPStatus.OK, data, mime.get(Path(real).suffix.lower(), "application/octet-stream"))
+            return self.not_found()
+        self.send_image(real)
 
 
 def make_server(session: AnnotationSession, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
@@ -555,37 +482,19 @@ def make_server(session: AnnotationSession, host: str = "127.0.0.1", port: int =
         )
         print("\n" + "!" * 80 + f"\nWARNING: {message}\n" + "!" * 80 + "\n", file=sys.stderr, flush=True)
         warnings.warn(message, UserWarning, stacklevel=2)
-    server_class = _AnnotationHTTPServer
-    if ":" in host:
-        server_class = type("_AnnotationHTTPServer6", (_AnnotationHTTPServer,), {"address_family": socket.AF_INET6})
-    server = server_class((host.strip("[]"), port), _Handler)
+    server = bind_server(_AnnotationHTTPServer, _Handler, host, port)
     server.session = session
     server.root_real = os.path.realpath(session.root)
     files = set()
     for task in session.tasks:
         files.update(p for p in (task["lq"], task["gt"], task["left"], task["right"]) if p)
     server.allowed_files = frozenset(files)
-    server.check_host = is_loopback(host)
     return server
-
-
-def _url(server: ThreadingHTTPServer) -> str:
-    host, port = server.server_address[:2]
-    shown = f"[{host}]" if ":" in str(host) else str(host)
-    if shown in ("0.0.0.0", "[::]"):
-        shown = socket.gethostname()
-    return f"http://{shown}:{port}/"
 
 
 def serve(session: AnnotationSession, host: str = "127.0.0.1", port: int = 8765) -> None:
     """Serve the annotation page for `session` until Ctrl-C (binds 127.0.0.1 unless told otherwise)."""
-    server = make_server(session, host, port)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve_until_interrupted(make_server(session, host, port))
 
 
 def run_annotate(
@@ -601,7 +510,7 @@ def run_annotate(
     """`facereward annotate DIR`: print the URL and serve the labelling page until Ctrl-C."""
     session = AnnotationSession(dir, labels_path=labels, annotator=annotator, pairs_per_item=pairs_per_item, seed=seed)
     server = make_server(session, host, port)
-    url = _url(server)
+    url = server_url(server)
     done, total = session.progress()
     print(f"annotating {session.root}: {done} / {total} pairs done; labels -> {session.labels_path}", flush=True)
     print(f"open {url}  (keys: <- / 1 left, -> / 2 right, t tie, s skip, u undo; Ctrl-C to stop)", flush=True)
@@ -609,11 +518,7 @@ def run_annotate(
         import webbrowser
 
         webbrowser.open(url)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
+    if serve_until_interrupted(server):
         print(flush=True)
-    finally:
-        server.server_close()
     stats = session.stats()
     print(f"stopped: {stats['labelled']} labelled, {stats['skipped']} skipped, {stats['total'] - stats['done']} left; labels in {session.labels_path}")

@@ -57,26 +57,33 @@ def _pose(yaw: float) -> str:
 
 
 def toy_attributes(testset: str | Path) -> dict[str, dict[str, str]]:
-    """{image stem: traits} of a toy test set: skin (light/medium/dark) and skin_tone, glasses (yes/no), hair colour and style, pose
-    (left/frontal/right by yaw) and expression, recomputed from its toyworld.json (world seed, sample seed)."""
+    """{image stem: traits} of a toy test set (`write_toy_testset`'s, or a toyfaces folder degraded by `degrade`): skin
+    (light/medium/dark) and skin_tone, glasses (yes/no), hair colour and style, pose (left/frontal/right by yaw) and
+    expression, recomputed from its toyworld.json (world seed, sample seed)."""
     testset = Path(testset)
     info = read_toy_marker(testset)
     if info is None:
         raise ValueError(f"{testset}: not a toy test set (no {TOY_MARKER}); give an attributes CSV")
-    if "sample_seed" not in info or "identities" not in info:
-        raise ValueError(f"{testset}/{TOY_MARKER}: it does not record the sample (made from a toyfaces folder, not by "
-                         "the toy test-set writer); give an attributes CSV")
-    identities = [int(i) for i in info["identities"]]
     world = ToyFaceWorld(int(info["world_seed"]), int(info["n_identities"]), float(info.get("test_fraction", 0.2)))
-    keys = world.sample_keys(len(identities), info.get("split") or "test", int(info["sample_seed"]))
-    if [k[0] for k in keys] != identities:
-        raise ValueError(f"{testset}/{TOY_MARKER}: its identities do not match the toy world it names")
+    split = info.get("split") or "test"
+    if "identities" in info and "sample_seed" in info:  # write_toy_testset: faces 0000, 0001, ... in sample order
+        identities = [int(i) for i in info["identities"]]
+        keys = world.sample_keys(len(identities), split, int(info["sample_seed"]))
+        if [k[0] for k in keys] != identities:
+            raise ValueError(f"{testset}/{TOY_MARKER}: its identities do not match the toy world it names")
+        names = [f"{i:04d}" for i in range(len(keys))]
+    elif "count" in info and "sample_seed" in info:  # a toyfaces images folder, or a test set degraded from one
+        keys = world.sample_keys(int(info["count"]), split, int(info["sample_seed"]))
+        names = [f"{k:0{int(info['name_width'])}d}" for k in range(len(keys))]
+    else:
+        raise ValueError(f"{testset}/{TOY_MARKER}: it does not record its sample (made by an older facereward); make the "
+                         "faces again with `facereward toyfaces`, or give an attributes CSV")
     table = {}
-    for i, (identity, index) in enumerate(keys):
+    for name, (identity, index) in zip(names, keys):
         traits, spec = identity_traits(world.seed, identity), image_spec(world.seed, identity, index)
-        table[f"{i:04d}"] = {"skin": SKIN_GROUPS[traits.skin_name], "skin_tone": traits.skin_name, "glasses": "yes" if traits.glasses else "no",
-                             "hair": traits.hair_name, "hair_style": traits.hair_style, "pose": _pose(spec.yaw),
-                             "expression": spec.expression}
+        table[name] = {"skin": SKIN_GROUPS[traits.skin_name], "skin_tone": traits.skin_name,
+                       "glasses": "yes" if traits.glasses else "no", "hair": traits.hair_name,
+                       "hair_style": traits.hair_style, "pose": _pose(spec.yaw), "expression": spec.expression}
     return table
 
 

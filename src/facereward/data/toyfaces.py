@@ -1220,8 +1220,9 @@ def write_toyfaces(
         (out / split / "landmarks.json").write_text(json.dumps({name: lm for name, _, lm in rows}))
         (out / split / "identities.json").write_text(json.dumps({name: ident for name, ident, _ in rows}, indent=0))
     world_info = {"world_seed": seed, "n_identities": n_identities, "test_fraction": test_fraction, "size": size}
-    for split in SPLITS:
-        write_toy_marker(out / split / "images", {**world_info, "split": split})
+    for split in SPLITS:  # with what recomputes each image's (identity, index) from its name (data.attributes)
+        write_toy_marker(out / split / "images", {**world_info, "split": split, "sample_seed": seed, "count": counts[split],
+                                                  "name_width": width})
     write_toy_marker(out, {**world_info, "split": None})
     manifest = {"seed": seed, "size": size, "n": n, "n_identities": n_identities, "test_fraction": test_fraction, **counts}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))

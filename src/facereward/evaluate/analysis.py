@@ -1,4 +1,4 @@
-"""Intervals, paired comparisons and slices of an evaluate run (docs/methods.md 3.4), from its per-image scores and
+"""Intervals, paired comparisons and slices of an evaluate run (docs/methods.md 3.1), from its per-image scores and
 its set measures' features; written beside the means into results.{md,csv,json}."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 from .config import EvaluateConfig
 from .published import check_markdown, check_published, read_published
 from .slices import load_attributes, slice_markdown, slice_scores
-from .stats import compare_paired, compare_sets, mean_interval, set_interval
+from facereward.stats import compare_paired, compare_sets, mean_interval, set_interval
 
 
 @dataclass
@@ -93,7 +93,7 @@ def check_compare(config: EvaluateConfig, methods: list[str]) -> list[tuple[str,
 
 def intervals(config: EvaluateConfig, per_image: dict[str, dict[str, list[float]]],
               set_scores: list[SetScores]) -> dict[str, dict[str, list[float]]]:
-    """{method: {column: [lower, upper]}}: the bootstrap interval of every cell (docs/methods.md 3.4)."""
+    """{method: {column: [lower, upper]}}: the bootstrap interval of every cell (docs/methods.md 3.1)."""
     out: dict[str, dict[str, list[float]]] = {}
     for method, columns in per_image.items():
         out[method] = {}

@@ -18,8 +18,9 @@ from facereward.measures import (
 from .config import EvaluateConfig
 
 # what `evaluate` computes when no measures are named, in column order; each only where what it needs is given
-DEFAULT_MEASURES: tuple[str, ...] = ("psnr", "ssim", "psnr-y", "ssim-y", "lpips", "ids", "deg", "lmd", "toy-quality", "frm",
-                                     "reward", "clipiqa", "niqe", "fid", "kid")
+DEFAULT_MEASURES: tuple[str, ...] = ("psnr", "ssim", "psnr-y", "ssim-y", "lpips", "dists", "ids", "deg", "lmd", "toy-quality",
+                                     "frm", "reward", "clipiqa", "niqe", "musiq-koniq", "musiq-spaq", "musiq-paq2piq",
+                                     "musiq-ava", "maniqa-koniq", "maniqa-pipal", "topiq-nr", "topiq-nr-face", "fid", "kid")
 CROP_BORDER = ("psnr", "ssim", "psnr-y", "ssim-y", "niqe")  # the measures evaluate's crop_border applies to
 
 

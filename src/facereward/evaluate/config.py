@@ -40,7 +40,7 @@ class EvaluateConfig:
     fid: str = "auto"  # FID/KID features: auto (the identity judge's features) | identity | inception:PATH | none
     fid_reference: str | None = None  # HQ folder for FID/KID; default: the test set's hq/
     imports: list[str] = field(default_factory=list)  # plugin modules or .py files imported first (register_measure)
-    # uncertainty and slices (docs/methods.md 3.4)
+    # uncertainty and slices (docs/methods.md 3.1)
     ci: bool = False  # a percentile-bootstrap interval over images for every cell
     ci_level: float = 0.95
     bootstrap: int = 1000  # resamples for per-image columns (and comparisons, slices)

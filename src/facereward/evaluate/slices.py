@@ -1,4 +1,4 @@
-"""Sliced evaluation (docs/methods.md 3.4): every per-image column per group of an attribute, with bootstrap intervals,
+"""Sliced evaluation (docs/methods.md 3.1): every per-image column per group of an attribute, with bootstrap intervals,
 and the worst group per method and column. Attributes come from an attributes CSV or, on a toy test set, from the
 toy world's own record of each face (`facereward.data.attributes`)."""
 
@@ -14,7 +14,7 @@ from facereward.data.attributes import read_attributes_csv, toy_attributes
 
 from .config import EvaluateConfig
 from .outputs import format_value
-from .stats import mean_interval
+from facereward.stats import mean_interval
 
 MISSING = "(missing)"
 

@@ -17,7 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facereward.measures.judges import MeasureEnv
+from facereward.measures.maniqa import WEIGHT_FILES as MANIQA_FILES
+from facereward.measures.musiq import WEIGHT_FILES as MUSIQ_FILES
 from facereward.measures.table import SetMeasure, register_measure
+from facereward.measures.topiq import WEIGHT_FILES as TOPIQ_FILES
 
 
 def _named(fn, column: str, **attrs):
@@ -256,6 +259,65 @@ def _kid(env: MeasureEnv, features: str | None = None, subsets: int = 100, subse
                       lambda f, ref: float(kid_from_features(f, ref, subsets=subsets, subset_size=subset_size, seed=seed)[0]))
 
 
+def _musiq(variant: str, column: str):
+    def build(env: MeasureEnv, path: str | None = None, longer_side_lengths: tuple[int, ...] = (224, 384),
+              max_seq_len_from_original_res: int | None = -1):
+        if not path:
+            return None
+        from facereward.measures.musiq import MUSIQ, MUSIQConfig
+
+        config = MUSIQConfig(longer_side_lengths=tuple(int(v) for v in longer_side_lengths),
+                             max_seq_len_from_original_res=max_seq_len_from_original_res)
+        scorer = _ModelScorer(MUSIQ.from_pretrained(path, variant, config), lambda m, x, gt, _: m(x), column)
+        scorer.provenance = {"variant": variant, "input": "RGB [0, 1] -> [-1, 1]", "scales": f"longer sides "
+                             f"{list(config.longer_side_lengths)} (bicubic) + the original", "patch": 32}
+        return scorer
+    return build
+
+
+def _maniqa(variant: str, column: str):
+    def build(env: MeasureEnv, path: str | None = None, test_sample: int = 20, scale: float | None = None):
+        if not path:
+            return None
+        from facereward.measures.maniqa import MANIQA, VARIANT_SCALE
+
+        scorer = _ModelScorer(MANIQA(path, variant, test_sample=int(test_sample), scale=scale), lambda m, x, gt, _: m(x), column)
+        scorer.provenance = {"variant": variant, "input": "RGB [0, 1] -> [-1, 1]", "crops": f"{test_sample} uniform 224 px "
+                             "(sides <= 224 px upscaled bilinearly first)", "scale": VARIANT_SCALE[variant] if scale is None else scale}
+        return scorer
+    return build
+
+
+def _topiq(variant: str, column: str):
+    def build(env: MeasureEnv, path: str | None = None, test_img_size: int | str | None = "pyiqa"):
+        if not path:
+            return None
+        from facereward.measures.topiq import TEST_IMG_SIZES, TOPIQNR
+
+        scorer = _ModelScorer(TOPIQNR(path, variant, test_img_size=test_img_size), lambda m, x, gt, _: m(x), column)
+        size = TEST_IMG_SIZES[variant] if test_img_size == "pyiqa" else test_img_size
+        scorer.provenance = {"variant": variant, "input": "RGB [0, 1], ImageNet mean/std",
+                             "resize": f"shorter side {size} (bilinear, antialias)" if size else "none"}
+        return scorer
+    return build
+
+
+def _dists(env: MeasureEnv, path: str | None = None, backbone_path: str | None = None):
+    if not path and not backbone_path:
+        return None
+    if not (path and backbone_path):
+        raise ValueError("measure 'dists' needs both path (DISTS_weights-f5e65c96.pth) and backbone_path (vgg16-397923af.pth)")
+    from facereward.measures.dists import DISTS
+
+    scorer = _ModelScorer(DISTS(path, backbone_path).to(env.device), lambda m, x, gt, _: m(x, gt.to(x.dtype)), "DISTS")
+    scorer.provenance = {"input": "RGB [0, 1], ImageNet mean/std for the VGG (the raw image as tap 0)", "resize": "none"}
+    return scorer
+
+
+def _weights(name: str, files: dict[str, str], variant: str) -> str:
+    return f"option path ({files[variant]}; evaluate --weights {name}=FILE)"
+
+
 _IDENTITY = "an identity judge (judge: auto, toy, dlib or arcface:FILE.onnx; evaluate --identity)"
 _FEATURES = "features (auto, identity or inception:FILE; evaluate --fid) and a reference set (hq/ or --fid-reference DIR)"
 _float = lambda score: score.float()  # noqa: E731 (rewards are float32)
@@ -298,5 +360,27 @@ for name, build, kind, lower, diff, needs, description, extra in (
 ):
     register_measure(name, build, kind=kind, lower_better=lower, differentiable=diff, needs=needs, description=description,
                      overwrite=True, **extra)
+
+# the no-reference and perceptual measures BFR papers report, on the released weight files pyiqa loads (docs/evaluate.md)
+for variant, label in (("koniq10k", "KonIQ"), ("spaq", "SPAQ"), ("paq2piq", "PaQ-2-PiQ"), ("ava", "AVA")):
+    name = "musiq-koniq" if variant == "koniq10k" else f"musiq-{variant}"
+    register_measure(name, _musiq(variant, f"MUSIQ ({label})"), kind="NR", lower_better=False, differentiable=True,
+                     needs=_weights(name, MUSIQ_FILES, variant), overwrite=True,
+                     description=f"MUSIQ trained on {label} ({'1-10' if variant == 'ava' else 'about 0-100'}), pyiqa's "
+                     f"{'musiq' if variant == 'koniq10k' else name}")
+for variant, label in (("koniq", "KonIQ"), ("pipal", "PIPAL")):
+    name = f"maniqa-{variant}"
+    register_measure(name, _maniqa(variant, f"MANIQA ({label})"), kind="NR", lower_better=False, differentiable=True,
+                     needs=_weights(name, MANIQA_FILES, variant), overwrite=True,
+                     description=f"MANIQA trained on {label} (about 0-1), pyiqa's {'maniqa' if variant == 'koniq' else name}")
+for variant, name, label in (("koniq", "topiq-nr", "TOPIQ-NR (KonIQ)"), ("face", "topiq-nr-face", "TOPIQ-NR (face)")):
+    register_measure(name, _topiq(variant, label), kind="NR", lower_better=False, differentiable=True,
+                     needs=_weights(name, TOPIQ_FILES, variant), overwrite=True,
+                     description=f"TOPIQ no-reference, {'KonIQ' if variant == 'koniq' else 'face quality (CGFIQA-40k), 512 px'} "
+                     f"(about 0-1), pyiqa's {name.replace('topiq-nr', 'topiq_nr')}")
+register_measure("dists", _dists, kind="FR", lower_better=True, differentiable=True, overwrite=True,
+                 needs="options path (DISTS_weights-f5e65c96.pth) and backbone_path (torchvision vgg16-397923af.pth)",
+                 description="DISTS structure and texture distance (0-1); as a reward 1 - DISTS",
+                 reward=lambda d: 1.0 - d.float())
 
 __all__: list[str] = []

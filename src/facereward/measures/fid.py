@@ -33,7 +33,7 @@ mistaken for one another.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -42,6 +42,8 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from facereward.measures.weightfile import read_state_dict
 
 __all__ = [
     "FeatureExtractor",
@@ -269,30 +271,10 @@ class FIDInceptionV3(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1)
 
 
-def _read_tensor_file(path: Path) -> Mapping[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as e:  # noqa: BLE001 - re-raised with the file named
-            raise ValueError(f"could not read FID Inception weights {path} as safetensors: {e}") from e
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"could not read FID Inception weights {path} with torch.load(weights_only=True): {first}"
-        ) from e
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"FID Inception weights {path} do not hold a state dict of tensors (got {type(obj).__name__})")
-    return obj
-
-
 def load_fid_inception_state_dict(path: str | Path, model: FIDInceptionV3 | None = None) -> dict[str, Tensor]:
     """Read and check pytorch-fid's FID Inception weights (``.pth``/``.pt`` or ``.safetensors``).
+
+    Read by :mod:`facereward.measures.weightfile` (pickled code refused), bare or under a ``"state_dict"`` key.
 
     Returns the state dict restricted to ``FIDInceptionV3``'s keys. Raises ``FileNotFoundError`` for
     a missing file and ``ValueError`` (one line, naming the file) for missing, mis-shaped or foreign
@@ -301,12 +283,10 @@ def load_fid_inception_state_dict(path: str | Path, model: FIDInceptionV3 | None
     ``*.num_batches_tracked`` is optional.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"FID Inception weights not found: {path} (expected pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
-            "or the same tensors as .safetensors)"
-        )
-    raw = _read_tensor_file(path)
+    raw = read_state_dict(
+        path, "FID Inception", "weights", unwrap=("state_dict",),
+        expected="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or the same tensors as .safetensors",
+    )
     if model is None:
         with torch.device("meta"):  # shapes only, no init cost
             model = FIDInceptionV3()

@@ -21,9 +21,8 @@ Minimum image size: 16x16 for VGG, 31x31 for AlexNet (the last tap must be at le
 
 Accepted files
 --------------
-A file ending in ``.safetensors`` is read with ``safetensors.torch.load_file``; any other file
-(``.pth``, ``.pt``, ``.bin``) with ``torch.load(path, map_location="cpu", weights_only=True)`` and must
-hold a flat ``{name: tensor}`` dict (no ``{"state_dict": ...}`` wrapper; pickled code is refused).
+Read by :mod:`facereward.measures.weightfile` (``.safetensors`` or ``torch.load(weights_only=True)``; pickled
+code refused): a flat ``{name: tensor}`` dict, no wrapper (no ``{"state_dict": ...}``) and no key prefix stripped.
 Tensors of any floating dtype are accepted and stored as float32.
 
 Backbone (``backbone_path``): torchvision's ImageNet weights,
@@ -59,12 +58,13 @@ or a wrong shape (naming the key, its shape and the expected one).
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from facereward.measures.weightfile import check_layout, file_label, read_state_dict
 
 __all__ = ["LPIPS", "load_lpips", "backbone_layout", "heads_layout", "NETS"]
 
@@ -137,72 +137,31 @@ def heads_layout(net: str) -> dict[str, tuple[int, ...]]:
     return {f"lin{k}.model.1.weight": (1, c, 1, 1) for k, c in enumerate(chns)}
 
 
-def _read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
-    if path is None:
-        raise ValueError(f"LPIPS: no {what} file given")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LPIPS {what} file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def _load_backbone_tensors(net: str, path: str | Path, who: str = "LPIPS") -> dict[str, Tensor]:
+    """Read a torchvision vgg16/alexnet file (full or features-only) -> features-only ``{'0.weight': ...}``.
 
-        try:
-            sd = load_file(str(path), device="cpu")
-        except Exception as e:  # SafetensorError, OSError, ...
-            raise ValueError(f"LPIPS {what} file {path} is not a readable safetensors file ({e})") from None
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            hint = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), "")
-            hint = hint.replace("WeightsUnpickler error: ", "").split(" was not an allowed")[0]
-            raise ValueError(
-                f"LPIPS {what} file {path} is not a plain tensor state dict (pickled objects refused by "
-                f"torch.load(weights_only=True){': ' + hint if hint else ''})"
-            ) from None
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"LPIPS {what} file {path} could not be read ({type(e).__name__}: {first})") from None
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items()):
-        raise ValueError(f"LPIPS {what} file {path} does not hold a flat {{name: tensor}} state dict")
-    return sd
-
-
-def _check_key(sd: dict[str, Tensor], key: str, shape: tuple[int, ...], path: Path, what: str, net: str) -> Tensor:
-    if key not in sd:
-        raise ValueError(f"LPIPS {what} file {path}: key '{key}' missing (expected the {net} layout)")
-    t = sd[key]
-    if tuple(t.shape) != shape:
-        raise ValueError(
-            f"LPIPS {what} file {path}: key '{key}' has shape {tuple(t.shape)}, expected {shape} for net '{net}'"
-        )
-    if not t.is_floating_point():
-        raise ValueError(f"LPIPS {what} file {path}: key '{key}' has dtype {t.dtype}, expected a float tensor")
-    return t.to(torch.float32)
-
-
-def _load_backbone_tensors(net: str, path: str | Path) -> dict[str, Tensor]:
-    """Read a torchvision vgg16/alexnet file (full or features-only) -> features-only ``{'0.weight': ...}``."""
-    sd = _read_state_dict(path, "backbone")
-    path = Path(path)
-    full = any(k.startswith("features.") for k in sd)
-    prefix = "features." if full else ""
-    layout = backbone_layout(net)
-    out = {k: _check_key(sd, prefix + k, shape, path, "backbone", net) for k, shape in layout.items()}
-    feature_keys = [k for k in sd if k.startswith("features.")] if full else list(sd)
-    extra = [k for k in feature_keys if k[len(prefix):] not in layout]
-    if extra:
-        raise ValueError(
-            f"LPIPS backbone file {path}: unexpected key '{extra[0]}' for torchvision {net} features"
-            f" ({len(extra)} unexpected in all; a _bn variant or another network?)"
-        )
-    return out
+    ``who`` labels the errors (DISTS loads its VGG16 through here).
+    """
+    sd = read_state_dict(path, who, "backbone")
+    prefix = "features." if any(k.startswith("features.") for k in sd) else ""
+    if prefix:  # a full model: only the features namespace is checked, classifier.* is ignored
+        sd = {k: v for k, v in sd.items() if k.startswith(prefix)}
+    tv_name = "vgg16" if _canonical_net(net) == "vgg" else "alexnet"
+    checked = check_layout(
+        sd,
+        {prefix + k: shape for k, shape in backbone_layout(net).items()},
+        file_label(who, "backbone", path),
+        layout_name=f"torchvision's {tv_name} features",
+        hint=lambda key, got: "a _bn variant or another network?" if key in got else "",
+    )
+    return {k[len(prefix):]: t for k, t in checked.items()}
 
 
 def _load_head_tensors(net: str, path: str | Path) -> dict[str, Tensor]:
-    sd = _read_state_dict(path, "heads")
-    path = Path(path)
-    return {k: _check_key(sd, k, shape, path, "heads", net) for k, shape in heads_layout(net).items()}
+    layout = heads_layout(net)
+    sd = read_state_dict(path, "LPIPS", "heads")
+    sd = {k: v for k, v in sd.items() if k in layout}  # net.* / scaling_layer.* of a full lpips.LPIPS: ignored
+    return check_layout(sd, layout, file_label("LPIPS", "heads", path), layout_name=f"lpips v0.1 {net} heads")
 
 
 def _build_features(spec: list[tuple]) -> nn.Sequential:

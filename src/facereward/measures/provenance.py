@@ -1,4 +1,4 @@
-"""What a built measure was built from (docs/methods.md 3.5): its row, its options, and the SHA-256 of every weight
+"""What a built measure was built from (docs/methods.md 3.2): its row, its options, and the SHA-256 of every weight
 file (or folder) an option names, so a results table records exactly which variant and which weights gave a column."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Uncertainty for evaluate tables (docs/methods.md 3.4): bootstrap intervals over images and paired tests.
+"""Bootstrap intervals and paired tests (docs/methods.md 3.1): evaluate's intervals over images, its paired
+comparisons of two methods, and the resampling behind the user study's intervals.
 
 Every interval is a percentile bootstrap over the test images: draw `n_boot` resamples of the image indices with
 replacement (seeded), compute the statistic on each, and take the (1 - level)/2 and (1 + level)/2 quantiles. A set
@@ -45,12 +46,34 @@ def percentile_interval(statistics: np.ndarray, level: float = 0.95) -> tuple[fl
 
 def mean_interval(values, n_boot: int = DEFAULT_BOOTSTRAP, level: float = 0.95, seed: int = 0,
                   indices: np.ndarray | None = None) -> tuple[float, float]:
-    """The percentile-bootstrap interval of the mean of per-image `values` (docs/methods.md 3.4)."""
+    """The percentile-bootstrap interval of the mean of per-image `values` (docs/methods.md 3.1)."""
     x = np.asarray(values, dtype=np.float64)
     if x.ndim != 1 or x.size == 0:
         raise ValueError(f"bootstrap: expected a non-empty 1-d list of per-image values, got shape {x.shape}")
     idx = bootstrap_indices(x.size, n_boot, seed) if indices is None else indices
     return percentile_interval(x[idx].mean(axis=1), level)
+
+
+def bootstrap_interval(n_items: int, statistic: Callable[[np.ndarray], np.ndarray], n_resamples: int = DEFAULT_BOOTSTRAP,
+                       seed: int = 0, level: float = 0.95) -> tuple[np.ndarray, np.ndarray, int]:
+    """A percentile interval of a vector `statistic(indices)` over resamples of n_items: (low, high, resamples used).
+
+    A resample where the statistic raises ValueError (no finite estimate) is dropped and not counted; all dropped
+    gives NaN. Elementwise quantiles as `percentile_interval`.
+    """
+    samples = []
+    for idx in bootstrap_indices(n_items, n_resamples, seed):
+        try:
+            samples.append(np.asarray(statistic(idx), dtype=float))
+        except ValueError:
+            continue
+    if not samples:
+        shape = np.shape(statistic(np.arange(n_items)))
+        return np.full(shape, np.nan), np.full(shape, np.nan), 0
+    if not 0 < level < 1:
+        raise ValueError(f"bootstrap: level must be in (0, 1), got {level}")
+    low, high = np.quantile(np.stack(samples), [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return low, high, len(samples)
 
 
 def set_interval(features: np.ndarray, reference: np.ndarray, compute: Callable[[np.ndarray, np.ndarray], float],
@@ -121,7 +144,7 @@ def wilcoxon_p_value(differences) -> float:
 
 def compare_paired(a: str, b: str, column: str, values_a, values_b, n_boot: int = DEFAULT_BOOTSTRAP,
                    level: float = 0.95, seed: int = 0, lower_better: bool = False) -> Comparison:
-    """The paired comparison of two methods' per-image values on the same images (docs/methods.md 3.4)."""
+    """The paired comparison of two methods' per-image values on the same images (docs/methods.md 3.1)."""
     x, y = np.asarray(values_a, dtype=np.float64), np.asarray(values_b, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1 or x.size == 0:
         raise ValueError(f"compare {a!r} and {b!r} on {column!r}: need the same non-empty set of images, got {x.shape} and {y.shape}")
@@ -149,5 +172,5 @@ def compare_sets(a: str, b: str, column: str, features_a: np.ndarray, features_b
     return Comparison(a, b, column, len(features_a), float(diff), lo, hi, bootstrap_p_value(boots), math.nan, lower_better)
 
 
-__all__ = ["Comparison", "DEFAULT_BOOTSTRAP", "DEFAULT_SET_BOOTSTRAP", "bootstrap_indices", "bootstrap_p_value",
+__all__ = ["Comparison", "DEFAULT_BOOTSTRAP", "DEFAULT_SET_BOOTSTRAP", "bootstrap_indices", "bootstrap_interval", "bootstrap_p_value",
            "compare_paired", "compare_sets", "mean_interval", "percentile_interval", "set_interval", "wilcoxon_p_value"]
