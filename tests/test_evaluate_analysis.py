@@ -85,6 +85,21 @@ def test_a_set_measure_is_resampled_with_its_gt_rows_and_its_interval_holds_the_
     assert lo <= spread(feats, feats) <= hi
 
 
+def test_the_fast_fid_of_the_resamples_equals_pytorch_fids_formula():
+    import warnings
+
+    from facereward.measures.fid import fid_from_features, fid_from_features_fast
+
+    rng = np.random.default_rng(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few images for the dimension: singular covariances, as on toy sets
+        for n, m, d in ((16, 16, 64), (12, 20, 32), (80, 90, 16)):  # fewer images than dimensions (the SVD), and more
+            a, b = rng.normal(size=(n, d)), 1.3 * rng.normal(size=(m, d)) + 0.2
+            assert fid_from_features_fast(a, b) == pytest.approx(fid_from_features(a, b), rel=1e-6)
+    with pytest.raises(ValueError, match="feature sets"):
+        fid_from_features_fast(np.zeros((1, 4)), np.zeros((3, 4)))
+
+
 # ---- attributes
 
 
@@ -185,6 +200,14 @@ def test_ci_compare_and_slices_reach_every_file(toy_set, tmp_path):
     assert worst["value"] == min(eligible, key=eligible.get)
     # a per-image column is not sliced into set measures
     assert "FID (toy-id)" not in next(iter(groups.values()))["rows"]["LQ"]
+    # the HTML report shows the intervals, the comparisons and the worst groups
+    from facereward.evaluate.outputs import format_cell
+    from facereward.report import build_report
+
+    page = build_report([out], tmp_path / "report.html").read_text()
+    cell = format_cell(payload["rows"]["LQ"]["PSNR"], payload["intervals"]["LQ"]["PSNR"])
+    assert cell in page and "Paired comparisons" in page and "banded - LQ: PSNR" in page
+    assert "Worst glasses group per method" in page
 
 
 def test_provenance_records_each_columns_options_and_weight_hashes(toy_set, tmp_path):

@@ -65,10 +65,13 @@ def test_the_table_has_every_metric_with_its_type_and_direction():
     rows = {s.name: s for s in list_measures()}
     assert set(DEFAULT_MEASURES) <= set(rows)
     kinds = {n: rows[n].kind for n in DEFAULT_MEASURES}
-    assert kinds == {"psnr": "FR", "ssim": "FR", "psnr-y": "FR", "ssim-y": "FR", "lpips": "FR", "ids": "FR", "deg": "FR",
-                     "lmd": "FR", "toy-quality": "FR", "frm": "NR", "reward": "NR", "clipiqa": "NR", "niqe": "NR", "fid": "set", "kid": "set"}
+    paper_nr = ("musiq-koniq", "musiq-spaq", "musiq-paq2piq", "musiq-ava", "maniqa-koniq", "maniqa-pipal", "topiq-nr",
+                "topiq-nr-face")
+    assert kinds == {"psnr": "FR", "ssim": "FR", "psnr-y": "FR", "ssim-y": "FR", "lpips": "FR", "dists": "FR", "ids": "FR",
+                     "deg": "FR", "lmd": "FR", "toy-quality": "FR", "frm": "NR", "reward": "NR", "clipiqa": "NR", "niqe": "NR",
+                     **dict.fromkeys(paper_nr, "NR"), "fid": "set", "kid": "set"}
     lower = {n for n in DEFAULT_MEASURES if rows[n].lower_better}
-    assert lower == {"lpips", "deg", "lmd", "niqe", "fid", "kid"}
+    assert lower == {"lpips", "dists", "deg", "lmd", "niqe", "fid", "kid"}
     assert "--niqe-model" in rows["niqe"].needs and "backbone_path and heads_path" in rows["lpips"].needs and rows["psnr"].needs == ""
     # one row is the metric and the reward: a reward form where higher is better (or a transform, lpips: 1 - d)
     assert all(rows[n].reward is not None for n in ("psnr", "ssim", "clipiqa", "frm", "ids", "lpips", "wavelet"))

@@ -18,8 +18,9 @@ from facereward.stats import compare_paired, compare_sets, mean_interval, set_in
 
 @dataclass
 class SetScores:
-    """What a set measure (FID/KID) needs to be recomputed on resamples: its features per method and its reference;
-    `paired_reference`: the reference rows are the test images' own GT, in the same order."""
+    """What a set measure (FID/KID) needs to be recomputed on resamples: how (its `resample` route where it has one),
+    its features per method and its reference; `paired_reference`: the reference rows are the test images' own GT,
+    in the same order."""
 
     column: str
     compute: Callable[[np.ndarray, np.ndarray], float]

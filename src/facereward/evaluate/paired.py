@@ -132,8 +132,8 @@ def evaluate_paired(config: EvaluateConfig) -> EvaluateResult:
             feats = {method: torch.cat(features[id(e)][method]).numpy() for method in methods}
             for method in methods:
                 rows[method][metric.column] = metric.compute(feats[method], ref)
-            set_scores.append(SetScores(metric.column, metric.compute, feats, ref, config.fid_reference is None,
-                                        metric.lower_better))
+            set_scores.append(SetScores(metric.column, metric.resample or metric.compute, feats, ref,
+                                        config.fid_reference is None, metric.lower_better))
     sampling = {name: {"eta": r.config.eta if config.eta is None else config.eta, **sampler_options(config).resolved(r)}
                 for name, r in restorers.items()}
     provenance = {m.column: m.provenance for m in built}

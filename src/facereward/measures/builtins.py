@@ -228,7 +228,7 @@ def _ms_ssim(env: MeasureEnv):
 
 
 def _fid(env: MeasureEnv, features: str | None = None):
-    from facereward.measures.fid import fid_from_features
+    from facereward.measures.fid import fid_from_features, fid_from_features_fast
 
     extractor = env.features(features)
     if extractor is None:
@@ -245,7 +245,11 @@ def _fid(env: MeasureEnv, features: str | None = None):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the small-N warning is given once above
             return float(fid_from_features(feats, reference))
-    return SetMeasure("fid", f"FID ({extractor.name})", extractor, compute)
+    def resample(feats: np.ndarray, reference: np.ndarray) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(fid_from_features_fast(feats, reference))
+    return SetMeasure("fid", f"FID ({extractor.name})", extractor, compute, resample=resample)
 
 
 def _kid(env: MeasureEnv, features: str | None = None, subsets: int = 100, subset_size: int = 1000, seed: int = 0):

@@ -537,6 +537,27 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(value)
 
 
+def fid_from_features_fast(features1, features2) -> float:
+    """FID between two ``(N, D)`` feature sets by an exact shortcut, the same value as `fid_from_features` up to
+    rounding and much faster on few images (evaluate's bootstrap resamples use it).
+
+    With A_i the centred features over sqrt(N_i - 1), S_i = A_i^T A_i, and the nonzero eigenvalues of S1 S2 are the
+    squared singular values of C = A1 A2^T, so tr sqrt(S1 S2) is C's nuclear norm (an N1 x N2 SVD instead of a D x D
+    matrix square root). With more images than dimensions it is `fid_from_features`.
+    """
+    x1 = np.asarray(features1.detach().cpu() if hasattr(features1, "detach") else features1, np.float64)
+    x2 = np.asarray(features2.detach().cpu() if hasattr(features2, "detach") else features2, np.float64)
+    if x1.ndim != 2 or x2.ndim != 2 or x1.shape[1] != x2.shape[1] or min(len(x1), len(x2)) < 2:
+        raise ValueError(f"fid: expected two (N >= 2, D) feature sets of one D, got {x1.shape} and {x2.shape}")
+    mu1, mu2 = x1.mean(axis=0), x2.mean(axis=0)
+    a1, a2 = (x1 - mu1) / np.sqrt(len(x1) - 1), (x2 - mu2) / np.sqrt(len(x2) - 1)
+    if min(len(x1), len(x2)) >= x1.shape[1]:
+        return fid_from_features(x1, x2)  # more images than dimensions: the SVD is no shortcut
+    cross = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + (a1 * a1).sum() + (a2 * a2).sum() - 2 * cross)
+
+
 def fid_from_features(features1, features2, eps: float = 1e-6) -> float:
     """FID between two ``(N, D)`` feature sets (numpy or torch)."""
     mu1, s1 = feature_stats(features1, "fid features1")
