@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from facereward.atomic import atomic_write_text
+from facereward.atomic import append_jsonl, atomic_write_text
 
 __all__ = [
     "PreferenceDataError",
@@ -274,25 +274,7 @@ def append_pair(path: str | Path, pair_or_dict: PreferencePair | Mapping[str, An
         record = _as_record(pair_or_dict, base_dir)
     except PreferenceDataError as err:
         raise PreferenceDataError(f"{path}: cannot append: {err}") from None
-    data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    created = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        if size:
-            with open(path, "rb") as f:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    data = b"\n" + data
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if created:
-        _fsync_dir(base_dir)
+    append_jsonl(path, record)
 
 
 def write_pairs(path: str | Path, pairs: Iterable[PreferencePair | Mapping[str, Any]]) -> None:
