@@ -96,6 +96,29 @@ def test_refl_on_two_processes_matches_one(tmp_path, pixel_dir):
     _assert_close_weights(tmp_path / "one" / "frm", tmp_path / "two" / "frm", tmp_path / "frm")  # the dynamic FRM too
 
 
+def test_refl_on_a_one_step_restorer_on_two_processes_matches_one(tmp_path):
+    from facereward.models.frm import FaceRewardModel, FRMConfig
+    from facereward.models.onestep import OneStepConfig, OneStepRestorer
+
+    torch.manual_seed(0)
+    OneStepRestorer.build(OneStepConfig(mode="latent", size=32)).save_pretrained(tmp_path / "start")
+    torch.manual_seed(1)
+    FaceRewardModel(FRMConfig(backbone="cnn", input_size=32, cnn_widths=[8, 16], cnn_depth=1)).save_pretrained(tmp_path / "frm")
+    config = {"run": {"save_every": 3, "log_every": 1, "progress": False, "speed": "off"}, "init_from": str(tmp_path / "start"),
+              "rewards": {"weights": {"frm": 1.0}, "options": {"frm": {"path": str(tmp_path / "frm")}}},
+              "data": {"toy_faces": 8, "size": 32, "toy_identities": 10}, "train_steps": 3, "batch_size": 4, "lr": 1e-3,
+              "reward_weight": 0.1, "dynamic_frm": {"every": 1, "lr": 1e-3}, "held_out": {"every": 0},
+              "losses": {"weights": {"wavelet": 0.01}, "options": {"wavelet": {"wavelet": "dtcwt", "levels": 3, "clamp": True}}}}
+    assert cli_run(["refl", "--config", str(_write(tmp_path, "one", config, "one"))]) == 0
+    proc = _launch_two(["refl", "--config", str(_write(tmp_path, "two", {**config, "batch_size": 2}, "two"))])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())["train_log"]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())["train_log"]
+    for key in ("refl/score", "refl/reward", "refl/wavelet_loss", "frm/loss"):  # the posterior noise is drawn per row
+        assert two[0][key] == pytest.approx(one[0][key], rel=1e-5, abs=1e-7), key
+    _assert_close_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", tmp_path / "start")
+
+
 def test_nft_on_two_processes_matches_one(tmp_path, pixel_dir):
     config = {"run": {"save_every": 2, "log_every": 1, "progress": False, "speed": "off"}, "init_from": str(pixel_dir),
               "data": {"toy_faces": 6, "size": 32, "toy_identities": 10}, "rewards": {"weights": {"wavelet": 0.5, "ssim": 0.5}},

@@ -114,6 +114,25 @@ def test_refl_resumes_bit_identically_after_sigkill(tmp_path, pixel_restorer):
     _assert_same_run(ref, killed, model="frm")  # the dynamic FRM too
 
 
+def test_refl_on_a_one_step_restorer_resumes_bit_identically_after_sigkill(tmp_path):
+    from facereward.models.frm import FaceRewardModel, FRMConfig
+    from facereward.models.onestep import OneStepConfig, OneStepRestorer
+
+    torch.manual_seed(0)  # latent: the VAE encoder trains too, and the posterior noise is drawn per row
+    OneStepRestorer.build(OneStepConfig(mode="latent", size=32)).save_pretrained(tmp_path / "restorer")
+    torch.manual_seed(1)
+    FaceRewardModel(FRMConfig(backbone="cnn", input_size=32, cnn_widths=[8, 16], cnn_depth=1)).save_pretrained(tmp_path / "frm")
+    config = {"run": {"save_every": 2, "log_every": 1, "progress": False}, "init_from": str(tmp_path / "restorer"),
+              "rewards": {"weights": {"frm": 1.0}, "options": {"frm": {"path": str(tmp_path / "frm")}}},
+              "data": {"toy_faces": 6, "size": 32, "toy_identities": 10}, "lora": {"rank": 2},
+              "train_steps": 6, "batch_size": 4, "lr": 1e-3, "reward_weight": 0.1,
+              "losses": {"weights": {"wavelet": 0.01}, "options": {"wavelet": {"wavelet": "dtcwt", "levels": 3, "clamp": True}}},
+              "dynamic_frm": {"every": 1, "lr": 1e-3}, "held_out": {"every": 3, "toy_faces": 2}}
+    ref, killed = _kill_and_resume(tmp_path, ["refl"], config, ["refl step 3/", 4])
+    _assert_same_run(ref, killed)
+    _assert_same_run(ref, killed, model="frm")
+
+
 def test_lrpo_resumes_bit_identically_after_sigkill(tmp_path, pixel_restorer):
     pixel_restorer.save_pretrained(tmp_path / "restorer")
     config = {"run": {"save_every": 1, "log_every": 1, "progress": False}, "init_from": str(tmp_path / "restorer"),

@@ -31,8 +31,9 @@ from facereward.data.datasets import PairedFolderDataset
 from facereward.data.degradation import degrade
 from facereward.data.imageio import read_image, write_image
 from facereward.data.toyfaces import TOY_MARKER, is_toy_folder
+from facereward.models.families import load_restorer
 from facereward.models.seeded import restore_batch
-from facereward.models.restorer import ModelFolderError, Restorer, SamplerOptions
+from facereward.models.restorer import ModelFolderError, SamplerOptions
 
 __all__ = ["CANDIDATES_FILE", "CandidateItem", "load_candidates", "make_candidates"]
 
@@ -184,7 +185,7 @@ def make_candidates(
             js = [j for j, p in enumerate(plan) if p["model"] == model_name]
             if not js:
                 continue
-            restorer = Restorer.from_pretrained(model_dirs[model_name]).to(dev)
+            restorer = load_restorer(model_dirs[model_name]).to(dev)
             settings = (sampler or SamplerOptions()).resolved(restorer)
             for item in items:
                 for j in js:

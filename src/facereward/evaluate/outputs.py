@@ -95,7 +95,8 @@ def write_outputs(config, out_dir: Path, rows, per_image, judges, table: str, gr
     out_dir.mkdir(parents=True, exist_ok=True)
     sampling, provenance, analysis = sampling or {}, provenance or {}, analysis or {}
     intervals = analysis.get("intervals") or {}
-    how = "; ".join(f"{m}: eta {s['eta']}, {s['spacing']} spacing, final alpha-bar {s['final_alpha_bar']}"
+    how = "; ".join(f"{m}: " + (f"one step at t = {s['one_step_timestep']}" if "one_step_timestep" in s else
+                               f"eta {s['eta']}, {s['spacing']} spacing, final alpha-bar {s['final_alpha_bar']}")
                     + (", colour fix" if s["colour_fix"] else "") for m, s in sampling.items())
     header = (f"{n_images} images from {config.testset}; {config.sample_steps} DDIM steps, seed {config.seed}"
               + (f" ({how})" if how else "") + "; judges: " + ", ".join(f"{k} = {v}" for k, v in judges.items()) + "\n\n")

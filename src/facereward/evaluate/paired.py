@@ -23,7 +23,7 @@ from facereward.data.datasets import PairedFolderDataset, collate_batch
 from facereward.data.imageio import list_images, read_image, write_image
 from facereward.data.toyfaces import TOY_MARKER, is_toy_folder
 from facereward.measures import MeasureEnv, SetMeasure
-from facereward.models.restorer import Restorer
+from facereward.models.families import AnyRestorer, load_restorer
 from facereward.models.seeded import restore_batch
 
 from .analysis import SetScores, plan_analysis, run_analysis
@@ -48,9 +48,9 @@ def evaluate_paired(config: EvaluateConfig) -> EvaluateResult:
     methods: dict[str, Callable[[dict[str, Any], list[int]], torch.Tensor]] = {}
     if config.include_lq:
         methods["LQ"] = lambda batch, idx: batch["lq"]
-    restorers: dict[str, Restorer] = {}
+    restorers: dict[str, AnyRestorer] = {}
     for name, folder in config.models.items():
-        restorers[name] = Restorer.from_pretrained(folder).to(device)
+        restorers[name] = load_restorer(folder).to(device)
         if restorers[name].config.size != size[0]:
             raise ValueError(f"{folder}: model size {restorers[name].config.size} differs from the test set's {size[0]} px")
     cache: dict[str, dict[str, torch.Tensor]] = {}
@@ -71,6 +71,8 @@ def evaluate_paired(config: EvaluateConfig) -> EvaluateResult:
         raise ValueError(f"include_stage1: {unknown[0]!r} is not one of the models ({', '.join(config.models)})")
     for name in config.models:
         if stage1 is True or (isinstance(stage1, list) and name in stage1):
+            if restorers[name].family != "multi-step":
+                raise ValueError(f"include_stage1: {name!r} ({config.models[name]}) is a one-step restorer, which has no stage 1")
             methods[f"{name} (stage 1)"] = run_model(name, "clean")
         methods[name] = run_model(name, "restored")
     for name, folder in config.images.items():

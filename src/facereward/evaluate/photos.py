@@ -24,7 +24,7 @@ from facereward.data.faces import FaceDetector, alignment_affine, warp_face
 from facereward.data.imageio import ImageError, list_images, read_photo, write_image
 from facereward.inference import collect_inputs
 from facereward.measures import Measure, MeasureEnv, get_measure
-from facereward.models.restorer import Restorer
+from facereward.models.families import load_restorer
 from facereward.photos import restore_photo
 
 from .columns import build_columns
@@ -85,7 +85,7 @@ def evaluate_photos(config: EvaluateConfig) -> EvaluateResult:
     metrics, judges = _no_reference_measures(config, device)
     detector = FaceDetector(config.photo_detector)
     judges = {"detector": detector.name, **judges}
-    restorers = {name: Restorer.from_pretrained(folder).to(device) for name, folder in config.models.items()}
+    restorers = {name: load_restorer(folder).to(device) for name, folder in config.models.items()}
     folders = {name: {p.stem: p for p in list_images(folder)} for name, folder in config.images.items()}
     methods = (["LQ"] if config.include_lq else []) + list(restorers) + list(folders)
     if not methods:

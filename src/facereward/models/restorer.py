@@ -170,13 +170,18 @@ class SamplerOptions:
 
     def resolved(self, restorer: "Restorer") -> dict[str, Any]:
         """The settings a restore with these overrides uses (for outputs' metadata)."""
+        if getattr(restorer, "family", "multi-step") != "multi-step":
+            return restorer.sampling_settings(self)
         spacing, final = scheduler_defaults(restorer.scheduler)
         return {"spacing": self.spacing or spacing, "final_alpha_bar": self.final_alpha_bar or final,
                 "colour_fix": restorer.config.colour_fix if self.colour_fix is None else self.colour_fix}
 
 
 class Restorer(nn.Module):
-    """Stage-1 cleaner + stage-2 conditional diffusion; `restore(lq)` runs both."""
+    """Stage-1 cleaner + stage-2 conditional diffusion; `restore(lq)` runs both (the multi-step family; the one-step
+    family is `facereward.models.onestep`, both behind `facereward.models.families.load_restorer`)."""
+
+    family = "multi-step"
 
     def __init__(
         self,

@@ -23,6 +23,7 @@ from facereward.models.ddim import (
     scheduler_defaults,
     training_target,
 )
+from facereward.models.families import require_multi_step
 from facereward.models.restorer import Restorer, RestorerConfig
 from facereward.plugins import import_plugins
 from facereward.train.accelerator import RunConfig, engine_of, make_accelerator
@@ -119,6 +120,9 @@ def initial_restorer(config: TrainBaseConfig) -> Restorer:
         if config.init_schedule:
             raise ValueError("init_schedule needs init_from (the restorer whose weights to start from)")
         return Restorer.build(config.model)
+    require_multi_step(config.init_from, "train-base", f"{config.init_from}: train-base trains a cleaner and a multi-step "
+                       "stage 2; a one-step restorer is trained by its own script (scripts/train_toy_onestep.py) or imported "
+                       "(facereward import-osediff)")
     restorer = Restorer.from_pretrained(config.init_from)
     if config.init_schedule:
         spacing, final = scheduler_defaults(restorer.scheduler)

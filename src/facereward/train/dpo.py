@@ -47,6 +47,7 @@ from facereward.data.preferences import PreferencePair, load_pairs
 from facereward.data.training_data import DataConfig, build_dataset
 from facereward.measures import MeasureEnv, MeasuresConfig, WeightedSum
 from facereward.models.ddim import mix_seed, q_sample, training_target
+from facereward.models.families import require_multi_step
 from facereward.models.restorer import Restorer
 from facereward.plugins import import_plugins
 from facereward.train.accelerator import (
@@ -468,6 +469,7 @@ def train_dpo(config: DPOConfig) -> Path:
     run = config.run
     accelerator = make_accelerator(run, "dpo")
     write_run_config(config, run, accelerator)
+    require_multi_step(config.init_from or default_restorer_path(), "dpo")
     restorer = Restorer.from_pretrained(config.init_from or default_restorer_path())
     size = restorer.config.size
     online = config.pairs is None

@@ -47,6 +47,7 @@ from facereward.models.ddim import (
     rollout,
     row_generators,
 )
+from facereward.models.families import require_multi_step
 from facereward.models.restorer import Restorer
 from facereward.plugins import import_plugins
 from facereward.train.accelerator import (
@@ -606,6 +607,7 @@ def train_lrpo(config: LRPOConfig) -> Path:
     run = config.run
     accelerator = make_accelerator(run, "lrpo")
     write_run_config(config, run, accelerator)
+    require_multi_step(config.init_from or default_restorer_path(), "lrpo")
     restorer = Restorer.from_pretrained(config.init_from or default_restorer_path())
     if config.data.size != restorer.config.size:
         raise ValueError(f"data.size {config.data.size} differs from the model size {restorer.config.size}")

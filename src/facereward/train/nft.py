@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from facereward.data.training_data import DataConfig, build_dataset
 from facereward.measures import MeasureEnv, MeasuresConfig, WeightedSum
 from facereward.models.ddim import DDIMSchedule, mix_seed, output_to_x0, q_sample, randn, row_generators
+from facereward.models.families import require_multi_step
 from facereward.models.restorer import Restorer
 from facereward.plugins import import_plugins
 from facereward.train.accelerator import (
@@ -293,6 +294,7 @@ def train_nft(config: NFTConfig) -> Path:
         raise ValueError("nft keeps a whole old policy on every process, which FSDP and ZeRO-3 shard away: use DDP or "
                          "DeepSpeed ZeRO-1/2 (configs/accelerate/ddp.yaml, deepspeed_zero2_offload.yaml)")
     write_run_config(config, run, accelerator)
+    require_multi_step(config.init_from or default_restorer_path(), "nft")
     restorer = Restorer.from_pretrained(config.init_from or default_restorer_path())
     if config.data.size != restorer.config.size:
         raise ValueError(f"data.size {config.data.size} differs from the model size {restorer.config.size}")

@@ -32,7 +32,7 @@ from facereward.models.ddim import (
     truncated_rollout,
 )
 from facereward.models.frm import MAX_LOGIT_SCALE, FaceRewardModel, bradley_terry_loss
-from facereward.models.restorer import Restorer
+from facereward.models.families import AnyRestorer, load_restorer
 from facereward.plugins import import_plugins
 from facereward.train.accelerator import (
     RunConfig,
@@ -196,7 +196,7 @@ class ReFLOutput:
 class ReFLStep:
     """The ReFL generator loss for one batch (docs/methods.md 1.2 steps 1-4), independent of the training loop."""
 
-    def __init__(self, config: ReFLConfig, restorer: Restorer, frm: FaceRewardModel, reference: nn.Module | None,
+    def __init__(self, config: ReFLConfig, restorer: AnyRestorer, frm: FaceRewardModel, reference: nn.Module | None,
                  losses: WeightedSum | None = None, rewards: WeightedSum | None = None, net: nn.Module | None = None):
         """`rewards`: the reward term's other measures (all but "frm", which is `frm`), weighted as in config.rewards;
         `losses`: the structural terms (config.losses); `net`: the trained network as `accelerator.prepare` returned
@@ -208,26 +208,29 @@ class ReFLStep:
         self.config, self.restorer, self.frm, self.reference, self.losses = config, restorer, frm, reference, losses
         self.rewards, self.net = rewards, net
         self.frm_weight = float(config.rewards.weights.get("frm", 0.0))
-        self.schedule = restorer.schedule(config.sample_steps, config.spacing, config.final_alpha_bar, device=restorer.device)
+        self.one_step = restorer.family == "one-step"  # one differentiable call, no trajectory (docs/methods.md 1.3)
+        self.schedule = None if self.one_step else restorer.schedule(config.sample_steps, config.spacing,
+                                                                     config.final_alpha_bar, device=restorer.device)
 
-    def reference_residuals(self, x_t: Tensor, t: Tensor, cond: Tensor) -> list[Tensor]:
-        """The initial network's outputs at the same inputs: LoRA adapters off, or the frozen copy."""
-        restorer = self.restorer
+    def reference_residuals(self, call) -> list[Tensor]:
+        """The initial network's outputs on the same inputs, `call(net)` giving a network's residuals: the trained
+        network with its LoRA adapters off, or the frozen copy."""
         with torch.no_grad():
             if self.reference is None:  # the restorer's own (unwrapped) network with its adapters off
-                module = restorer.stage2_trainable()
+                module = self.restorer.stage2_trainable()
                 with adapters_disabled(module):
-                    return restorer.predict_eps(x_t, t, cond, return_residuals=True, net=module)[1]
-            return restorer.predict_eps(x_t, t, cond, return_residuals=True, net=self.reference)[1]
+                    return call(module)
+            return call(self.reference)
 
-    def __call__(self, batch: dict[str, Any], generator: Generators = None, shared: torch.Generator | None = None) -> ReFLOutput:
-        """The loss of `batch`. `generator` draws x_T and the step noise (one per row: see `Generators`); `shared`
-        draws the grad step k and a random eta, one draw for the whole global batch (default: `generator`)."""
+    def restore_with_grad(self, lq: Tensor, generator: Generators, shared: torch.Generator | None):
+        """x_hat with gradients, the trained network's residuals, the reference's call, and the grad step k: the one
+        step of a one-step restorer, or a multi-step DDIM rollout with grad at one step (docs/methods.md 1.2-1.3)."""
         cfg, restorer = self.config, self.restorer
-        shared = shared if shared is not None else generator
-        if shared is not None and not isinstance(shared, torch.Generator):
-            raise ValueError("ReFLStep: per-row generators need a shared generator for k and eta")
-        lq, hq = batch["lq"], batch["hq"]
+        if self.one_step:  # the posterior noise (latent mode) from the rows' generators, shared with the reference
+            b, _, h, w = lq.shape
+            noise = randn(restorer.latent_shape(b, h, w), generator, lq.device, torch.float32)
+            x_hat, residuals = restorer.forward_with_residuals(lq, net=self.net, noise=noise)
+            return x_hat, residuals, lambda net: restorer.forward_with_residuals(lq, net=net, noise=noise)[1], 0
         with torch.no_grad():
             cond = restorer.condition(restorer.clean(lq))
         b, _, h, w = lq.shape
@@ -244,7 +247,18 @@ class ReFLStep:
 
         # steps 2-3: no-grad rollout to k, then step k with grad and x0_hat
         out = truncated_rollout(eps_fn, x_T, self.schedule, k, eta=cfg.eta, generator=generator, eta_generator=shared)
-        x_hat = restorer.decode(out.pred_x0)
+        reference = lambda net: restorer.predict_eps(out.x_t, out.t, cond, return_residuals=True, net=net)[1]  # noqa: E731
+        return restorer.decode(out.pred_x0), captured["residuals"], reference, k
+
+    def __call__(self, batch: dict[str, Any], generator: Generators = None, shared: torch.Generator | None = None) -> ReFLOutput:
+        """The loss of `batch`. `generator` draws x_T and the step noise (one per row: see `Generators`); `shared`
+        draws the grad step k and a random eta, one draw for the whole global batch (default: `generator`)."""
+        cfg = self.config
+        shared = shared if shared is not None else generator
+        if shared is not None and not isinstance(shared, torch.Generator):
+            raise ValueError("ReFLStep: per-row generators need a shared generator for k and eta")
+        lq, hq = batch["lq"], batch["hq"]
+        x_hat, residuals, reference_call, k = self.restore_with_grad(lq, generator, shared)
         x_r = x_hat.clamp(0, 1) if cfg.clamp_x_hat else x_hat  # the original clamps before the FRM
         parts: dict[str, Tensor] = {}
         loss = x_hat.new_zeros(())
@@ -262,8 +276,7 @@ class ReFLStep:
             parts["refl/reward_loss"] = reward_loss(total, cfg.reward_form, cfg.reward_margin).mean()
             loss = loss + cfg.reward_weight * parts["refl/reward_loss"]
         if cfg.reg_weight > 0:
-            reference = self.reference_residuals(out.x_t, out.t, cond)
-            parts["refl/reg_loss"] = residual_regulariser(captured["residuals"], reference)
+            parts["refl/reg_loss"] = residual_regulariser(residuals, self.reference_residuals(reference_call))
             loss = loss + cfg.reg_weight * parts["refl/reg_loss"]
         if self.losses is not None:  # the structural terms, e.g. DWT_L1 (clamped x_hat) and LPIPS (docs/methods.md 1.2 step 4)
             for name, measure in self.losses.measures.items():
@@ -350,10 +363,10 @@ def frm_update_due(step: int, dyn: DynamicFRMConfig) -> bool:
     return dyn.every > 0 and step >= max(dyn.offset, 1) and (step - dyn.offset) % dyn.every == 0
 
 
-def refl_workload(config: ReFLConfig) -> Workload:
+def refl_workload(config: ReFLConfig, one_step: bool = False) -> Workload:
     """Per step: the rollout's forwards before the grad step (its mean over the grad window), the reference's
     forward when the regulariser is on, and one forward + backward."""
-    before = config.sample_steps - (config.grad_window + 1) / 2
+    before = 0 if one_step else config.sample_steps - (config.grad_window + 1) / 2
     return Workload(config.batch_size, before + (1 if config.reg_weight > 0 else 0), 1)
 
 
@@ -369,14 +382,14 @@ def train_refl(config: ReFLConfig) -> Path:
     accelerator = make_accelerator(run, "refl")
     write_run_config(config, run, accelerator)
     device = accelerator.device
-    restorer = Restorer.from_pretrained(restorer_path).to(device)
+    restorer = load_restorer(restorer_path).to(device)
     if config.data.size != restorer.config.size:
         raise ValueError(f"data.size {config.data.size} differs from the restorer's size {restorer.config.size} ({restorer_path})")
     frm = FaceRewardModel.from_pretrained(frm_path, resize=frm_resize).to(device)
     initial_frm = copy.deepcopy(frm).requires_grad_(False).eval()  # frozen: held-out scores on a fixed scale
     trainable = prepare_trainable(restorer, config.lora, gradient_checkpointing=run.gradient_checkpointing)
     check_engine(accelerator, trainable)
-    speed_up_stage2(run, accelerator, restorer, trainable, refl_workload(config), "refl")
+    speed_up_stage2(run, accelerator, restorer, trainable, refl_workload(config, restorer.family == "one-step"), "refl")
     reference = None if has_lora(trainable) else (frozen_copy(trainable) if config.reg_weight > 0 else None)
     params = trainable_parameters(trainable)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.adam_betas))

@@ -295,6 +295,9 @@ def restorer_probe(restorer: Restorer, module: nn.Module, batch: int) -> Probe:
     """One noise prediction through `module` (the restorer's trained stage-2 network) on `batch` random inputs."""
     g = torch.Generator().manual_seed(0)
     size, device = restorer.config.size, restorer.device
+    if restorer.family == "one-step":  # its one call from the LQ
+        lq = torch.rand(batch, 3, size, size, generator=g).to(device)
+        return lambda grad: restorer.forward_with_residuals(lq, net=module)[0]
     with torch.no_grad():
         cond = restorer.condition(restorer.clean(torch.rand(batch, 3, size, size, generator=g).to(device)))
         x_t = torch.randn(restorer.latent_shape(batch, size, size), generator=g).to(device)
@@ -308,7 +311,7 @@ def speed_up_stage2(run: RunConfig, accelerator: Accelerator, restorer: Restorer
     residuals feed in latent mode); call after `prepare_trainable`, before `accelerator.prepare`."""
     choice = choose_speed(run, accelerator, module, restorer_probe(restorer, module, workload.batch), workload,
                           restorer.config, role)
-    compile_networks(run, module, restorer.unet if restorer.mode == "latent" else None)
+    compile_networks(run, module, restorer.unet if restorer.family == "multi-step" and restorer.mode == "latent" else None)
     return choice
 
 

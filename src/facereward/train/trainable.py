@@ -130,7 +130,10 @@ def save_restorer(restorer: Restorer, folder: str | Path, net: nn.Module | None 
     `net` is the trained stage-2 network when it is not the restorer's own (a gathered copy, see `full_network`).
     """
     trained = _unwrap(net if net is not None else restorer.stage2_trainable())
-    plain = type(trained).from_config(trained.config) if hasattr(trained, "config") else copy.deepcopy(trained)
+    if hasattr(trained, "plain_copy"):  # a one-step net: its UNet and VAE encoder, rebuilt without adapters
+        plain = trained.plain_copy()
+    else:
+        plain = type(trained).from_config(trained.config) if hasattr(trained, "config") else copy.deepcopy(trained)
     plain.load_state_dict(merged_state_dict(trained))
     ref = next(trained.parameters())
     plain.to(ref.device)
