@@ -507,6 +507,30 @@ def import_diffbir(
           f"eta 1, wavelet colour fix) to {out_dir}")
 
 
+@app.command("import-osediff")
+def import_osediff(
+    out_dir: Path = typer.Argument(..., help="Where to write the one-step restorer folder (written only once both files load)."),
+    sd: Path = typer.Option(..., "--sd", help="Stable Diffusion 2.1 base: a diffusers folder (needed for a prompt) or an ldm .ckpt/.safetensors (v2-1_512-ema-pruned.ckpt)."),
+    osediff: Path = typer.Option(..., "--osediff", help="OSEDiff's LoRA file (osediff_face.pkl, osediff.pkl, or one of the same layout)."),
+    size: int = typer.Option(512, help="Face size in pixels (a multiple of 8; OSEDiff works at 512)."),
+    prompt: str = typer.Option("", help="The fixed text prompt, encoded once (default: empty; needs a diffusers --sd folder)."),
+    caption: Path | None = typer.Option(None, help="A text file whose content is the prompt (instead of --prompt)."),
+    head_channels: int = typer.Option(64, help="Attention head width of an ldm --sd file (not recorded in the weights; 64 in SD 2.1)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """OSEDiff (SD 2.1 + LoRA on the UNet and the VAE encoder, one step at t=999) as a one-step restorer folder that
+    restore, evaluate and refl take; the LoRA is merged into plain weights."""
+    from facereward.models.osediff_import import import_osediff as run_import
+
+    restorer = run_import(out_dir, sd, osediff, size=size, prompt=prompt, caption=caption, head_channels=head_channels,
+                          progress=progress)
+    text = f"prompt from {caption}" if caption else (f"prompt {prompt!r}" if prompt else "empty prompt")
+    n_train = sum(p.numel() for p in restorer.net.parameters())
+    _done(f"wrote OSEDiff ({restorer.config.size} px, one step at t={restorer.config.timestep}, "
+          f"{restorer.config.prediction_type} prediction, {text}; {n_train / 1e6:.1f}M parameters in the merged UNet "
+          f"and VAE encoder) to {out_dir}")
+
+
 @app.command()
 def restore(
     inputs: Path = typer.Argument(..., help="An aligned face image or a folder of them (with --photos: any photos)."),
@@ -535,7 +559,7 @@ def restore(
 ) -> None:
     """Restore aligned faces (or, with --photos, every face of whole photos); bad files are reported by name and skipped."""
     from facereward.inference import collect_inputs, restore_files
-    from facereward.models.restorer import Restorer
+    from facereward.models.families import load_restorer
     from facereward.weights import default_restorer_path
 
     if steps < 1 or batch_size < 1:
@@ -552,7 +576,7 @@ def restore(
         _restore_photos(inputs, out_dir, model, detector, upscale, background, only_center_face, min_face, max_faces,
                         save_faces, steps, _eta(eta), seed, batch_size, device, progress, sampler)
         return
-    restorer = Restorer.from_pretrained(model or default_restorer_path()).to(_device(device))
+    restorer = load_restorer(model or default_restorer_path()).to(_device(device))
     files = collect_inputs(inputs)
     report = restore_files(restorer, files, out_dir, steps=steps, eta=_eta(eta), seed=seed, batch_size=batch_size,
                            convert=convert, resize=resize, save_stage1=save_stage1, progress=progress, sampler=sampler)
@@ -567,7 +591,7 @@ def _restore_photos(inputs, out_dir, model, detector, upscale, background, only_
                     save_faces, steps, eta, seed, batch_size, device, progress, sampler) -> None:
     from facereward.data.faces import DETECTORS, FaceDetector
     from facereward.inference import collect_inputs
-    from facereward.models.restorer import Restorer
+    from facereward.models.families import load_restorer
     from facereward.photos import STAGES, restore_photo_files
     from facereward.weights import default_restorer_path
 
@@ -577,7 +601,7 @@ def _restore_photos(inputs, out_dir, model, detector, upscale, background, only_
         _fail(f"--background must be bicubic or cleaner, got {background!r}")
     if upscale <= 0 or min_face < 0 or (max_faces is not None and max_faces < 0):
         _fail("--upscale must be > 0, --min-face and --max-faces >= 0")
-    restorer = Restorer.from_pretrained(model or default_restorer_path()).to(_device(device))
+    restorer = load_restorer(model or default_restorer_path()).to(_device(device))
     files = collect_inputs(inputs)
     report = restore_photo_files(restorer, files, out_dir, detector=FaceDetector(detector), steps=steps, eta=eta, seed=seed, sampler=sampler,
                                  upscale=upscale, background=background, only_center_face=only_center_face,
@@ -951,6 +975,7 @@ HELP_GROUPS: dict[str, tuple[str, str]] = {
     "build-restorer": ("Tools", "facereward build-restorer --from-sd sd-2-1-base --size 512 runs/untrained"),
     "import-diffbir": ("Tools", "facereward import-diffbir --sd v2-1_512-ema-pruned.ckpt --controlnet v1_face.pth "
                                "--swinir face_swinir_v1.ckpt diffbir-v1-face"),
+    "import-osediff": ("Tools", "facereward import-osediff --sd stable-diffusion-2-1-base --osediff osediff_face.pkl osediff-face"),
     "fit-niqe": ("Tools", "facereward fit-niqe pristine_faces/ niqe.npz"),
 }
 
