@@ -1,6 +1,7 @@
 """The README's and docs' toy tables again, with 95% intervals, on two held-out test sets (sample seeds 0 and 1).
 
-For each experiment (the toy base, the demo, the ReFL experiment, the LRPO experiment) its trained models are
+For each experiment (the toy base, the demo, the ReFL experiment, the LRPO experiment, ReFL on the toy one-step
+base beside the 50-step base) its trained models are
 evaluated as the experiment evaluates them (faces, DDIM steps, measures), with `--ci` and a paired comparison of
 every method against the base, on the held-out toy test set of seed 0 and on a second of seed 1. Missing training
 runs are made first by their own scripts (`facereward demo`, scripts/refl_experiment.py, scripts/lrpo_experiment.py),
@@ -27,7 +28,7 @@ from facereward.evaluate import EvaluateConfig, evaluate
 from facereward.evaluate.outputs import format_cell
 from facereward.measures import MeasuresConfig
 from facereward.train.lrpo import LRPOConfig, rewards_with_defaults
-from facereward.weights import WEIGHTS_DIR, default_restorer_path
+from facereward.weights import WEIGHTS_DIR, default_onestep_path, default_restorer_path
 
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = (0, 1)
@@ -55,6 +56,9 @@ def experiments(args: argparse.Namespace) -> dict[str, dict]:
     ensure(demo / "runs" / "lrpo" / "model", [sys.executable, "-m", "facereward", "demo", "--out-dir", str(demo), "--no-progress"])
     ensure(refl / "runs", [sys.executable, "scripts/refl_experiment.py", "--out", str(refl)])
     ensure(lrpo / "lrpo", [sys.executable, "scripts/lrpo_experiment.py", "--out", str(lrpo)])
+    onestep = args.onestep
+    ensure(onestep / "model", [sys.executable, "-m", "facereward", "refl", "--config", "configs/refl_onestep_toy.yaml",
+                               "--set", f"run.output_dir={onestep}"])
     common = ["psnr", "ssim", "ids", "deg", "lmd", "toy-quality"]
     return {
         "base": dict(models={"base": base}, faces=32, steps=50, stage1=["base"], measures=[*common, "frm", "reward"], main=""),
@@ -69,6 +73,9 @@ def experiments(args: argparse.Namespace) -> dict[str, dict]:
                              "LRPO uniform adv.": str(lrpo / "lrpo-uniform-adv" / "model")},
                      faces=24, steps=8, stage1=False, measures=["reward", "psnr", "ssim", "ids", "lmd", "toy-quality"],
                      main="LRPO"),
+        "onestep": dict(models={"base": base, "one-step": str(default_onestep_path()), "one-step ReFL": str(onestep / "model")},
+                        faces=32, steps=50, stage1=False, measures=[*common, "frm"], main="one-step ReFL",
+                        extra=[["one-step", "LQ"]]),
     }
 
 
@@ -77,13 +84,14 @@ def run(out: Path, name: str, spec: dict, seed: int, bootstrap: int) -> dict:
     main method against the others."""
     folder = out / name / f"seed{seed}"
     testset = write_toy_testset(folder / "toy-test", spec["faces"], size=64, seed=seed)
-    lq = ["LQ"] if name in ("base", "demo", "refl") else []
+    lq = ["LQ"] if name in ("base", "demo", "refl", "onestep") else []
     others = [m for m in [*lq, *(f"{m} (stage 1)" for m in spec["stage1"] or []), *spec["models"]] if m != "base"]
     result = evaluate(EvaluateConfig(
         testset=str(testset), out_dir=str(folder), models=spec["models"], include_lq=bool(lq), include_stage1=spec["stage1"],
         sample_steps=spec["steps"], eta=0.0, seed=0, measures=spec["measures"], options=FRM, reward=lrpo_reward(),
         ci=True, bootstrap=bootstrap, compare=[[m, "base"] for m in others]
-        + [[spec["main"], m] for m in others if spec["main"] and m not in (spec["main"], "LQ")], progress=False,
+        + [[spec["main"], m] for m in others if spec["main"] and m not in (spec["main"], "LQ")] + spec.get("extra", []),
+        progress=False,
         save_outputs=False))
     return {"rows": result.rows, "intervals": result.analysis["intervals"], "comparisons": result.analysis["comparisons"]}
 
@@ -120,7 +128,9 @@ def main() -> None:
     parser.add_argument("--demo", type=Path, default=Path("runs/intervals/demo"), help="the demo's output folder (made if missing)")
     parser.add_argument("--refl", type=Path, default=Path("runs/refl-exp"), help="scripts/refl_experiment.py's --out")
     parser.add_argument("--lrpo", type=Path, default=Path("runs/lrpo-experiment"), help="scripts/lrpo_experiment.py's --out")
-    parser.add_argument("--only", default="", help="comma-separated experiments (base, demo, refl, lrpo); default all")
+    parser.add_argument("--onestep", type=Path, default=Path("runs/onestep-refl"),
+                        help="ReFL on the toy one-step base (configs/refl_onestep_toy.yaml; made if missing)")
+    parser.add_argument("--only", default="", help="comma-separated experiments (base, demo, refl, lrpo, onestep); default all")
     parser.add_argument("--bootstrap", type=int, default=1000)
     args = parser.parse_args()
     torch.set_num_threads(2)

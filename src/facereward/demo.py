@@ -17,7 +17,7 @@ from facereward.data.testset import write_toy_testset
 from facereward.data.toyfaces import TOY_WORLD_IDENTITIES
 from facereward.evaluate import EvaluateConfig, EvaluateResult, evaluate
 from facereward.measures import MeasuresConfig
-from facereward.weights import default_frm_path, default_restorer_path
+from facereward.weights import default_frm_path, default_onestep_path, default_restorer_path
 
 DEMO_PRESET = "diffbir"
 
@@ -185,6 +185,8 @@ def run_demo(out_dir: str | Path, n: int | None = None, model: str | Path | None
                         merge(common, {"rewards": {"options": {"frm": {"path": str(frm_path)}}}}))
     refl_recipe, lrpo_recipe = merge(refl_recipe, refl or {}), merge(lrpo_recipe, lrpo or {})
     models = {"base": str(model_path)}
+    if model is None:  # the shipped one-step base beside it: one network call per face (docs/methods.md 0.1)
+        models["one-step"] = str(default_onestep_path())
     runs: dict[str, Path] = {}
     estimate = {}
     if announce is not None:

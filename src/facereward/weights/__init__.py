@@ -15,6 +15,14 @@ def default_restorer_path() -> Path:
     return path
 
 
+def default_onestep_path() -> Path:
+    """The shipped 64 px pixel-mode toy one-step restorer (trained by scripts/train_toy_onestep.py)."""
+    path = WEIGHTS_DIR / "toy-onestep"
+    if not (path / "facereward.json").is_file():
+        raise FileNotFoundError(f"{path}: the shipped toy one-step restorer is missing; retrain it with scripts/train_toy_onestep.py")
+    return path
+
+
 def default_frm_path() -> Path:
     """The shipped toy Face Reward Model (trained by scripts/toy_frm_experiment.py)."""
     path = WEIGHTS_DIR / "toy-frm"
