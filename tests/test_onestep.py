@@ -153,3 +153,27 @@ def test_refl_trains_a_one_step_restorer_through_its_single_step(mode, rank, tmp
         vb, va = load_file(next((start / "vae").glob("*.safetensors"))), load_file(next((out / "vae").glob("*.safetensors")))
         assert any(not torch.equal(vb[k], va[k]) for k in vb if k.startswith("encoder."))
         assert all(torch.equal(vb[k], va[k]) for k in vb if k.startswith("decoder."))
+
+
+def test_the_shipped_one_step_base_restores_toy_faces_beyond_their_lq(tmp_path):
+    from facereward.data.datasets import PairedFolderDataset, collate_batch
+    from facereward.data.testset import write_toy_testset
+    from facereward.measures.fullref import psnr
+    from facereward.weights import default_onestep_path
+
+    testset = write_toy_testset(tmp_path / "set", n=4, size=64, seed=3)
+    batch = collate_batch([PairedFolderDataset(testset)[i] for i in range(4)])
+    restorer = load_restorer(default_onestep_path())
+    assert restorer.family == "one-step" and restorer.config.timestep == 999
+    out = restorer.restore(batch["lq"])["restored"]
+    assert psnr(out, batch["hq"]).mean() > psnr(batch["lq"], batch["hq"]).mean() + 1.0  # ~3.4 dB on 32 faces
+
+
+def test_the_one_step_recipes_load():
+    from facereward.config import load_config
+    from facereward.train.refl import ReFLConfig
+
+    toy = load_config(ReFLConfig, "configs/refl_onestep_toy.yaml", [])
+    assert toy.init_from == "src/facereward/weights/toy-onestep" and toy.losses.weights == {"wavelet": 0.1}
+    real = load_config(ReFLConfig, "configs/refl_osediff.yaml", [])
+    assert real.lora.rank == 4 and real.lora.alpha == 8 and "quant_conv" in real.lora.target_modules
