@@ -26,8 +26,9 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else err.__class__.__name__
 
 
-def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The tensors of `path` (unwrapped from "state_dict"/"model"/"params_ema"/"params", "module." stripped)."""
+def load_file_safely(path: str | Path, what: str = "checkpoint") -> Any:
+    """What a local weight file holds: safetensors, or torch.load(weights_only=True) (memory-mapped when it can be);
+    a missing, empty, truncated or pickle-unsafe file is a one-line CheckpointError naming it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such {what} file (weights load from a local path only)")
@@ -54,6 +55,13 @@ def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, tor
                               "convert it to safetensors where you trust it") from None
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file fails in many ways; each is one line
         raise CheckpointError(f"{path}: unreadable {what}, truncated or not a checkpoint ({_first_line(err)})") from None
+    return obj
+
+
+def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The tensors of `path` (unwrapped from "state_dict"/"model"/"params_ema"/"params", "module." stripped)."""
+    path = Path(path)
+    obj = load_file_safely(path, what)
     if isinstance(obj, dict):
         for wrapper in _WRAPPERS:
             if isinstance(obj.get(wrapper), dict):

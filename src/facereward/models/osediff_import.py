@@ -25,7 +25,6 @@ the key. The folder is written only once everything has loaded (staged beside it
 
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from facereward.models.checkpoint_io import CheckpointError
+from facereward.models.checkpoint_io import CheckpointError, load_file_safely
 from facereward.models.ddim import PREDICTION_TYPES, make_scheduler
 from facereward.models.diffbir_import import load_sd21
 from facereward.models.onestep import OneStepConfig, OneStepNet, OneStepRestorer
@@ -69,26 +68,7 @@ def _first_line(err: BaseException) -> str:
 def read_osediff(path: str | Path) -> dict[str, Any]:
     """The checked contents of an OSEDiff file: the eight keys of save_model, with their types (one line otherwise)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such OSEDiff file (weights load from a local path only)")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file, not an OSEDiff file")
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err) and "zip" not in str(err).lower():
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # a legacy (non-zip) file cannot be mapped
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" not in str(err):
-            raise CheckpointError(f"{path}: unreadable OSEDiff file, truncated or not a torch file") from None
-        found = re.search(r"GLOBAL (\S+)", str(err))
-        name = found.group(1) if found else "a Python object"
-        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True), it holds {name} besides tensors, "
-                              "lists, strings and numbers; convert it where you trust it") from None
-    except Exception as err:  # noqa: BLE001 - a truncated or foreign file fails in many ways; each is one line
-        raise CheckpointError(f"{path}: unreadable OSEDiff file, truncated or not a torch file ({_first_line(err)})") from None
+    obj = load_file_safely(path, "OSEDiff file")
     layout = f"the dict of {', '.join(FILE_KEYS)} that OSEDiff's save_model writes"
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not an OSEDiff file (a {type(obj).__name__}, not {layout})")
