@@ -427,6 +427,8 @@ class _Handler(LocalHandler):
         path = self.path.split("?", 1)[0].split("#", 1)[0]
         if path in ("/", "/index.html"):
             return self.send_page(_page_html())
+        if self.send_shared(path):
+            return None
         if path == "/api/next":
             return self.send_json(HTTPStatus.OK, self._state())
         if path == "/api/progress":

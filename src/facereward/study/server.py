@@ -347,6 +347,8 @@ class _Handler(LocalHandler):
         session = self.server.session
         if path in ("/", "/index.html"):
             return self.send_page(_page_html())
+        if self.send_shared(path):
+            return None
         if path == "/api/config":
             return self.send_json(HTTPStatus.OK, {"rater": session.fixed_rater, "lq": session.has_lq})
         if path == "/api/next":
