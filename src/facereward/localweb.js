@@ -1,6 +1,6 @@
 "use strict";
 // What the local pages (annotate, study) share: element lookup, the status and error lines, JSON API calls that
-// surface the server's one-line errors, and image preloading. Served by facereward.localweb at /localweb.js.
+// surface the server's one-line errors, image preloading, the chosen side's highlight and one request at a time. Served by facereward.localweb at /localweb.js.
 window.localweb = (function () {
   const $ = (id) => document.getElementById(id);
 
@@ -32,5 +32,35 @@ window.localweb = (function () {
     });
   }
 
-  return { $, setStatus, setError, api, preload };
+  // a brief highlight of the chosen side ("left", "right"; "tie" both; anything else none)
+  function flash(choice) {
+    const figs = choice === "left" ? ["left-fig"] : choice === "right" ? ["right-fig"] : choice === "tie" ? ["left-fig", "right-fig"] : [];
+    for (const id of figs) {
+      const el = $(id);
+      el.classList.add(choice === "tie" ? "flash-tie" : "flash");
+      setTimeout(() => el.classList.remove("flash", "flash-tie"), 150);
+    }
+  }
+
+  // run(action): one request at a time (a double key press never answers twice), its reply to render(), errors shown
+  function oneAtATime(render) {
+    let busy = false;
+    return async function run(action) {
+      if (busy) return;
+      busy = true;
+      setStatus("saving\u2026");
+      try {
+        const data = await action();
+        setError(data && data.error ? data.error : "");
+        await render(data);
+      } catch (e) {
+        setError(String(e.message || e));
+        setStatus("error");
+      } finally {
+        busy = false;
+      }
+    };
+  }
+
+  return { $, setStatus, setError, api, preload, flash, oneAtATime };
 })();
