@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import json
 import os
 from collections.abc import Iterator
@@ -158,3 +161,16 @@ def pixel_dir(tmp_path, pixel_restorer):
     """The tiny pixel restorer saved as a restorer folder (what the trainers' init_from takes)."""
     pixel_restorer.save_pretrained(tmp_path / "pixel")
     return tmp_path / "pixel"
+
+
+@contextlib.contextmanager
+def serve_in_thread(server: Any) -> Iterator[Any]:
+    """A local page's server (annotate, study) serving in a daemon thread for the block; shut down after."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

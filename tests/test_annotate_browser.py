@@ -10,10 +10,7 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +26,8 @@ from facereward.annotate import (
     serve,
 )
 from facereward.data.preferences import load_pairs
+from tests.conftest import serve_in_thread
+
 
 def make_candidates_dir(root: Path, n_items: int = 2, k: int = 3, gt_items: tuple[int, ...] = (0,), size: int = 8) -> Path:
     """Fabricate a candidates folder (as `facereward candidates` writes it) with tiny solid-colour PNGs."""
@@ -61,18 +60,9 @@ def label_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-@contextmanager
-def running(session: AnnotationSession) -> Iterator[Any]:
+def running(session: AnnotationSession):
     """The session's server on a free loopback port, serving in a thread."""
-    server = make_server(session, port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    return serve_in_thread(make_server(session, port=0))
 
 
 def raw_get(server: Any, path: str, host: str | None = None) -> tuple[int, bytes, str]:
@@ -223,7 +213,9 @@ def test_http_api_and_file_serving_refuses_traversal(tmp_path: Path) -> None:
     session = AnnotationSession(root)
     with running(session) as server:
         status, body, ctype = raw_get(server, "/")
-        assert status == 200 and ctype.startswith("text/html") and b"image-rendering: pixelated" in body
+        assert status == 200 and ctype.startswith("text/html") and b'href="/localweb.css"' in body
+        status, body, ctype = raw_get(server, "/localweb.css")  # the pages' shared style
+        assert status == 200 and ctype.startswith("text/css") and b"image-rendering: pixelated" in body
         assert not re.search(rb"""(src|href)\s*=\s*["']?(https?:)?//|@import|url\(""", body), "the page must not load external resources"
 
         lq = session.tasks[0]["lq"]

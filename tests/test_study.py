@@ -7,9 +7,6 @@ from __future__ import annotations
 import http.client
 import json
 import math
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +31,7 @@ from facereward.study import (
     wilson_interval,
 )
 from facereward.study.results import percent_agreement
+from tests.conftest import serve_in_thread
 
 METHODS = ("alphaxq", "betaxq", "gammaxq")  # distinctive: searched for in everything the page gets
 
@@ -55,17 +53,8 @@ def lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
-@contextmanager
-def running(session: StudySession, port: int = 0) -> Iterator[Any]:
-    server = make_server(session, port=port)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+def running(session: StudySession, port: int = 0):
+    return serve_in_thread(make_server(session, port=port))
 
 
 def request(server: Any, method: str, path: str, body: Any = None, host: str | None = None) -> tuple[int, bytes]:

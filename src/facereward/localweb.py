@@ -18,8 +18,12 @@ from typing import Any
 
 __all__ = ["IMAGE_MIME", "PAGE_CSP", "LocalHandler", "LocalServer", "bind_server", "is_loopback", "serve_until_interrupted", "server_url"]
 
-# the pages: inline style and script plus the shared /localweb.js, images and API calls from this server only
-PAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; script-src 'self' 'unsafe-inline'; connect-src 'self'"
+# the pages: inline style and script plus the shared /localweb.js and /localweb.css, images and API calls from this
+# server only
+PAGE_CSP = ("default-src 'none'; img-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; "
+            "connect-src 'self'")
+SHARED = {"/localweb.js": ("localweb.js", "text/javascript; charset=utf-8"),
+          "/localweb.css": ("localweb.css", "text/css; charset=utf-8")}
 IMAGE_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp", ".bmp": "image/bmp"}
 MAX_BODY = 64 * 1024
 NO_BODY = object()  # LocalHandler.read_json_body's answer when it already replied with an error
@@ -75,13 +79,13 @@ class LocalHandler(BaseHTTPRequestHandler):
         self.send_bytes(HTTPStatus.OK, data, IMAGE_MIME.get(Path(real).suffix.lower(), "application/octet-stream"))
 
     def send_shared(self, path: str) -> bool:
-        """Serve what every page shares (/localweb.js: lookups, API calls, preloading); True when `path` was one."""
-        if path != "/localweb.js":
+        """Serve what every page shares (/localweb.js, /localweb.css); True when `path` was one of them."""
+        if path not in SHARED:
             return False
         from importlib import resources
 
-        script = resources.files("facereward").joinpath("localweb.js").read_bytes()
-        self.send_bytes(HTTPStatus.OK, script, "text/javascript; charset=utf-8")
+        name, content_type = SHARED[path]
+        self.send_bytes(HTTPStatus.OK, resources.files("facereward").joinpath(name).read_bytes(), content_type)
         return True
 
     def not_found(self) -> None:
